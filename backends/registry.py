@@ -1,0 +1,60 @@
+"""The backend registry (a module of its own: the package namespace has a ``torch`` sub-package that
+would shadow the ``torch`` library).
+
+A backend is a module exposing ``NAME``, ``unavailable_reason(device) -> str | None``, ``route``,
+``experts`` and ``grouped_mlp`` with the contracts of :mod:`flashfusemoe.backends.torch`, the reference.
+Selection: explicit name > ``FLASHFUSEMOE_BACKEND`` > auto (the fastest one that loads for the device).
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+
+from flashfusemoe import _env
+
+__all__ = ["available_backends", "get_backend"]
+
+# name -> module path, in auto-selection preference order (fastest first).
+_BACKENDS: dict[str, str] = {
+    "torch": "flashfusemoe.backends.torch",
+}
+_AUTO_ORDER = ("torch",)
+
+
+def available_backends() -> list[str]:
+    """Registered backend names (whether or not they can run here)."""
+    return list(_BACKENDS)
+
+
+def _load(name: str, device: torch.device) -> tuple[ModuleType | None, str | None]:
+    try:
+        module = importlib.import_module(_BACKENDS[name])
+    except ImportError as exc:
+        return None, f"cannot import: {exc}"
+    reason = module.unavailable_reason(device)
+    return (None, reason) if reason else (module, None)
+
+
+def get_backend(name: str | None = None, device: torch.device | str | None = None) -> ModuleType:
+    """The backend module to run on ``device``.
+
+    An explicit ``name`` (or ``FLASHFUSEMOE_BACKEND``) that cannot run raises and says why; auto picks the
+    first backend of the preference order that runs on ``device``.
+    """
+    device = torch.device(device if device is not None else "cpu")
+    name = name or _env.backend_from_env()
+    if name is not None:
+        if name not in _BACKENDS:
+            raise ValueError(f"backend={name!r} is unknown; available: {available_backends()}")
+        module, reason = _load(name, device)
+        if module is None:
+            raise RuntimeError(f"backend={name!r} cannot run on {device}: {reason}")
+        return module
+    for candidate in _AUTO_ORDER:
+        module, _ = _load(candidate, device)
+        if module is not None:
+            return module
+    raise AssertionError("the torch backend always loads")

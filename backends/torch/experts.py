@@ -1,0 +1,67 @@
+"""Reference expert computation: a Python loop over experts, plain matmuls, autograd by torch.
+
+Numerics (the contract every backend matches): each GEMM takes operands in the activations' dtype and
+returns that dtype (fp32 accumulation inside); the activation runs in that dtype; the weighted combine
+accumulates a token's K rows in fp32 and casts the sum back.
+
+Legend: T tokens, K top-k, e local experts, D model dim, I intermediate dim, F = rows of w_up,
+R grouped rows (sorted by expert).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from flashfusemoe.spec import activate
+
+__all__ = ["expert_mlp", "experts", "grouped_mlp"]
+
+
+def expert_mlp(
+    x_RD: torch.Tensor, w_up_FD: torch.Tensor, w_down_DI: torch.Tensor, activation: str
+) -> torch.Tensor:
+    """One expert on its rows: ``act(x @ w_up.T) @ w_down.T`` -> ``[R, D]``."""
+    return activate(x_RD @ w_up_FD.t(), activation) @ w_down_DI.t()
+
+
+def _mlp(x_RD, w_up_FD, w_down_DI, activation, recompute):
+    if recompute and torch.is_grad_enabled():
+        return checkpoint(expert_mlp, x_RD, w_up_FD, w_down_DI, activation, use_reentrant=False)
+    return expert_mlp(x_RD, w_up_FD, w_down_DI, activation)
+
+
+def experts(
+    x_TD: torch.Tensor,
+    topk_ids_TK: torch.Tensor,
+    topk_weights_TK: torch.Tensor,
+    w_up_EFD: torch.Tensor,
+    w_down_EDI: torch.Tensor,
+    activation: str,
+    recompute: bool = False,
+) -> torch.Tensor:
+    """``out[t] = sum_k w[t,k] * expert_{ids[t,k]}(x[t])`` over slots with ``ids >= 0``; ``[T, D]``."""
+    out_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
+    for e in range(w_up_EFD.shape[0]):
+        token_R, slot_R = torch.where(topk_ids_TK == e)
+        if token_R.numel() == 0:
+            continue
+        y_RD = _mlp(x_TD[token_R], w_up_EFD[e], w_down_EDI[e], activation, recompute)
+        out_TD = out_TD.index_add(0, token_R, y_RD.float() * topk_weights_TK[token_R, slot_R, None])
+    return out_TD.to(x_TD.dtype)
+
+
+def grouped_mlp(
+    x_RD: torch.Tensor,
+    counts_e: torch.Tensor,
+    w_up_eFD: torch.Tensor,
+    w_down_eDI: torch.Tensor,
+    activation: str,
+    recompute: bool = False,
+) -> torch.Tensor:
+    """Rows already grouped by expert (``counts_e[i]`` rows for local expert i, in order) -> ``[R, D]``."""
+    chunks = torch.split(x_RD, counts_e.tolist())
+    outs = [
+        _mlp(chunk, w_up_eFD[i], w_down_eDI[i], activation, recompute) for i, chunk in enumerate(chunks)
+    ]
+    return torch.cat(outs) if outs else x_RD.new_zeros(x_RD.shape)

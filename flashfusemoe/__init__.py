@@ -1,0 +1,15 @@
+"""FlashFuseMoE: fast, memory-lean Mixture-of-Experts layers for PyTorch.
+
+``MoELayer`` (nn.Module) and ``fused_moe`` (functional) in the Hugging Face transformers v5 expert
+layout; compute backends in :mod:`flashfusemoe.backends`, expert-parallel communicators in
+:mod:`flashfusemoe.comm`. Importing this package needs no GPU, reads no environment variable and
+prints nothing.
+"""
+
+from flashfusemoe.balancing import update_expert_bias
+from flashfusemoe.functional import fused_moe, router_logits
+from flashfusemoe.layer import MoELayer
+from flashfusemoe.spec import ACTIVATIONS, RouterConfig, Routing
+
+__all__ = ["ACTIVATIONS", "MoELayer", "RouterConfig", "Routing", "fused_moe", "router_logits", "update_expert_bias"]
+__version__ = "0.1.0"

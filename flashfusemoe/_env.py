@@ -1,0 +1,29 @@
+"""The one place that reads FlashFuseMoE's environment variables.
+
+Read at call time (never at import time), so a test or a launcher can set them late.
+
+- ``FLASHFUSEMOE_BACKEND``: expert compute backend name (``torch``, ``triton``) when no argument names one.
+- ``FLASHFUSEMOE_COMM``: communicator name, or ``module:Class`` / ``module:factory``, when no argument
+  names one.
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ["backend_from_env", "comm_from_env"]
+
+
+def _read(name: str) -> str | None:
+    value = os.environ.get(name, "").strip()
+    return value or None
+
+
+def backend_from_env() -> str | None:
+    """The backend named by ``FLASHFUSEMOE_BACKEND``, or None when unset/empty."""
+    return _read("FLASHFUSEMOE_BACKEND")
+
+
+def comm_from_env() -> str | None:
+    """The communicator named by ``FLASHFUSEMOE_COMM``, or None when unset/empty."""
+    return _read("FLASHFUSEMOE_COMM")

@@ -1,0 +1,118 @@
+"""``fused_moe``: the functional MoE layer (router -> experts -> weighted combine -> + shared experts).
+
+Runs single-device through a backend's fused ``experts``, or expert-parallel when a communicator is
+given: dispatch rows to the experts' ranks, ``grouped_mlp`` there, weight, combine back.
+
+Legend: T tokens (this rank), K top-k, E experts (global), e local experts (E under no EP),
+D model dim, I expert intermediate dim, F rows of w_up (2I for GLU), R rows received after dispatch,
+W EP world size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flashfusemoe.backends import get_backend
+from flashfusemoe.comm import Communicator
+from flashfusemoe.spec import RouterConfig, check_expert_weights, check_hidden
+
+__all__ = ["fused_moe", "router_logits"]
+
+
+def router_logits(hidden_states_TD: torch.Tensor, gate_weight_ED: torch.Tensor) -> torch.Tensor:
+    """fp32 router logits ``[T, E] = x @ gate_weight.T`` (inputs upcast; the router runs in fp32)."""
+    return hidden_states_TD.float() @ gate_weight_ED.float().t()
+
+
+def _check_router_args(x_TD, gate_weight_ED, expert_bias_E) -> int:
+    D = x_TD.shape[1]
+    if not isinstance(gate_weight_ED, torch.Tensor) or gate_weight_ED.dim() != 2 or gate_weight_ED.shape[1] != D:
+        raise ValueError(f"gate_weight must have shape [E, D={D}], got {getattr(gate_weight_ED, 'shape', None)}")
+    E = gate_weight_ED.shape[0]
+    if expert_bias_E is not None and tuple(expert_bias_E.shape) != (E,):
+        raise ValueError(f"expert_bias must have shape [E={E}], got {tuple(expert_bias_E.shape)}")
+    return E
+
+
+def _check_shared(shared_w_up, shared_w_down, D, activation, dtype) -> None:
+    if (shared_w_up is None) != (shared_w_down is None):
+        raise ValueError("shared_w_up and shared_w_down must be given together (or neither)")
+    if shared_w_up is not None:
+        check_expert_weights(shared_w_up[None], shared_w_down[None], D, activation, dtype)
+
+
+def fused_moe(
+    hidden_states_TD: torch.Tensor,
+    gate_weight_ED: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    *,
+    top_k: int = 2,
+    activation: str = "swiglu",
+    score_func: str = "softmax",
+    renormalize: bool = True,
+    expert_bias: torch.Tensor | None = None,
+    num_groups: int | None = None,
+    topk_groups: int | None = None,
+    routed_scaling_factor: float = 1.0,
+    capacity_factor: float | None = None,
+    aux_loss_coeff: float = 0.0,
+    z_loss_coeff: float = 0.0,
+    shared_w_up: torch.Tensor | None = None,
+    shared_w_down: torch.Tensor | None = None,
+    recompute_activations: bool = False,
+    backend: str | None = None,
+    communicator: Communicator | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mixture-of-Experts forward for T tokens; differentiable in every tensor argument but the bias.
+
+    Args:
+        hidden_states_TD: ``[T, D]`` fp32/bf16/fp16 (T may be 0).
+        gate_weight_ED: router weight ``[E, D]`` (any float dtype; the router runs in fp32).
+        w_up: ``[e, F, D]`` in hidden_states' dtype; GLU activations: ``F = 2I``, gate rows first.
+        w_down: ``[e, D, I]``. ``e = E``, or ``E / W`` (this rank's contiguous block) with a communicator.
+        expert_bias: fp32 ``[E]`` added to the scores for selection only (aux-loss-free balancing).
+        shared_w_up, shared_w_down: ``[F_s, D]`` / ``[D, I_s]`` always-active expert, same activation.
+        communicator: run expert-parallel over its group (see :mod:`flashfusemoe.comm`).
+        The router settings are those of :class:`flashfusemoe.spec.RouterConfig`.
+
+    Returns:
+        ``out_TD`` in hidden_states' dtype, and a dict with ``aux_loss`` (``aux_loss_coeff`` times the
+        load-balance loss) and ``z_loss`` (``z_loss_coeff`` times the z-loss), fp32 scalars that
+        backprop, plus detached telemetry ``tokens_per_expert`` ``[E]`` and ``dropped_slots``.
+    """
+    check_hidden(hidden_states_TD)
+    x_TD = hidden_states_TD
+    T, D = x_TD.shape
+    E = _check_router_args(x_TD, gate_weight_ED, expert_bias)
+    cfg = RouterConfig(top_k, score_func, renormalize, num_groups, topk_groups, routed_scaling_factor,
+                       capacity_factor)
+    cfg.check(E)
+    e, _ = check_expert_weights(w_up, w_down, D, activation, x_TD.dtype)
+    W = communicator.world_size if communicator is not None else 1
+    if e * W != E:
+        raise ValueError(
+            f"w_up holds {e} experts; expected num_experts / EP world size = {E} / {W} = {E / W:g}"
+        )
+    _check_shared(shared_w_up, shared_w_down, D, activation, x_TD.dtype)
+    be = get_backend(backend, x_TD.device)
+
+    routing = be.route(router_logits(x_TD, gate_weight_ED), cfg, expert_bias)
+    if communicator is None:
+        out_TD = be.experts(
+            x_TD, routing.topk_ids_TK, routing.topk_weights_TK, w_up, w_down, activation, recompute_activations
+        )
+    else:
+        recv = communicator.dispatch(x_TD, routing.topk_ids_TK, routing.topk_weights_TK, num_experts=E)
+        y_RD = be.grouped_mlp(recv.recv_x_RD, recv.recv_counts_e, w_up, w_down, activation, recompute_activations)
+        y_RD = (y_RD.float() * recv.recv_weights_R[:, None]).to(x_TD.dtype)
+        out_TD = communicator.combine(y_RD, recv.handle)
+    if shared_w_up is not None:
+        out_TD = out_TD + be.expert_mlp(x_TD, shared_w_up, shared_w_down, activation)
+    losses = {
+        "aux_loss": aux_loss_coeff * routing.load_balance_loss,
+        "z_loss": z_loss_coeff * routing.z_loss,
+        "tokens_per_expert": routing.tokens_per_expert_E.detach(),
+        "dropped_slots": routing.dropped_slots.detach(),
+    }
+    return out_TD, losses

@@ -1,0 +1,161 @@
+"""``MoELayer``: parameters of a Mixture-of-Experts block; the computation is :func:`fused_moe`.
+
+Legend: B batch, T tokens, D model dim, E experts (global), e local experts, F rows of w_up
+(2I for GLU activations), I expert intermediate dim, W EP world size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from flashfusemoe.balancing import update_expert_bias
+from flashfusemoe.comm import Communicator, get_communicator
+from flashfusemoe.functional import fused_moe
+from flashfusemoe.spec import RouterConfig, is_glu
+
+__all__ = ["MoELayer"]
+
+
+class MoELayer(nn.Module):
+    """Router + E experts (+ shared experts) in the Hugging Face transformers v5 weight layout.
+
+    Args:
+        d_model: D.
+        ffn_dim: rows of each expert's ``w_up`` (``F``): ``2I`` for GLU activations, ``I`` otherwise.
+        num_experts: E.
+        top_k: experts per token.
+        activation: ``swiglu`` | ``geglu`` | ``relu`` | ``gelu`` | ``silu`` | ``relu2``.
+        num_shared_experts: always-active experts of the same shape, fused into one MLP of
+            ``num_shared_experts`` times the width.
+        use_expert_bias: keep a DeepSeek-V3 selection bias buffer, updated by :meth:`update_expert_bias`.
+        Other keywords: the router settings of :class:`flashfusemoe.spec.RouterConfig`, the loss
+        coefficients, ``recompute_activations`` and ``backend`` of :func:`fused_moe`.
+
+    Parameters: ``gate_weight [E, D]``, ``w_up [e, F, D]``, ``w_down [e, D, I]`` and, with shared
+    experts, ``shared_w_up [S*F, D]``, ``shared_w_down [D, S*I]``. ``forward(x [..., D])`` returns
+    ``(out [..., D], losses)``.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        ffn_dim: int,
+        num_experts: int,
+        top_k: int = 2,
+        activation: str = "swiglu",
+        num_shared_experts: int = 0,
+        *,
+        score_func: str = "softmax",
+        renormalize: bool = True,
+        use_expert_bias: bool = False,
+        num_groups: int | None = None,
+        topk_groups: int | None = None,
+        routed_scaling_factor: float = 1.0,
+        capacity_factor: float | None = None,
+        aux_loss_coeff: float = 0.0,
+        z_loss_coeff: float = 0.0,
+        recompute_activations: bool = False,
+        backend: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("d_model", d_model), ("ffn_dim", ffn_dim), ("num_experts", num_experts)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive int")
+        if is_glu(activation) and ffn_dim % 2:
+            raise ValueError(f"ffn_dim={ffn_dim} must be even (2I: gate and up rows) for {activation!r}")
+        if not isinstance(num_shared_experts, int) or num_shared_experts < 0:
+            raise ValueError(f"num_shared_experts={num_shared_experts!r} must be an int >= 0")
+        self.router_config = RouterConfig(
+            top_k, score_func, renormalize, num_groups, topk_groups, routed_scaling_factor, capacity_factor
+        )
+        self.router_config.check(num_experts)
+        self.d_model, self.ffn_dim, self.num_experts = d_model, ffn_dim, num_experts
+        self.activation = activation
+        self.intermediate = ffn_dim // 2 if is_glu(activation) else ffn_dim
+        self.aux_loss_coeff, self.z_loss_coeff = aux_loss_coeff, z_loss_coeff
+        self.recompute_activations, self.backend = recompute_activations, backend
+        self.communicator: Communicator | None = None
+        factory = {"device": device, "dtype": dtype}
+        self.gate_weight = nn.Parameter(torch.empty(num_experts, d_model, **factory))
+        self.w_up = nn.Parameter(torch.empty(num_experts, ffn_dim, d_model, **factory))
+        self.w_down = nn.Parameter(torch.empty(num_experts, d_model, self.intermediate, **factory))
+        if num_shared_experts:
+            S = num_shared_experts
+            self.shared_w_up = nn.Parameter(torch.empty(S * ffn_dim, d_model, **factory))
+            self.shared_w_down = nn.Parameter(torch.empty(d_model, S * self.intermediate, **factory))
+        else:
+            self.shared_w_up = self.shared_w_down = None
+        bias = torch.zeros(num_experts, device=device, dtype=torch.float32) if use_expert_bias else None
+        self.register_buffer("expert_bias", bias)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal init, std ``1/sqrt(fan_in)`` for every projection."""
+        with torch.no_grad():
+            for w, fan_in in ((self.gate_weight, self.d_model), (self.w_up, self.d_model),
+                              (self.w_down, self.intermediate), (self.shared_w_up, self.d_model),
+                              (self.shared_w_down, self.shared_w_down.shape[1] if self.shared_w_down is not None else 1)):
+                if w is not None:
+                    w.normal_(0.0, 1.0 / math.sqrt(fan_in))
+            if self.expert_bias is not None:
+                self.expert_bias.zero_()
+
+    def shard_experts(self, ep_group: object | None, communicator: str | None = None) -> MoELayer:
+        """Keep experts ``[rank*E/W, (rank+1)*E/W)`` of this rank and run expert-parallel over
+        ``ep_group`` (a torch.distributed group, or a ``FakeGroup``). Router and shared experts stay
+        replicated: their gradients are this rank's share, to be all-reduced like any dense weight."""
+        if self.communicator is not None:
+            raise RuntimeError("shard_experts was already called on this layer")
+        comm = get_communicator(communicator, ep_group)
+        W, E = comm.world_size, self.num_experts
+        if E % W:
+            raise ValueError(f"num_experts={E} is not divisible by the EP world size {W}")
+        local = comm.local_experts(E)
+        self.w_up = nn.Parameter(self.w_up.detach()[local.start : local.stop].clone())
+        self.w_down = nn.Parameter(self.w_down.detach()[local.start : local.stop].clone())
+        self.communicator = comm
+        return self
+
+    @torch.no_grad()
+    def update_expert_bias(self, tokens_per_expert_E: torch.Tensor, rate: float = 1e-3) -> None:
+        """Apply :func:`flashfusemoe.update_expert_bias` to this layer's bias buffer."""
+        if self.expert_bias is None:
+            raise RuntimeError("this layer was built with use_expert_bias=False")
+        self.expert_bias.copy_(update_expert_bias(self.expert_bias, tokens_per_expert_E.to(self.expert_bias.device), rate))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if x.dim() < 1 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must have shape [..., D={self.d_model}], got {tuple(x.shape)}")
+        cfg = self.router_config
+        out_TD, losses = fused_moe(
+            x.reshape(-1, self.d_model),
+            self.gate_weight,
+            self.w_up,
+            self.w_down,
+            top_k=cfg.top_k,
+            activation=self.activation,
+            score_func=cfg.score_func,
+            renormalize=cfg.renormalize,
+            expert_bias=self.expert_bias,
+            num_groups=cfg.num_groups,
+            topk_groups=cfg.topk_groups,
+            routed_scaling_factor=cfg.routed_scaling_factor,
+            capacity_factor=cfg.capacity_factor,
+            aux_loss_coeff=self.aux_loss_coeff,
+            z_loss_coeff=self.z_loss_coeff,
+            shared_w_up=self.shared_w_up,
+            shared_w_down=self.shared_w_down,
+            recompute_activations=self.recompute_activations,
+            backend=self.backend,
+            communicator=self.communicator,
+        )
+        return out_TD.view(x.shape), losses
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, ffn_dim={self.ffn_dim}, num_experts={self.num_experts}, "
+                f"top_k={self.router_config.top_k}, activation={self.activation!r}")

@@ -1,0 +1,182 @@
+"""Shared vocabulary of FlashFuseMoE: activations, router settings, argument checks.
+
+A leaf module: it imports nothing else of ours, so the layer, every backend and every communicator can
+import it without cycles.
+
+Legend: T tokens (this rank), K top-k, E experts (global), e local experts, D model dim,
+I expert intermediate dim, F rows of ``w_up`` (2I for GLU activations, I otherwise), N = T*K slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "ACTIVATIONS",
+    "GLU_ACTIVATIONS",
+    "SCORE_FUNCS",
+    "RouterConfig",
+    "Routing",
+    "activate",
+    "check_expert_weights",
+    "check_hidden",
+    "check_topk",
+    "is_glu",
+]
+
+GLU_ACTIVATIONS = ("swiglu", "geglu")
+ACTIVATIONS = GLU_ACTIVATIONS + ("relu", "gelu", "silu", "relu2")
+SCORE_FUNCS = ("softmax", "sigmoid")
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def is_glu(activation: str) -> bool:
+    """True when ``w_up`` holds gate rows then up rows (``F = 2I``)."""
+    check_activation(activation)
+    return activation in GLU_ACTIVATIONS
+
+
+def check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation={activation!r} is not supported; expected one of {ACTIVATIONS}")
+
+
+def activate(h_NF: torch.Tensor, activation: str) -> torch.Tensor:
+    """Expert activation on up-projection rows ``h_NF``; returns ``[N, I]``.
+
+    GLU: ``act(h[:, :I]) * h[:, I:]`` (gate columns first, as in HF transformers v5 ``gate_up_proj``);
+    swiglu uses SiLU and geglu the exact (erf) GELU. Plain: ``relu``, ``gelu`` (erf), ``silu``,
+    ``relu2`` = ``relu(x)**2``.
+    """
+    if activation in GLU_ACTIVATIONS:
+        gate, up = h_NF.chunk(2, dim=-1)
+        return (F.silu(gate) if activation == "swiglu" else F.gelu(gate)) * up
+    if activation == "relu":
+        return F.relu(h_NF)
+    if activation == "gelu":
+        return F.gelu(h_NF)
+    if activation == "silu":
+        return F.silu(h_NF)
+    if activation == "relu2":
+        return F.relu(h_NF).square()
+    check_activation(activation)
+    raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """How router logits become top-k expert choices. See docs/fused_moe.md for the formulas.
+
+    Attributes:
+        top_k: experts per token, ``1 <= top_k <= E``.
+        score_func: ``"softmax"`` over all E logits, or ``"sigmoid"`` per logit.
+        renormalize: divide the K selected scores by their sum (Mixtral, Qwen3-MoE, DeepSeek-V3);
+            False keeps the raw scores (Qwen2-MoE, OLMoE).
+        num_groups, topk_groups: group-limited routing (DeepSeek-V3): experts split into ``num_groups``
+            contiguous groups; only experts of the ``topk_groups`` best groups can be selected.
+        routed_scaling_factor: multiplies the final weights.
+        capacity_factor: None = dropless; else each expert takes at most
+            ``ceil(capacity_factor * T * K / E)`` slots, first come (token order, then k) first served.
+    """
+
+    top_k: int = 2
+    score_func: str = "softmax"
+    renormalize: bool = True
+    num_groups: int | None = None
+    topk_groups: int | None = None
+    routed_scaling_factor: float = 1.0
+    capacity_factor: float | None = None
+
+    def check(self, num_experts: int) -> None:
+        """Raise ValueError naming the first setting that does not fit ``num_experts``."""
+        E = num_experts
+        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= E:
+            raise ValueError(f"top_k={self.top_k!r} must be an int in [1, num_experts={E}]")
+        if self.score_func not in SCORE_FUNCS:
+            raise ValueError(f"score_func={self.score_func!r} is not supported; expected one of {SCORE_FUNCS}")
+        if (self.num_groups is None) != (self.topk_groups is None):
+            raise ValueError("num_groups and topk_groups must be given together (or neither)")
+        if self.num_groups is not None:
+            G = self.num_groups
+            if not isinstance(G, int) or G < 1 or E % G:
+                raise ValueError(f"num_groups={G!r} must be a positive divisor of num_experts={E}")
+            if not isinstance(self.topk_groups, int) or not 1 <= self.topk_groups <= G:
+                raise ValueError(f"topk_groups={self.topk_groups!r} must be an int in [1, num_groups={G}]")
+            if self.top_k > self.topk_groups * (E // G):
+                raise ValueError(
+                    f"top_k={self.top_k} exceeds the experts in topk_groups={self.topk_groups} groups "
+                    f"of {E // G}"
+                )
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ValueError(f"capacity_factor={self.capacity_factor!r} must be > 0 or None (dropless)")
+
+
+def _shape_error(name: str, t: torch.Tensor, expected: str) -> ValueError:
+    return ValueError(f"{name} must have shape {expected}, got {tuple(t.shape)}")
+
+
+def check_hidden(x_TD: torch.Tensor, name: str = "hidden_states") -> None:
+    """``x_TD``: a floating tensor ``[T, D]`` (T may be 0)."""
+    if not isinstance(x_TD, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x_TD).__name__}")
+    if x_TD.dim() != 2:
+        raise _shape_error(name, x_TD, "[T, D]")
+    if x_TD.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be one of {FLOAT_DTYPES}, got {x_TD.dtype}")
+
+
+def check_expert_weights(
+    w_up_eFD: torch.Tensor, w_down_eDI: torch.Tensor, D: int, activation: str, dtype: torch.dtype
+) -> tuple[int, int]:
+    """Check the HF-v5 expert layout; return ``(e, I)``.
+
+    ``w_up [e, F, D]`` with ``F = 2I`` for GLU activations (gate rows first) or ``F = I``;
+    ``w_down [e, D, I]``; both of ``dtype`` (the activations' dtype).
+    """
+    glu = is_glu(activation)
+    for name, w in (("w_up", w_up_eFD), ("w_down", w_down_eDI)):
+        if not isinstance(w, torch.Tensor) or w.dim() != 3:
+            raise ValueError(f"{name} must be a 3-D tensor, got {getattr(w, 'shape', type(w).__name__)}")
+        if w.dtype != dtype:
+            raise TypeError(f"{name} dtype {w.dtype} must match hidden_states dtype {dtype}")
+    e, F_, D_up = w_up_eFD.shape
+    if D_up != D:
+        raise _shape_error("w_up", w_up_eFD, f"[E, {'2I' if glu else 'I'}, D={D}]")
+    if glu and F_ % 2:
+        raise ValueError(f"w_up has {F_} rows; activation={activation!r} needs an even count 2I (gate, up)")
+    I = F_ // 2 if glu else F_
+    if tuple(w_down_eDI.shape) != (e, D, I):
+        raise _shape_error("w_down", w_down_eDI, f"[E={e}, D={D}, I={I}]")
+    return e, I
+
+
+def check_topk(topk_ids_TK: torch.Tensor, T: int, num_experts: int, name: str = "topk_ids") -> None:
+    """``topk_ids_TK``: integer ``[T, K]``; entries in ``[0, E)`` or -1 for a dropped slot."""
+    if topk_ids_TK.dim() != 2 or topk_ids_TK.shape[0] != T:
+        raise _shape_error(name, topk_ids_TK, f"[T={T}, K]")
+    if topk_ids_TK.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be int32 or int64, got {topk_ids_TK.dtype}")
+
+
+@dataclass(frozen=True)
+class Routing:
+    """What a backend's router returns for one batch of T tokens.
+
+    Attributes:
+        topk_weights_TK: fp32 combine weights (0 for dropped slots); differentiable w.r.t. the logits.
+        topk_ids_TK: int64 expert per slot, slots of a token in descending selection score; -1 = dropped.
+        tokens_per_expert_E: int64 slots kept per expert (after capacity dropping).
+        load_balance_loss: unweighted Switch load-balance loss, fp32 scalar (0 when T = 0).
+        z_loss: unweighted router z-loss, fp32 scalar (0 when T = 0).
+        dropped_slots: int64 scalar, slots dropped by the capacity limit.
+    """
+
+    topk_weights_TK: torch.Tensor
+    topk_ids_TK: torch.Tensor
+    tokens_per_expert_E: torch.Tensor
+    load_balance_loss: torch.Tensor
+    z_loss: torch.Tensor
+    dropped_slots: torch.Tensor
