@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch.distributed as dist
 
 from flashfusemoe import _env
-from flashfusemoe.comm.base import Communicator, DispatchHandle, Dispatched
+from flashfusemoe.comm.base import Communicator, Dispatched, DispatchHandle
 from flashfusemoe.comm.fake import FakeCommunicator, FakeGroup, FakeWorld
 from flashfusemoe.comm.loopback import LoopbackCommunicator
 from flashfusemoe.comm.nccl import NcclCommunicator

@@ -164,7 +164,7 @@ def _slot_rows(rows_SX: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
 def _sum_slots(slots_NX: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
     """``[N, X]`` -> ``[T, X]``: a token's K rows summed in fp32, in k order, cast back."""
     T, K = handle.num_tokens, handle.top_k
-    return slots_NX.view(T, K, -1).sum(1, dtype=torch.float32).to(slots_NX.dtype)
+    return slots_NX.view(T, K, slots_NX.shape[1]).sum(1, dtype=torch.float32).to(slots_NX.dtype)
 
 
 class _Dispatch(torch.autograd.Function):
@@ -182,7 +182,9 @@ class _Dispatch(torch.autograd.Function):
     def backward(ctx, grad_recv_x_RD, grad_recv_w_R):
         comm, handle = ctx.comm, ctx.handle
         if grad_recv_x_RD is None:
-            grad_recv_x_RD = torch.zeros(ctx.recv_x_shape, dtype=ctx.x_dtype, device=handle.send_slots_S.device)
+            grad_recv_x_RD = torch.zeros(
+                ctx.recv_x_shape, dtype=ctx.x_dtype, device=handle.send_slots_S.device
+            )
         grads = [grad_recv_x_RD]
         if ctx.has_weights:
             if grad_recv_w_R is None:

@@ -11,5 +11,13 @@ from flashfusemoe.functional import fused_moe, router_logits
 from flashfusemoe.layer import MoELayer
 from flashfusemoe.spec import ACTIVATIONS, RouterConfig, Routing
 
-__all__ = ["ACTIVATIONS", "MoELayer", "RouterConfig", "Routing", "fused_moe", "router_logits", "update_expert_bias"]
+__all__ = [
+    "ACTIVATIONS",
+    "MoELayer",
+    "RouterConfig",
+    "Routing",
+    "fused_moe",
+    "router_logits",
+    "update_expert_bias",
+]
 __version__ = "0.1.0"

@@ -50,8 +50,18 @@ def main() -> None:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     backend = get_backend(args.backend, device)
     torch.manual_seed(0)
-    layer = MoELayer(args.d_model, args.ffn_dim, args.experts, args.top_k, args.activation,
-                     aux_loss_coeff=1e-2, z_loss_coeff=1e-3, backend=backend.NAME, device=device, dtype=dtype)
+    layer = MoELayer(
+        args.d_model,
+        args.ffn_dim,
+        args.experts,
+        args.top_k,
+        args.activation,
+        aux_loss_coeff=1e-2,
+        z_loss_coeff=1e-3,
+        backend=backend.NAME,
+        device=device,
+        dtype=dtype,
+    )
     x_TD = torch.randn(args.tokens, args.d_model, device=device, dtype=dtype, requires_grad=True)
 
     def step() -> tuple[torch.Tensor, dict]:
@@ -69,12 +79,20 @@ def main() -> None:
 
     with torch.no_grad():
         routing = route(router_logits(x_TD, layer.gate_weight), layer.router_config)
-        ref_TD = dense_experts(x_TD.float(), routing.topk_ids_TK, routing.topk_weights_TK,
-                               layer.w_up.float(), layer.w_down.float(), args.activation)
+        ref_TD = dense_experts(
+            x_TD.float(),
+            routing.topk_ids_TK,
+            routing.topk_weights_TK,
+            layer.w_up.float(),
+            layer.w_down.float(),
+            args.activation,
+        )
         rel_err = ((out_TD.float() - ref_TD).norm() / ref_TD.norm().clamp_min(1e-30)).item()
     tolerance = 1e-4 if dtype == torch.float32 else 3e-2
-    print(f"flashfusemoe: backend={backend.NAME} device={device} dtype={dtype} T={args.tokens} "
-          f"D={args.d_model} F={args.ffn_dim} E={args.experts} K={args.top_k} act={args.activation}")
+    print(
+        f"flashfusemoe: backend={backend.NAME} device={device} dtype={dtype} T={args.tokens} "
+        f"D={args.d_model} F={args.ffn_dim} E={args.experts} K={args.top_k} act={args.activation}"
+    )
     print(f"forward+backward: {ms:.2f} ms/iter over {args.iters} iters")
     print(f"aux_loss={losses['aux_loss'].item():.5f} z_loss={losses['z_loss'].item():.5f}")
     print(f"check vs dense fp32 reference: rel err {rel_err:.2e} (tolerance {tolerance:.0e})")

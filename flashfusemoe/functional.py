@@ -26,8 +26,14 @@ def router_logits(hidden_states_TD: torch.Tensor, gate_weight_ED: torch.Tensor) 
 
 def _check_router_args(x_TD, gate_weight_ED, expert_bias_E) -> int:
     D = x_TD.shape[1]
-    if not isinstance(gate_weight_ED, torch.Tensor) or gate_weight_ED.dim() != 2 or gate_weight_ED.shape[1] != D:
-        raise ValueError(f"gate_weight must have shape [E, D={D}], got {getattr(gate_weight_ED, 'shape', None)}")
+    if (
+        not isinstance(gate_weight_ED, torch.Tensor)
+        or gate_weight_ED.dim() != 2
+        or gate_weight_ED.shape[1] != D
+    ):
+        raise ValueError(
+            f"gate_weight must have shape [E, D={D}], got {getattr(gate_weight_ED, 'shape', None)}"
+        )
     E = gate_weight_ED.shape[0]
     if expert_bias_E is not None and tuple(expert_bias_E.shape) != (E,):
         raise ValueError(f"expert_bias must have shape [E={E}], got {tuple(expert_bias_E.shape)}")
@@ -85,8 +91,9 @@ def fused_moe(
     x_TD = hidden_states_TD
     T, D = x_TD.shape
     E = _check_router_args(x_TD, gate_weight_ED, expert_bias)
-    cfg = RouterConfig(top_k, score_func, renormalize, num_groups, topk_groups, routed_scaling_factor,
-                       capacity_factor)
+    cfg = RouterConfig(
+        top_k, score_func, renormalize, num_groups, topk_groups, routed_scaling_factor, capacity_factor
+    )
     cfg.check(E)
     e, _ = check_expert_weights(w_up, w_down, D, activation, x_TD.dtype)
     W = communicator.world_size if communicator is not None else 1
@@ -100,11 +107,19 @@ def fused_moe(
     routing = be.route(router_logits(x_TD, gate_weight_ED), cfg, expert_bias)
     if communicator is None:
         out_TD = be.experts(
-            x_TD, routing.topk_ids_TK, routing.topk_weights_TK, w_up, w_down, activation, recompute_activations
+            x_TD,
+            routing.topk_ids_TK,
+            routing.topk_weights_TK,
+            w_up,
+            w_down,
+            activation,
+            recompute_activations,
         )
     else:
         recv = communicator.dispatch(x_TD, routing.topk_ids_TK, routing.topk_weights_TK, num_experts=E)
-        y_RD = be.grouped_mlp(recv.recv_x_RD, recv.recv_counts_e, w_up, w_down, activation, recompute_activations)
+        y_RD = be.grouped_mlp(
+            recv.recv_x_RD, recv.recv_counts_e, w_up, w_down, activation, recompute_activations
+        )
         y_RD = (y_RD.float() * recv.recv_weights_R[:, None]).to(x_TD.dtype)
         out_TD = communicator.combine(y_RD, recv.handle)
     if shared_w_up is not None:

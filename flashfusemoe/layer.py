@@ -97,9 +97,13 @@ class MoELayer(nn.Module):
     def reset_parameters(self) -> None:
         """Normal init, std ``1/sqrt(fan_in)`` for every projection."""
         with torch.no_grad():
-            for w, fan_in in ((self.gate_weight, self.d_model), (self.w_up, self.d_model),
-                              (self.w_down, self.intermediate), (self.shared_w_up, self.d_model),
-                              (self.shared_w_down, self.shared_w_down.shape[1] if self.shared_w_down is not None else 1)):
+            for w, fan_in in (
+                (self.gate_weight, self.d_model),
+                (self.w_up, self.d_model),
+                (self.w_down, self.intermediate),
+                (self.shared_w_up, self.d_model),
+                (self.shared_w_down, self.shared_w_down.shape[1] if self.shared_w_down is not None else 1),
+            ):
                 if w is not None:
                     w.normal_(0.0, 1.0 / math.sqrt(fan_in))
             if self.expert_bias is not None:
@@ -126,7 +130,9 @@ class MoELayer(nn.Module):
         """Apply :func:`flashfusemoe.update_expert_bias` to this layer's bias buffer."""
         if self.expert_bias is None:
             raise RuntimeError("this layer was built with use_expert_bias=False")
-        self.expert_bias.copy_(update_expert_bias(self.expert_bias, tokens_per_expert_E.to(self.expert_bias.device), rate))
+        self.expert_bias.copy_(
+            update_expert_bias(self.expert_bias, tokens_per_expert_E.to(self.expert_bias.device), rate)
+        )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if x.dim() < 1 or x.shape[-1] != self.d_model:
@@ -157,5 +163,7 @@ class MoELayer(nn.Module):
         return out_TD.view(x.shape), losses
 
     def extra_repr(self) -> str:
-        return (f"d_model={self.d_model}, ffn_dim={self.ffn_dim}, num_experts={self.num_experts}, "
-                f"top_k={self.router_config.top_k}, activation={self.activation!r}")
+        return (
+            f"d_model={self.d_model}, ffn_dim={self.ffn_dim}, num_experts={self.num_experts}, "
+            f"top_k={self.router_config.top_k}, activation={self.activation!r}"
+        )

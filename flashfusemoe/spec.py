@@ -96,7 +96,9 @@ class RouterConfig:
         if not isinstance(self.top_k, int) or not 1 <= self.top_k <= E:
             raise ValueError(f"top_k={self.top_k!r} must be an int in [1, num_experts={E}]")
         if self.score_func not in SCORE_FUNCS:
-            raise ValueError(f"score_func={self.score_func!r} is not supported; expected one of {SCORE_FUNCS}")
+            raise ValueError(
+                f"score_func={self.score_func!r} is not supported; expected one of {SCORE_FUNCS}"
+            )
         if (self.num_groups is None) != (self.topk_groups is None):
             raise ValueError("num_groups and topk_groups must be given together (or neither)")
         if self.num_groups is not None:

@@ -44,8 +44,7 @@ def experts(
     out_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
     for e in range(w_up_EFD.shape[0]):
         token_R, slot_R = torch.where(topk_ids_TK == e)
-        if token_R.numel() == 0:
-            continue
+        # an empty expert still runs (on 0 rows): its weights get zero gradients, not None
         y_RD = _mlp(x_TD[token_R], w_up_EFD[e], w_down_EDI[e], activation, recompute)
         out_TD = out_TD.index_add(0, token_R, y_RD.float() * topk_weights_TK[token_R, slot_R, None])
     return out_TD.to(x_TD.dtype)
@@ -61,7 +60,5 @@ def grouped_mlp(
 ) -> torch.Tensor:
     """Rows already grouped by expert (``counts_e[i]`` rows for local expert i, in order) -> ``[R, D]``."""
     chunks = torch.split(x_RD, counts_e.tolist())
-    outs = [
-        _mlp(chunk, w_up_eFD[i], w_down_eDI[i], activation, recompute) for i, chunk in enumerate(chunks)
-    ]
+    outs = [_mlp(chunk, w_up_eFD[i], w_down_eDI[i], activation, recompute) for i, chunk in enumerate(chunks)]
     return torch.cat(outs) if outs else x_RD.new_zeros(x_RD.shape)

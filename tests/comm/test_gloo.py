@@ -1,0 +1,28 @@
+"""The ``nccl`` communicator over real gloo processes on CPU: dispatch bit-exact vs loopback, and the
+EP-sharded layer equal to the unsharded one (integration/ep_check.py does the checking per rank)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "integration" / "ep_check.py"
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--world", "2"],
+        ["--world", "3", "--skew", "--empty-rank"],
+        ["--world", "3", "--experts", "3", "--top-k", "3", "--seed", "5"],  # E = W = K
+    ],
+    ids=["w2", "w3-skewed-empty-rank", "w3-one-expert-per-rank-k-eq-e"],
+)
+def test_gloo_ep_equals_unsharded(flags):
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--pg", "gloo", *flags], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    world = int(flags[1])
+    assert proc.stdout.count(": OK") == world and "all" in proc.stdout

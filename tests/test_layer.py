@@ -1,0 +1,237 @@
+"""MoELayer / fused_moe: semantics, EP sharding on simulated ranks, and argument errors."""
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from flashfusemoe import MoELayer, fused_moe, router_logits, update_expert_bias
+from flashfusemoe.backends import available_backends, get_backend
+from flashfusemoe.backends.torch import dense_experts, expert_mlp, route
+from flashfusemoe.comm import FakeWorld
+from tests.strategies import problems, randn, skew_bias
+
+
+def _layer(p, activation="swiglu", shared=1, **kw):
+    torch.manual_seed(p.seed % 1000)
+    F_ = 2 * p.I if activation in ("swiglu", "geglu") else p.I
+    layer = MoELayer(
+        max(p.D, 1), F_, p.E, p.K, activation, num_shared_experts=shared, use_expert_bias=True, **kw
+    )
+    layer.expert_bias.copy_(skew_bias(p))
+    return layer
+
+
+@given(problems(), st.sampled_from(["swiglu", "relu2", "gelu"]))
+def test_fake_ep_layer_equals_unsharded(p, activation):
+    """Output and every gradient of the EP layer on W simulated ranks equal the unsharded layer's."""
+    ref = _layer(p, activation)
+    xs = [randn(p, p.T if r == 0 else (p.T + 2 * r) % 7, p.D, salt=r).requires_grad_() for r in range(p.W)]
+    cots = [randn(p, *x.shape, salt=50 + r) for r, x in enumerate(xs)]
+    ref_out, _ = ref(torch.cat(xs))
+    (ref_out * torch.cat(cots)).sum().backward()
+    world = FakeWorld(p.W)
+
+    def rank_fn(rank):
+        layer = copy.deepcopy(ref)
+        layer.zero_grad(set_to_none=True)
+        layer.shard_experts(world.group(rank))
+        x = xs[rank].detach().clone().requires_grad_()
+        out, _ = layer(x)
+        (out * cots[rank]).sum().backward()
+        return out, x.grad, layer
+
+    results = world.run(rank_fn)
+    e, start = p.E // p.W, 0
+    tol = dict(rtol=1e-5, atol=1e-5)
+    for rank, (out, gx, layer) in enumerate(results):
+        n = xs[rank].shape[0]
+        torch.testing.assert_close(out, ref_out[start : start + n], **tol)
+        torch.testing.assert_close(gx, xs[rank].grad, **tol)
+        for name in ("w_up", "w_down"):
+            ref_grad = getattr(ref, name).grad[rank * e : (rank + 1) * e]
+            torch.testing.assert_close(getattr(layer, name).grad, ref_grad, **tol)
+        start += n
+    for name in ("gate_weight", "shared_w_up", "shared_w_down"):  # replicated: ranks' shares sum up
+        total = sum(getattr(layer, name).grad for _, _, layer in results)
+        torch.testing.assert_close(total, getattr(ref, name).grad, **tol)
+
+
+@given(problems(max_world=1, allow_empty=False), st.sampled_from(["softmax", "sigmoid"]), st.booleans())
+def test_layer_equals_dense_formulation(p, score_func, renormalize):
+    layer = _layer(p, shared=0, score_func=score_func, renormalize=renormalize)
+    x = randn(p, p.T, p.D)
+    out, losses = layer(x)
+    r = route(router_logits(x, layer.gate_weight), layer.router_config, layer.expert_bias)
+    ref = dense_experts(x, r.topk_ids_TK, r.topk_weights_TK, layer.w_up, layer.w_down, "swiglu")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(losses["tokens_per_expert"], torch.bincount(r.topk_ids_TK.reshape(-1), minlength=p.E))
+    assert int(losses["tokens_per_expert"].sum()) == p.T * p.K
+
+
+def test_shared_experts_are_added():
+    torch.manual_seed(0)
+    layer = MoELayer(8, 12, 4, 2, num_shared_experts=2)
+    assert layer.shared_w_up.shape == (24, 8) and layer.shared_w_down.shape == (8, 12)
+    x = torch.randn(5, 8)
+    out, _ = layer(x)
+    routed, _ = fused_moe(x, layer.gate_weight, layer.w_up, layer.w_down)
+    torch.testing.assert_close(out, routed + expert_mlp(x, layer.shared_w_up, layer.shared_w_down, "swiglu"))
+
+
+def test_losses_are_weighted_and_backprop():
+    torch.manual_seed(1)
+    layer = MoELayer(8, 8, 4, 2, aux_loss_coeff=0.5, z_loss_coeff=0.25)
+    x = torch.randn(6, 8)
+    _, losses = layer(x)
+    r = route(router_logits(x, layer.gate_weight), layer.router_config)
+    torch.testing.assert_close(losses["aux_loss"], 0.5 * r.load_balance_loss)
+    torch.testing.assert_close(losses["z_loss"], 0.25 * r.z_loss)
+    (losses["aux_loss"] + losses["z_loss"]).backward()
+    assert layer.gate_weight.grad.abs().sum() > 0
+    assert not losses["tokens_per_expert"].requires_grad
+
+
+def test_capacity_factor_drops_and_counts():
+    torch.manual_seed(2)
+    layer = MoELayer(4, 8, 2, 1, capacity_factor=0.5, use_expert_bias=True)
+    layer.expert_bias[0] = 100.0  # everything to expert 0; capacity ceil(0.5*8/2) = 2
+    x = torch.randn(8, 4)
+    out, losses = layer(x)
+    assert losses["dropped_slots"].item() == 6
+    assert (out[2:] == 0).all() and (out[:2] != 0).any()
+
+
+def test_batched_input_shape_and_t0():
+    layer = MoELayer(6, 8, 3, 3)
+    out, losses = layer(torch.randn(2, 3, 6))
+    assert out.shape == (2, 3, 6)
+    empty = torch.randn(0, 6, requires_grad=True)
+    out, losses = layer(empty)
+    out.sum().backward()
+    assert out.shape == (0, 6) and empty.grad.shape == (0, 6)
+    assert losses["tokens_per_expert"].tolist() == [0, 0, 0]
+
+
+def test_expert_bias_update_rule():
+    bias = torch.zeros(4)
+    new = update_expert_bias(bias, torch.tensor([10, 2, 4, 4]), rate=0.1)
+    torch.testing.assert_close(new, torch.tensor([-0.1, 0.1, 0.1, 0.1]))
+    assert torch.equal(bias, torch.zeros(4))
+    layer = MoELayer(4, 8, 4, 1, use_expert_bias=True)
+    layer.update_expert_bias(torch.tensor([10, 2, 4, 4]), rate=0.1)
+    torch.testing.assert_close(layer.expert_bias, new)
+    with pytest.raises(RuntimeError, match="use_expert_bias=False"):
+        MoELayer(4, 8, 4, 1).update_expert_bias(torch.ones(4))
+
+
+def test_forward_does_not_modify_inputs():
+    layer = MoELayer(8, 8, 4, 2, num_shared_experts=1)
+    x = torch.randn(5, 8)
+    before = [t.clone() for t in (x, *layer.parameters())]
+    layer(x)
+    assert all(torch.equal(a, b) for a, b in zip(before, (x, *layer.parameters()), strict=True))
+
+
+def test_bf16_close_to_fp32_reference():
+    """bf16 layer vs the fp32 layer on the same (bf16-representable) inputs and weights."""
+    torch.manual_seed(3)
+    layer = MoELayer(32, 64, 4, 2).to(torch.bfloat16)
+    x = torch.randn(40, 32).to(torch.bfloat16)
+    out, _ = layer(x)
+    ref, _ = copy.deepcopy(layer).float()(x.float())
+    assert out.dtype == torch.bfloat16
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+# ---------------------------------------------------------------- errors
+
+BAD_CALLS = [
+    (dict(x=torch.randn(3, 4, 5)), ValueError, r"hidden_states must have shape \[T, D\]"),
+    (dict(x=torch.randint(0, 3, (3, 8))), TypeError, "hidden_states must be one of"),
+    (dict(gate=torch.randn(4, 7)), ValueError, r"gate_weight must have shape \[E, D=8\]"),
+    (dict(w_up=torch.randn(4, 9, 8)), ValueError, r"activation='swiglu' needs an even count 2I"),
+    (dict(w_up=torch.randn(4, 12, 7)), ValueError, r"w_up must have shape \[E, 2I, D=8\]"),
+    (dict(w_down=torch.randn(4, 8, 5)), ValueError, r"w_down must have shape \[E=4, D=8, I=6\]"),
+    (dict(w_up=torch.randn(3, 12, 8), w_down=torch.randn(3, 8, 6)), ValueError, "w_up holds 3 experts"),
+    (dict(w_down=torch.randn(4, 8, 6, dtype=torch.float64)), TypeError, "w_down dtype torch.float64"),
+    (dict(top_k=0), ValueError, r"top_k=0 must be an int in \[1, num_experts=4\]"),
+    (dict(top_k=5), ValueError, r"top_k=5 must be an int"),
+    (dict(activation="tanh"), ValueError, "activation='tanh' is not supported"),
+    (dict(score_func="sparsemax"), ValueError, "score_func='sparsemax' is not supported"),
+    (dict(num_groups=3, topk_groups=1), ValueError, "num_groups=3 must be a positive divisor"),
+    (dict(num_groups=2), ValueError, "must be given together"),
+    (dict(num_groups=2, topk_groups=1, top_k=3), ValueError, "top_k=3 exceeds the experts"),
+    (dict(capacity_factor=0.0), ValueError, "capacity_factor=0.0 must be > 0"),
+    (dict(expert_bias=torch.zeros(5)), ValueError, r"expert_bias must have shape \[E=4\]"),
+    (dict(shared_w_up=torch.randn(12, 8)), ValueError, "must be given together"),
+    (dict(backend="cuda-magic"), ValueError, r"backend='cuda-magic' is unknown; available: \['torch'"),
+]
+
+
+@pytest.mark.parametrize("overrides, exc, match", BAD_CALLS, ids=[m for _, _, m in BAD_CALLS])
+def test_bad_arguments_raise_clear_errors(overrides, exc, match):
+    args = dict(
+        x=torch.randn(3, 8), gate=torch.randn(4, 8), w_up=torch.randn(4, 12, 8), w_down=torch.randn(4, 8, 6)
+    )
+    args.update(overrides)
+    x, gate, w_up, w_down = (args.pop(k) for k in ("x", "gate", "w_up", "w_down"))
+    with pytest.raises(exc, match=match):
+        fused_moe(x, gate, w_up, w_down, **args)
+
+
+def test_layer_constructor_errors():
+    with pytest.raises(ValueError, match="ffn_dim=7 must be even"):
+        MoELayer(4, 7, 2)
+    with pytest.raises(ValueError, match="num_experts=0 must be a positive int"):
+        MoELayer(4, 8, 0)
+    with pytest.raises(ValueError, match=r"x must have shape \[..., D=4\]"):
+        MoELayer(4, 8, 2)(torch.randn(3, 5))
+    world = FakeWorld(2)
+    with pytest.raises(ValueError, match="num_experts=3 is not divisible by the EP world size 2"):
+        MoELayer(4, 8, 3, 1).shard_experts(world.group(0))
+
+
+def test_backend_selection(monkeypatch):
+    monkeypatch.setenv("FLASHFUSEMOE_BACKEND", "torch")
+    assert get_backend().NAME == "torch"
+    monkeypatch.setenv("FLASHFUSEMOE_BACKEND", "nope")
+    with pytest.raises(ValueError, match="backend='nope' is unknown"):
+        get_backend()
+    monkeypatch.delenv("FLASHFUSEMOE_BACKEND")
+    assert get_backend(device="cpu").NAME == "torch"
+    assert "torch" in available_backends()
+
+
+def test_import_is_silent_and_reads_no_environment():
+    code = (
+        "import os, torch\n"
+        "seen = []\n"
+        "class Spy(type(os.environ)):\n"
+        "    def __getitem__(self, key):\n"
+        "        if str(key).startswith('FLASHFUSEMOE'): seen.append(key)\n"
+        "        return super().__getitem__(key)\n"
+        "os.environ.__class__ = Spy\n"
+        "import flashfusemoe, flashfusemoe.comm, flashfusemoe.backends\n"
+        "assert not seen, seen\n"
+    )
+    env = dict(os.environ, FLASHFUSEMOE_BACKEND="bogus", FLASHFUSEMOE_COMM="bogus")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "" and proc.stderr == ""
+
+
+def test_main_job_runs_and_checks():
+    proc = subprocess.run(
+        [sys.executable, "-m", "flashfusemoe", "--tokens", "64", "--iters", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "check vs dense fp32 reference" in proc.stdout and "tokens per expert" in proc.stdout
