@@ -17,11 +17,12 @@ from flashfusemoe import _env
 
 __all__ = ["available_backends", "get_backend"]
 
-# name -> module path, in auto-selection preference order (fastest first).
 _BACKENDS: dict[str, str] = {
     "torch": "flashfusemoe.backends.torch",
+    "triton": "flashfusemoe.backends.triton",
 }
-_AUTO_ORDER = ("torch",)
+# Auto-selection preference per device type, fastest first (the Triton interpreter is never automatic).
+_AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("triton", "torch")}
 
 
 def available_backends() -> list[str]:
@@ -53,7 +54,7 @@ def get_backend(name: str | None = None, device: torch.device | str | None = Non
         if module is None:
             raise RuntimeError(f"backend={name!r} cannot run on {device}: {reason}")
         return module
-    for candidate in _AUTO_ORDER:
+    for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
         module, _ = _load(candidate, device)
         if module is not None:
             return module

@@ -5,13 +5,15 @@ Read at call time (never at import time), so a test or a launcher can set them l
 - ``FLASHFUSEMOE_BACKEND``: expert compute backend name (``torch``, ``triton``) when no argument names one.
 - ``FLASHFUSEMOE_COMM``: communicator name, or ``module:Class`` / ``module:factory``, when no argument
   names one.
+- ``TRITON_INTERPRET`` (Triton's own): when "1", Triton kernels run on the CPU interpreter, so the
+  ``triton`` backend is usable on CPU tensors (fp32, small shapes: how CI tests the kernels).
 """
 
 from __future__ import annotations
 
 import os
 
-__all__ = ["backend_from_env", "comm_from_env"]
+__all__ = ["backend_from_env", "comm_from_env", "triton_interpret"]
 
 
 def _read(name: str) -> str | None:
@@ -27,3 +29,8 @@ def backend_from_env() -> str | None:
 def comm_from_env() -> str | None:
     """The communicator named by ``FLASHFUSEMOE_COMM``, or None when unset/empty."""
     return _read("FLASHFUSEMOE_COMM")
+
+
+def triton_interpret() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return _read("TRITON_INTERPRET") == "1"

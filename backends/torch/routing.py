@@ -13,7 +13,7 @@ import torch
 
 from flashfusemoe.spec import RouterConfig, Routing
 
-__all__ = ["route", "scores_from_logits"]
+__all__ = ["capacity_keep", "route", "scores_from_logits"]
 
 
 def scores_from_logits(logits_TE: torch.Tensor, score_func: str) -> torch.Tensor:
@@ -35,7 +35,7 @@ def _group_mask(select_TE: torch.Tensor, cfg: RouterConfig) -> torch.Tensor:
     return select_TE.masked_fill(~keep_TE, float("-inf"))
 
 
-def _capacity_keep(topk_ids_TK: torch.Tensor, num_experts: int, capacity_factor: float) -> torch.Tensor:
+def capacity_keep(topk_ids_TK: torch.Tensor, num_experts: int, capacity_factor: float) -> torch.Tensor:
     """Slots that fit their expert's capacity, first come first served in (token, k) order."""
     T, K = topk_ids_TK.shape
     capacity = math.ceil(capacity_factor * T * K / num_experts)
@@ -77,7 +77,7 @@ def route(logits_TE: torch.Tensor, cfg: RouterConfig, expert_bias_E: torch.Tenso
 
     dropped = torch.zeros((), dtype=torch.int64, device=logits_TE.device)
     if cfg.capacity_factor is not None:
-        keep_TK = _capacity_keep(topk_ids_TK, E, cfg.capacity_factor)
+        keep_TK = capacity_keep(topk_ids_TK, E, cfg.capacity_factor)
         dropped = (~keep_TK).sum()
         topk_ids_TK = torch.where(keep_TK, topk_ids_TK, -1)
         weights_TK = torch.where(keep_TK, weights_TK, 0.0)

@@ -1,0 +1,25 @@
+"""The ``triton`` backend: fused Triton kernels for every non-GEMM step of the MoE layer, grouped GEMMs
+through ``torch._grouped_mm`` or our Triton kernel (whichever runs and is faster for the shape).
+
+Runs on CUDA tensors; on CPU tensors only under ``TRITON_INTERPRET=1`` (fp32, small shapes: tests).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flashfusemoe import _env
+from flashfusemoe.backends.torch.experts import expert_mlp
+from flashfusemoe.backends.triton.experts import experts, grouped_mlp
+from flashfusemoe.backends.triton.routing import route
+
+NAME = "triton"
+
+__all__ = ["NAME", "expert_mlp", "experts", "grouped_mlp", "route", "unavailable_reason"]
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """Why this backend cannot run on ``device``, or None."""
+    if device.type == "cuda" or (device.type == "cpu" and _env.triton_interpret()):
+        return None
+    return f"needs CUDA tensors (or TRITON_INTERPRET=1 for CPU), got device {device}"

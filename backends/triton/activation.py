@@ -1,0 +1,194 @@
+"""Expert activation kernels (GLU and plain), forward and a backward fused with the routing weights.
+
+Forward: ``a = act(h)`` with ``h = x @ w_up.T`` (GLU: gate columns first, then up).
+Backward, per expert row r of weight ``w_r``: given ``g_a`` = the *unweighted* gradient of the
+activation output (``grad_out[token] @ w_down``), it returns ``grad_h`` (weighted), ``w*a`` (the
+operand of the ``w_down`` gradient) and ``grad_w_r = <g_a, a>``, the routing-weight gradient, so the
+expert outputs ``y`` never need to be stored.
+
+Legend: N rows in expert order (first ``live`` used), F = columns of h (2I for GLU), I = columns of a.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["ACT_CODES", "activation_backward", "activation_forward"]
+
+ACT_CODES = {"swiglu": 0, "geglu": 1, "relu": 2, "gelu": 3, "silu": 4, "relu2": 5}
+
+
+@triton.jit
+def _act_and_grad(x, ACT: tl.constexpr):
+    """Elementwise activation f(x) and f'(x) in fp32 (SiLU for swiglu/silu, erf-GELU for geglu/gelu)."""
+    if ACT == 0 or ACT == 4:
+        s = tl.sigmoid(x)
+        return x * s, s * (1.0 + x * (1.0 - s))
+    elif ACT == 1 or ACT == 3:
+        cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
+        return x * cdf, cdf + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
+    elif ACT == 2:
+        return tl.maximum(x, 0.0), (x > 0).to(tl.float32)
+    else:
+        r = tl.maximum(x, 0.0)
+        return r * r, 2.0 * r
+
+
+@triton.jit
+def _act_fwd_kernel(
+    h_ptr,
+    a_ptr,
+    live_ptr,
+    N,
+    I,
+    h_stride,
+    a_stride,
+    ACT: tl.constexpr,
+    GLU: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    row_ok = (rows < N) & (rows < tl.load(live_ptr))
+    mask = row_ok[:, None] & (cols[None, :] < I)
+    h_row = h_ptr + rows[:, None].to(tl.int64) * h_stride
+    g = tl.load(h_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    a, _ = _act_and_grad(g, ACT)
+    if GLU:
+        a = a * tl.load(h_row + I + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(
+        a_ptr + rows[:, None].to(tl.int64) * a_stride + cols[None, :], a.to(a_ptr.dtype.element_ty), mask=mask
+    )
+
+
+def activation_forward(h_NF: torch.Tensor, activation: str, live: torch.Tensor) -> torch.Tensor:
+    """``a [N, I]`` in h's dtype; rows at or past ``live`` are left unwritten."""
+    glu = activation in ("swiglu", "geglu")
+    N, F = h_NF.shape
+    I = F // 2 if glu else F
+    a_NI = h_NF.new_empty((N, I))
+    if N and I:
+        BLOCK_I = min(triton.next_power_of_2(I), 256)
+        grid = (triton.cdiv(N, 8), triton.cdiv(I, BLOCK_I))
+        _act_fwd_kernel[grid](
+            h_NF,
+            a_NI,
+            live,
+            N,
+            I,
+            h_NF.stride(0),
+            a_NI.stride(0),
+            ACT=ACT_CODES[activation],
+            GLU=glu,
+            BLOCK_R=8,
+            BLOCK_I=BLOCK_I,
+        )
+    return a_NI
+
+
+@triton.jit
+def _act_bwd_kernel(
+    h_ptr,
+    ga_ptr,
+    w_ptr,
+    row_slot_ptr,
+    gh_ptr,
+    wa_ptr,
+    gw_ptr,
+    live_ptr,
+    N,
+    I,
+    h_stride,
+    ga_stride,
+    gh_stride,
+    wa_stride,
+    HAS_W: tl.constexpr,
+    ACT: tl.constexpr,
+    GLU: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = (rows < N) & (rows < tl.load(live_ptr))
+    rows64 = rows[:, None].to(tl.int64)
+    if HAS_W:  # the routing weight of the slot that owns each row
+        w = tl.load(w_ptr + tl.load(row_slot_ptr + rows, mask=row_ok, other=0), mask=row_ok, other=0.0)[
+            :, None
+        ]
+    else:
+        w = tl.full((BLOCK_R, 1), 1.0, tl.float32)
+    gw = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for i0 in range(0, I, BLOCK_I):  # whole rows per program: the <g_a, a> sum needs no atomics
+        cols = i0 + tl.arange(0, BLOCK_I)
+        mask = row_ok[:, None] & (cols[None, :] < I)
+        g = tl.load(h_ptr + rows64 * h_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        ga = tl.load(ga_ptr + rows64 * ga_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        f, df = _act_and_grad(g, ACT)
+        if GLU:
+            u = tl.load(h_ptr + rows64 * h_stride + I + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            a = f * u
+            tl.store(
+                gh_ptr + rows64 * gh_stride + cols[None, :],
+                (w * ga * u * df).to(gh_ptr.dtype.element_ty),
+                mask=mask,
+            )
+            tl.store(
+                gh_ptr + rows64 * gh_stride + I + cols[None, :],
+                (w * ga * f).to(gh_ptr.dtype.element_ty),
+                mask=mask,
+            )
+        else:
+            a = f
+            tl.store(
+                gh_ptr + rows64 * gh_stride + cols[None, :],
+                (w * ga * df).to(gh_ptr.dtype.element_ty),
+                mask=mask,
+            )
+        tl.store(wa_ptr + rows64 * wa_stride + cols[None, :], (w * a).to(wa_ptr.dtype.element_ty), mask=mask)
+        gw += tl.sum(ga * a, axis=1)
+    tl.store(gw_ptr + rows, gw, mask=row_ok)
+
+
+def activation_backward(
+    h_NF: torch.Tensor,
+    grad_a_NI: torch.Tensor,
+    activation: str,
+    live: torch.Tensor,
+    weights_S: torch.Tensor | None = None,
+    row_slot_N: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``grad_h [N, F]`` (times w), ``w*a [N, I]`` (h's dtype) and ``grad_w [N]`` (fp32), where
+    row r's weight is ``weights_S[row_slot_N[r]]`` (fp32 slot weights), or 1 without weights."""
+    glu = activation in ("swiglu", "geglu")
+    N, F = h_NF.shape
+    I = grad_a_NI.shape[1]
+    grad_h_NF = torch.empty_like(h_NF)
+    wa_NI = h_NF.new_empty((N, I))
+    grad_w_N = torch.zeros(N, dtype=torch.float32, device=h_NF.device)
+    if N and I:
+        BLOCK_I = min(triton.next_power_of_2(I), 128)
+        _act_bwd_kernel[(triton.cdiv(N, 8),)](
+            h_NF,
+            grad_a_NI,
+            weights_S if weights_S is not None else grad_w_N,
+            row_slot_N if row_slot_N is not None else live,
+            grad_h_NF,
+            wa_NI,
+            grad_w_N,
+            live,
+            N,
+            I,
+            h_NF.stride(0),
+            grad_a_NI.stride(0),
+            grad_h_NF.stride(0),
+            wa_NI.stride(0),
+            HAS_W=weights_S is not None,
+            ACT=ACT_CODES[activation],
+            GLU=glu,
+            BLOCK_R=8,
+            BLOCK_I=BLOCK_I,
+        )
+    return grad_h_NF, wa_NI, grad_w_N

@@ -1,0 +1,215 @@
+"""Grouped GEMMs over row groups (expert-sorted rows), with no host sync and no padding.
+
+Two forms, each with a Triton kernel and ``torch._grouped_mm`` (CUTLASS on Hopper) behind one entry:
+- ``grouped_mm(a [M, K], b [E, K, N], offs)``: rows ``[offs[e-1], offs[e])`` of ``a`` times ``b[e]``.
+- ``grouped_mm_wgrad(a [M, P], b [M, Q], offs)``: ``out[e] = a_e.T @ b_e`` over the same row groups
+  (the weight gradient), ``[E, P, Q]``; an expert with no rows gets zeros.
+``torch._grouped_mm`` is used where it runs (CUDA, bf16, 16-byte aligned strides) and measured faster;
+the Triton kernels cover everything else (fp32/fp16, odd shapes, the CPU interpreter).
+
+Legend: M rows (expert-sorted), E experts (groups), K/P/Q/N matrix dims, offs int32 inclusive row ends.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["grouped_mm", "grouped_mm_wgrad"]
+
+
+@triton.jit
+def _find_tile(pid_m, offs_ptr, E, BLOCK_M: tl.constexpr):
+    """Map a row-tile index to (expert, first row, group end); expert = -1 past the last tile."""
+    expert = -1
+    row0 = 0
+    row_end = 0
+    tiles_before = 0
+    prev_end = 0
+    for e in range(E):
+        end = tl.load(offs_ptr + e)
+        n_tiles = tl.cdiv(end - prev_end, BLOCK_M)
+        hit = (pid_m >= tiles_before) & (pid_m < tiles_before + n_tiles)
+        expert = tl.where(hit, e, expert)
+        row0 = tl.where(hit, prev_end + (pid_m - tiles_before) * BLOCK_M, row0)
+        row_end = tl.where(hit, end, row_end)
+        tiles_before += n_tiles
+        prev_end = end
+    return expert, row0, row_end
+
+
+@triton.jit
+def _grouped_mm_kernel(
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    offs_ptr,
+    N,
+    K,
+    E,
+    s_am,
+    s_ak,
+    s_be,
+    s_bk,
+    s_bn,
+    s_cm,
+    s_cn,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    expert, row0, row_end = _find_tile(tl.program_id(0), offs_ptr, E, BLOCK_M)
+    if expert >= 0:
+        rows = row0 + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = tl.arange(0, BLOCK_K)
+        row_ok = rows < row_end
+        col_ok = cols < N
+        a_tile = a_ptr + rows[:, None].to(tl.int64) * s_am + ks[None, :] * s_ak
+        b_tile = b_ptr + expert.to(tl.int64) * s_be + ks[:, None] * s_bk + cols[None, :] * s_bn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = (k0 + ks) < K
+            a = tl.load(a_tile, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_tile, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            if IEEE:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+            a_tile += BLOCK_K * s_ak
+            b_tile += BLOCK_K * s_bk
+        c = c_ptr + rows[:, None].to(tl.int64) * s_cm + cols[None, :] * s_cn
+        tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _grouped_wgrad_kernel(
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    offs_ptr,
+    P,
+    Q,
+    s_am,
+    s_ap,
+    s_bm,
+    s_bq,
+    s_ce,
+    s_cp,
+    s_cq,
+    IEEE: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    expert = tl.program_id(0)
+    n_q = tl.cdiv(Q, BLOCK_Q)
+    ps = (tl.program_id(1) // n_q) * BLOCK_P + tl.arange(0, BLOCK_P)
+    qs = (tl.program_id(1) % n_q) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    start = tl.load(offs_ptr + expert - 1, mask=expert > 0, other=0)
+    end = tl.load(offs_ptr + expert)
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    for m0 in range(start, end, BLOCK_K):
+        m_ok = (m0 + ks) < end
+        rows = (m0 + ks).to(tl.int64)
+        a = tl.load(
+            a_ptr + rows[None, :] * s_am + ps[:, None] * s_ap,
+            mask=m_ok[None, :] & (ps[:, None] < P),
+            other=0.0,
+        )
+        b = tl.load(
+            b_ptr + rows[:, None] * s_bm + qs[None, :] * s_bq,
+            mask=m_ok[:, None] & (qs[None, :] < Q),
+            other=0.0,
+        )
+        if IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    c = c_ptr + expert.to(tl.int64) * s_ce + ps[:, None] * s_cp + qs[None, :] * s_cq
+    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=(ps[:, None] < P) & (qs[None, :] < Q))
+
+
+def _torch_grouped_mm_ok(*tensors: torch.Tensor) -> bool:
+    """torch._grouped_mm needs CUDA bf16 operands whose non-unit strides are multiples of 16 bytes."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    for t in tensors:
+        if not t.is_cuda or t.dtype != torch.bfloat16 or t.numel() == 0:
+            return False
+        if any(s != 1 and (s * t.element_size()) % 16 for s in t.stride()):
+            return False
+        if t.data_ptr() % 16:
+            return False
+    return True
+
+
+def _blocks(dim: int, cap: int) -> int:
+    return max(16, min(cap, triton.next_power_of_2(dim)))
+
+
+def grouped_mm(
+    a_MK: torch.Tensor, b_EKN: torch.Tensor, offs_E: torch.Tensor, use_torch: bool | None = None
+) -> torch.Tensor:
+    """``[M, N]``: row group e of ``a`` times ``b[e]``; rows past ``offs[-1]`` are left unwritten."""
+    M, K = a_MK.shape
+    E, _, N = b_EKN.shape
+    if use_torch is None:
+        use_torch = _torch_grouped_mm_ok(a_MK, b_EKN)
+    if use_torch:
+        return torch._grouped_mm(a_MK, b_EKN, offs=offs_E)
+    c_MN = a_MK.new_empty((M, N))
+    if M and N:
+        BM, BN, BK = 64, _blocks(N, 128), _blocks(K, 64)
+        grid = (triton.cdiv(M, BM) + E, triton.cdiv(N, BN))
+        _grouped_mm_kernel[grid](
+            a_MK,
+            b_EKN,
+            c_MN,
+            offs_E,
+            N,
+            K,
+            E,
+            *a_MK.stride(),
+            *b_EKN.stride(),
+            *c_MN.stride(),
+            IEEE=a_MK.dtype == torch.float32,
+            BLOCK_M=BM,
+            BLOCK_N=BN,
+            BLOCK_K=BK,
+        )
+    return c_MN
+
+
+def grouped_mm_wgrad(
+    a_MP: torch.Tensor, b_MQ: torch.Tensor, offs_E: torch.Tensor, use_torch: bool | None = None
+) -> torch.Tensor:
+    """``[E, P, Q]``: ``a_e.T @ b_e`` per row group (zeros for an empty group)."""
+    (M, P), Q, E = a_MP.shape, b_MQ.shape[1], offs_E.shape[0]
+    if use_torch is None:
+        use_torch = _torch_grouped_mm_ok(a_MP, b_MQ)
+    if use_torch:
+        return torch._grouped_mm(a_MP.t(), b_MQ, offs=offs_E)
+    c_EPQ = a_MP.new_empty((E, P, Q))
+    if E and P and Q:
+        BP, BQ = _blocks(P, 64), _blocks(Q, 64)
+        grid = (E, triton.cdiv(P, BP) * triton.cdiv(Q, BQ))
+        _grouped_wgrad_kernel[grid](
+            a_MP,
+            b_MQ,
+            c_EPQ,
+            offs_E,
+            P,
+            Q,
+            *a_MP.stride(),
+            *b_MQ.stride(),
+            *c_EPQ.stride(),
+            IEEE=a_MP.dtype == torch.float32,
+            BLOCK_P=BP,
+            BLOCK_Q=BQ,
+            BLOCK_K=32,
+        )
+    return c_EPQ

@@ -1,0 +1,94 @@
+"""Routing metadata on the device, no host sync: where each slot goes in expert order.
+
+Two kernels around one cumsum: a per-block expert histogram, then each slot's row
+``expert_start[e] + (earlier blocks' slots of e) + (earlier slots of e in this block)``: a stable
+(expert, token, k) order, the same as the reference's stable sort.
+
+Legend: T tokens, K top-k, N = T*K slots, E experts, B slot blocks of BLOCK_N.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["RoutingMeta", "routing_metadata"]
+
+BLOCK_N = 64
+
+
+class RoutingMeta(NamedTuple):
+    """``pos_TK`` int32 row of each slot (-1 dropped); ``row_slot_N`` int32 slot of each row (rows past
+    ``live`` unset); ``offs_E`` int32 inclusive row ends per expert; ``live`` = ``offs_E[-1:]``."""
+
+    pos_TK: torch.Tensor
+    row_slot_N: torch.Tensor
+    offs_E: torch.Tensor
+    live: torch.Tensor
+
+
+@triton.jit
+def _histogram_kernel(ids_ptr, cnt_ptr, N, E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+    pid = tl.program_id(0)
+    slots = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_E)
+    ids = tl.load(ids_ptr + slots, mask=slots < N, other=-1)
+    counts = tl.sum((ids[:, None] == cols[None, :]).to(tl.int32), axis=0)
+    tl.store(cnt_ptr + pid * E + cols, counts, mask=cols < E)
+
+
+@triton.jit
+def _positions_kernel(
+    ids_ptr,
+    cum_ptr,
+    pos_ptr,
+    row_slot_ptr,
+    offs_ptr,
+    N,
+    B,
+    E: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    slots = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_E)
+    col_ok = cols < E
+    totals = tl.load(cum_ptr + (B - 1) * E + cols, mask=col_ok, other=0)  # inclusive cumsum: last row
+    expert_end = tl.cumsum(totals, axis=0)
+    before_block = tl.load(cum_ptr + tl.maximum(pid - 1, 0) * E + cols, mask=col_ok, other=0)
+    before_block = tl.where(pid > 0, before_block, 0)
+    base = expert_end - totals + before_block
+    ids = tl.load(ids_ptr + slots, mask=slots < N, other=-1)
+    onehot = (ids[:, None] == cols[None, :]).to(tl.int32)
+    rank = tl.cumsum(onehot, axis=0) - onehot  # earlier slots of the same expert in this block
+    pos = tl.sum(onehot * (base[None, :] + rank), axis=1)
+    pos = tl.where(ids >= 0, pos, -1)
+    tl.store(pos_ptr + slots, pos, mask=slots < N)
+    tl.store(row_slot_ptr + pos, slots, mask=(slots < N) & (ids >= 0))
+    if pid == 0:
+        tl.store(offs_ptr + cols, expert_end, mask=col_ok)
+
+
+def routing_metadata(topk_ids_TK: torch.Tensor, num_experts: int) -> RoutingMeta:
+    """Expert-order layout of the kept slots of ``topk_ids_TK`` (ids in ``[0, E)`` or -1)."""
+    T, K = topk_ids_TK.shape
+    N, E = T * K, num_experts
+    dev = topk_ids_TK.device
+    ids_N = topk_ids_TK.reshape(-1).to(torch.int32)
+    B = max(triton.cdiv(N, BLOCK_N), 1)
+    BLOCK_E = triton.next_power_of_2(E)
+    counts_BE = torch.zeros((B, E), dtype=torch.int32, device=dev)
+    pos = torch.empty((N,), dtype=torch.int32, device=dev)
+    row_slot = torch.empty((N,), dtype=torch.int32, device=dev)
+    offs = torch.zeros((E,), dtype=torch.int32, device=dev)
+    if N:
+        _histogram_kernel[(B,)](ids_N, counts_BE, N, E=E, BLOCK_N=BLOCK_N, BLOCK_E=BLOCK_E)
+        cum_BE = torch.cumsum(counts_BE, 0, dtype=torch.int32)
+        _positions_kernel[(B,)](
+            ids_N, cum_BE, pos, row_slot, offs, N, B, E=E, BLOCK_N=BLOCK_N, BLOCK_E=BLOCK_E
+        )
+    return RoutingMeta(pos.view(T, K), row_slot, offs, offs[-1:])

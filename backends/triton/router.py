@@ -1,0 +1,242 @@
+"""Fused router epilogue: one kernel forward (scores, bias, group limit, top-k, renormalization, loss
+statistics) and one kernel backward (the logits' gradient from the weights, the load-balance and the
+z-loss), after the fp32 gate GEMM.
+
+Legend: T tokens, E experts, K top-k, G expert groups, B token blocks of BLOCK_T.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from flashfusemoe.spec import RouterConfig
+
+__all__ = ["router_backward", "router_forward"]
+
+BLOCK_T = 16
+
+
+@triton.jit
+def _scores(x, col_ok, SIGMOID: tl.constexpr):
+    """fp32 logits tile -> (scores, softmax, logsumexp, has_nan) with masked columns at 0."""
+    m = tl.max(x, axis=1)
+    ex = tl.where(col_ok[None, :], tl.exp(x - m[:, None]), 0.0)
+    ssum = tl.sum(ex, axis=1)
+    soft = ex / ssum[:, None]
+    lse = m + tl.log(ssum)
+    if SIGMOID:
+        s = tl.where(col_ok[None, :], tl.sigmoid(x), 0.0)
+    else:
+        s = soft
+    has_nan = tl.max(tl.where(x != x, 1, 0), axis=1) > 0
+    return s, soft, lse, has_nan
+
+
+@triton.jit
+def _router_fwd_kernel(
+    logits_ptr,
+    bias_ptr,
+    ids_ptr,
+    w_ptr,
+    lse_ptr,
+    psum_ptr,
+    cnt_ptr,
+    T,
+    scale,
+    E: tl.constexpr,
+    K: tl.constexpr,
+    SIGMOID: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    RENORM: tl.constexpr,
+    G: tl.constexpr,
+    TOPK_G: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    toks = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    tok_ok = toks < T
+    col_ok = cols < E
+    x = tl.load(
+        logits_ptr + toks[:, None].to(tl.int64) * E + cols[None, :],
+        mask=tok_ok[:, None] & col_ok[None, :],
+        other=float("-inf"),
+    )
+    s, soft, lse, has_nan = _scores(x, col_ok, SIGMOID)
+    sel = s
+    if HAS_BIAS:
+        sel = sel + tl.load(bias_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    sel = tl.where(col_ok[None, :], sel, float("-inf"))
+    if G > 0:  # group-limited routing: a group scores the sum of its top-2 (top-1) selection scores
+        GS: tl.constexpr = E // G
+        gcols = tl.arange(0, BLOCK_G)
+        gscore = tl.full((BLOCK_T, BLOCK_G), float("-inf"), tl.float32)
+        for g in tl.static_range(G):
+            in_g = (cols // GS == g)[None, :]
+            m1 = tl.max(tl.where(in_g, sel, float("-inf")), axis=1)
+            total = m1
+            if GS > 1:
+                i1 = tl.min(tl.where(in_g & (sel == m1[:, None]), cols[None, :], BLOCK_E), axis=1)
+                total += tl.max(tl.where(in_g & (cols[None, :] != i1[:, None]), sel, float("-inf")), axis=1)
+            gscore = tl.where(gcols[None, :] == g, total[:, None], gscore)
+        allowed = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.int1)
+        for _ in tl.static_range(TOPK_G):
+            gm = tl.max(gscore, axis=1)
+            gi = tl.min(tl.where(gscore == gm[:, None], gcols[None, :], BLOCK_G), axis=1)
+            allowed = allowed | ((cols[None, :] // GS) == gi[:, None])
+            gscore = tl.where(gcols[None, :] == gi[:, None], float("-inf"), gscore)
+        sel = tl.where(allowed, sel, float("-inf"))
+
+    kcols = tl.arange(0, BLOCK_K)
+    ids = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
+    wts = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
+    counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    for k in tl.static_range(K):  # ties go to the lowest expert id
+        best = tl.max(sel, axis=1)
+        idx = tl.min(tl.where(sel == best[:, None], cols[None, :], BLOCK_E), axis=1)
+        idx = tl.minimum(idx, E - 1)  # NaN rows match nothing: keep ids in range (weights become NaN)
+        hit = cols[None, :] == idx[:, None]
+        ids = tl.where(kcols[None, :] == k, idx[:, None], ids)
+        wts = tl.where(kcols[None, :] == k, tl.sum(tl.where(hit, s, 0.0), axis=1)[:, None], wts)
+        counts += tl.sum((hit & tok_ok[:, None]).to(tl.int32), axis=0)
+        sel = tl.where(hit, float("-inf"), sel)
+    if RENORM:
+        wts = wts / (tl.sum(wts, axis=1)[:, None] + 1e-20)
+    wts = wts * scale
+    wts = tl.where(has_nan[:, None], float("nan"), wts)
+    kmask = tok_ok[:, None] & (kcols[None, :] < K)
+    tl.store(ids_ptr + toks[:, None] * K + kcols[None, :], ids, mask=kmask)
+    tl.store(w_ptr + toks[:, None] * K + kcols[None, :], wts, mask=kmask)
+    tl.store(lse_ptr + toks, lse, mask=tok_ok)
+    if SIGMOID:
+        p = s / tl.sum(s, axis=1)[:, None]
+    else:
+        p = s
+    tl.store(psum_ptr + pid * E + cols, tl.sum(tl.where(tok_ok[:, None], p, 0.0), axis=0), mask=col_ok)
+    tl.store(cnt_ptr + pid * E + cols, counts, mask=col_ok)
+
+
+def router_forward(logits_TE: torch.Tensor, cfg: RouterConfig, expert_bias_E: torch.Tensor | None):
+    """Returns ``ids [T, K]`` int32, ``weights [T, K]`` fp32, ``lse [T]``, ``prob_sum [E]`` (sum over
+    tokens of the normalized scores) and ``routed [E]`` (slots per expert, before capacity)."""
+    T, E = logits_TE.shape
+    K = cfg.top_k
+    dev = logits_TE.device
+    B = triton.cdiv(T, BLOCK_T)
+    ids = torch.empty((T, K), dtype=torch.int32, device=dev)
+    wts = torch.empty((T, K), dtype=torch.float32, device=dev)
+    lse = torch.empty((T,), dtype=torch.float32, device=dev)
+    psum = torch.zeros((max(B, 1), E), dtype=torch.float32, device=dev)
+    cnt = torch.zeros((max(B, 1), E), dtype=torch.int32, device=dev)
+    G = cfg.num_groups or 0
+    if T:
+        bias = expert_bias_E.detach().float().contiguous() if expert_bias_E is not None else lse
+        _router_fwd_kernel[(B,)](
+            logits_TE,
+            bias,
+            ids,
+            wts,
+            lse,
+            psum,
+            cnt,
+            T,
+            float(cfg.routed_scaling_factor),
+            E=E,
+            K=K,
+            SIGMOID=cfg.score_func == "sigmoid",
+            HAS_BIAS=expert_bias_E is not None,
+            RENORM=cfg.renormalize,
+            G=G,
+            TOPK_G=cfg.topk_groups or 0,
+            BLOCK_T=BLOCK_T,
+            BLOCK_E=triton.next_power_of_2(E),
+            BLOCK_K=triton.next_power_of_2(K),
+            BLOCK_G=triton.next_power_of_2(max(G, 1)),
+        )
+    return ids, wts, lse, psum.sum(0), cnt.sum(0)
+
+
+@triton.jit
+def _router_bwd_kernel(
+    logits_ptr,
+    ids_ptr,
+    gw_ptr,
+    gpsum_ptr,
+    glse_ptr,
+    out_ptr,
+    T,
+    scale,
+    E: tl.constexpr,
+    K: tl.constexpr,
+    SIGMOID: tl.constexpr,
+    RENORM: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    tok_ok = toks < T
+    col_ok = cols < E
+    tile = toks[:, None].to(tl.int64) * E + cols[None, :]
+    x = tl.load(logits_ptr + tile, mask=tok_ok[:, None] & col_ok[None, :], other=float("-inf"))
+    s, soft, _, _ = _scores(x, col_ok, SIGMOID)
+    # gradient w.r.t. the selected scores (through renormalization and scaling)
+    ssel = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    dot = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for k in tl.static_range(K):
+        idx = tl.load(ids_ptr + toks * K + k, mask=tok_ok, other=0)
+        sk = tl.sum(tl.where(cols[None, :] == idx[:, None], s, 0.0), axis=1)
+        gk = tl.load(gw_ptr + toks * K + k, mask=tok_ok, other=0.0)
+        ssel += sk
+        dot += gk * sk
+    ds = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+    for k in tl.static_range(K):
+        idx = tl.load(ids_ptr + toks * K + k, mask=tok_ok, other=0)
+        gk = tl.load(gw_ptr + toks * K + k, mask=tok_ok, other=0.0)
+        if RENORM:
+            denom = ssel + 1e-20
+            dk = scale * (gk - dot / denom) / denom
+        else:
+            dk = scale * gk
+        ds += tl.where(cols[None, :] == idx[:, None], dk[:, None], 0.0)
+    # load-balance statistic: prob_sum[e] = sum_t p[t, e]
+    gp = tl.load(gpsum_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    if SIGMOID:
+        ssum = tl.sum(s, axis=1)[:, None]
+        p = s / ssum
+        ds += (gp - tl.sum(gp * p, axis=1)[:, None]) / ssum
+        dx = ds * s * (1.0 - s)
+    else:
+        ds += gp
+        dx = s * (ds - tl.sum(ds * s, axis=1)[:, None])
+    dx += tl.load(glse_ptr + toks, mask=tok_ok, other=0.0)[:, None] * soft  # z-loss through logsumexp
+    tl.store(out_ptr + tile, dx, mask=tok_ok[:, None] & col_ok[None, :])
+
+
+def router_backward(logits_TE, ids_TK, grad_w_TK, grad_prob_sum_E, grad_lse_T, cfg: RouterConfig):
+    """Gradient of the router loss w.r.t. the fp32 logits ``[T, E]``."""
+    T, E = logits_TE.shape
+    out = torch.empty_like(logits_TE)
+    if T:
+        _router_bwd_kernel[(triton.cdiv(T, BLOCK_T),)](
+            logits_TE,
+            ids_TK,
+            grad_w_TK.contiguous(),
+            grad_prob_sum_E.contiguous(),
+            grad_lse_T.contiguous(),
+            out,
+            T,
+            float(cfg.routed_scaling_factor),
+            E=E,
+            K=cfg.top_k,
+            SIGMOID=cfg.score_func == "sigmoid",
+            RENORM=cfg.renormalize,
+            BLOCK_T=BLOCK_T,
+            BLOCK_E=triton.next_power_of_2(E),
+        )
+    return out
