@@ -93,6 +93,7 @@ def _worker(rank: int, args, port: int) -> None:
         ep_layer = copy.deepcopy(ref_layer)
         ep_layer.zero_grad(set_to_none=True)
         ep_layer.shard_experts(None, communicator=args.comm)
+        ep_layer.backend = args.backend
         x = xs[rank].clone().requires_grad_()
         out, _ = ep_layer(x)
         (out * cotangents[rank]).sum().backward()
@@ -134,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skew", action="store_true", help="route most tokens to two experts")
     p.add_argument("--empty-rank", action="store_true", help="the last rank has no tokens")
+    p.add_argument("--backend", default="torch", help="compute backend of the sharded layer")
     args = p.parse_args(argv)
     mp.spawn(_worker, args=(args, _free_port()), nprocs=args.world, join=True)
     print(f"ep_check: all {args.world} ranks OK")

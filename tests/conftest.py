@@ -1,4 +1,4 @@
-"""Test configuration: hypothesis profiles and device markers.
+"""Test configuration: hypothesis profiles, device markers, the Triton interpreter on CPU.
 
 ``HYPOTHESIS_PROFILE=ci`` (default: few examples, no deadline) or ``dev`` (many examples).
 Tests marked ``gpu`` / ``multi_gpu`` skip cleanly without CUDA devices.
@@ -8,6 +8,11 @@ import os
 
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run on its CPU interpreter; it reads this when the kernels are defined,
+# so it is set before any test module imports flashfusemoe's Triton backend.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(

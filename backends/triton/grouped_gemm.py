@@ -188,7 +188,7 @@ def grouped_mm_wgrad(
     a_MP: torch.Tensor, b_MQ: torch.Tensor, offs_E: torch.Tensor, use_torch: bool | None = None
 ) -> torch.Tensor:
     """``[E, P, Q]``: ``a_e.T @ b_e`` per row group (zeros for an empty group)."""
-    (M, P), Q, E = a_MP.shape, b_MQ.shape[1], offs_E.shape[0]
+    P, Q, E = a_MP.shape[1], b_MQ.shape[1], offs_E.shape[0]
     if use_torch is None:
         use_torch = _torch_grouped_mm_ok(a_MP, b_MQ)
     if use_torch:

@@ -1,0 +1,255 @@
+"""Every Triton kernel against the torch reference, fp32, small and odd shapes.
+
+On CPU these run under the Triton interpreter (conftest sets TRITON_INTERPRET=1); with a GPU they run
+on it. Edge cases: empty experts, K = E, T = 1, T = 0, odd D and I, dropped slots.
+"""
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from flashfusemoe import MoELayer
+from flashfusemoe.backends import get_backend
+from flashfusemoe.backends import torch as ref
+from flashfusemoe.backends.triton import experts as tri_experts
+from flashfusemoe.backends.triton import grouped_mlp as tri_grouped_mlp
+from flashfusemoe.backends.triton import route as tri_route
+from flashfusemoe.backends.triton.activation import activation_backward, activation_forward
+from flashfusemoe.backends.triton.grouped_gemm import grouped_mm, grouped_mm_wgrad
+from flashfusemoe.backends.triton.metadata import routing_metadata
+from flashfusemoe.backends.triton.permute import combine_rows, gather_rows
+from flashfusemoe.comm import FakeWorld
+from flashfusemoe.comm.base import sort_slots_by_expert
+from flashfusemoe.spec import ACTIVATIONS, RouterConfig, activate, is_glu
+from tests.strategies import Problem, problems, randn, skew_bias, topk_ids
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TOL = dict(rtol=2e-5, atol=2e-5)
+
+
+def _dev(*ts):
+    return [t.to(DEV) for t in ts]
+
+
+@given(problems(max_world=1), st.sampled_from([0.0, 0.3]))
+def test_triton_metadata_equals_stable_sort(p, drop_frac):
+    (ids,) = _dev(topk_ids(p, drop_frac=drop_frac))
+    meta = routing_metadata(ids, p.E)
+    slots, counts = sort_slots_by_expert(ids, p.E)
+    S = slots.numel()
+    assert torch.equal(meta.row_slot_N[:S].long(), slots)
+    assert torch.equal(meta.offs_E.long(), torch.cumsum(counts, 0))
+    pos = meta.pos_TK.reshape(-1).long()
+    assert torch.equal(pos[slots], torch.arange(S, device=DEV))
+    assert bool((pos[ids.reshape(-1) < 0] == -1).all())
+
+
+@given(problems(max_world=1), st.sampled_from([0.0, 0.3]))
+def test_triton_gather_is_bit_exact_and_combine_matches(p, drop_frac):
+    x, ids, w = _dev(
+        randn(p, p.T, p.D), topk_ids(p, drop_frac=drop_frac), torch.rand(p.T, p.K, generator=p.gen(3))
+    )
+    meta = routing_metadata(ids, p.E)
+    x_rows = gather_rows(x, meta.row_slot_N, meta.live, p.K)
+    slots, _ = sort_slots_by_expert(ids, p.E)
+    S = slots.numel()
+    assert torch.equal(x_rows[:S], x[slots // p.K])
+    vals = torch.randn(p.T * p.K, device=DEV)
+    out, per_slot = combine_rows(x_rows, meta.pos_TK, w, vals)
+    kept = (ids >= 0).float()
+    torch.testing.assert_close(out, x * (w * kept).sum(-1, keepdim=True), **TOL)
+    flat_pos = meta.pos_TK.reshape(-1).long()
+    expected = torch.where(flat_pos >= 0, vals[flat_pos.clamp(min=0)], 0.0).view(p.T, p.K)
+    assert torch.equal(per_slot, expected)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("N, I", [(1, 1), (13, 7), (40, 150)])
+def test_triton_activation_forward_backward(activation, N, I):
+    F_ = 2 * I if is_glu(activation) else I
+    h = torch.randn(N, F_, device=DEV, requires_grad=True)
+    ga = torch.randn(N, I, device=DEV)
+    weights = torch.rand(N, device=DEV)
+    row_slot = torch.randperm(N, device=DEV).int()
+    live = torch.tensor([N], dtype=torch.int32, device=DEV)
+    a_ref = activate(h, activation)
+    torch.testing.assert_close(activation_forward(h.detach(), activation, live), a_ref.detach(), **TOL)
+    w_rows = weights[row_slot.long()]
+    (a_ref * ga * w_rows[:, None]).sum().backward()
+    grad_h, wa, gw = activation_backward(h.detach(), ga, activation, live, weights, row_slot)
+    torch.testing.assert_close(grad_h, h.grad, **TOL)
+    torch.testing.assert_close(wa, a_ref.detach() * w_rows[:, None], **TOL)
+    torch.testing.assert_close(gw, (ga * a_ref.detach()).sum(-1), **TOL)
+
+
+@given(
+    st.integers(0, 40), st.integers(1, 20), st.integers(1, 20), st.integers(1, 6), st.integers(0, 2**31 - 1)
+)
+def test_triton_grouped_gemms_match_per_expert_matmuls(M, Kd, N, E, seed):
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.bincount(torch.randint(0, E, (M,), generator=g), minlength=E)  # some groups empty
+    offs = torch.cumsum(counts, 0).int()
+    a, b, bt, c = _dev(
+        torch.randn(M, Kd, generator=g),
+        torch.randn(E, Kd, N, generator=g),
+        torch.randn(E, N, Kd, generator=g),
+        torch.randn(M, N, generator=g),
+    )
+    (offs,) = _dev(offs)
+    out, out_t, wgrad = (
+        grouped_mm(a, b, offs),
+        grouped_mm(a, bt.transpose(1, 2), offs),
+        grouped_mm_wgrad(a, c, offs),
+    )
+    start = 0
+    for e, n in enumerate(counts.tolist()):
+        rows = slice(start, start + n)
+        torch.testing.assert_close(out[rows], a[rows] @ b[e], **TOL)
+        torch.testing.assert_close(out_t[rows], a[rows] @ bt[e].t(), **TOL)
+        torch.testing.assert_close(wgrad[e], a[rows].t() @ c[rows], **TOL)
+        start += n
+
+
+def _cfg_strategy():
+    return st.builds(
+        dict,
+        score_func=st.sampled_from(["softmax", "sigmoid"]),
+        renormalize=st.booleans(),
+        routed_scaling_factor=st.sampled_from([1.0, 2.5]),
+        groups=st.booleans(),
+        bias=st.booleans(),
+    )
+
+
+@given(problems(max_world=1), _cfg_strategy())
+def test_triton_router_matches_reference(p, opts):
+    E = p.E if not opts["groups"] else 2 * p.E  # groups need E divisible by num_groups
+    K = min(p.K, E)
+    groups = dict(num_groups=2, topk_groups=1) if opts["groups"] else {}
+    if groups and K > E // 2:
+        K = E // 2
+    cfg = RouterConfig(
+        top_k=K,
+        score_func=opts["score_func"],
+        renormalize=opts["renormalize"],
+        routed_scaling_factor=opts["routed_scaling_factor"],
+        **groups,
+    )
+    logits = randn(p, p.T, E).to(DEV).requires_grad_()
+    bias = (torch.rand(E, generator=p.gen(4)) * 0.1).to(DEV) if opts["bias"] else None
+    got, want = tri_route(logits, cfg, bias), ref.route(logits, cfg, bias)
+    assert torch.equal(got.topk_ids_TK.long(), want.topk_ids_TK)
+    torch.testing.assert_close(got.topk_weights_TK, want.topk_weights_TK, **TOL)
+    assert torch.equal(got.tokens_per_expert_E, want.tokens_per_expert_E)
+    torch.testing.assert_close(got.load_balance_loss, want.load_balance_loss, **TOL)
+    torch.testing.assert_close(got.z_loss, want.z_loss, **TOL)
+    cot = torch.randn(p.T, K, generator=p.gen(6)).to(DEV)
+    grads = []
+    for r in (got, want):
+        loss = (r.topk_weights_TK * cot).sum() + 0.3 * r.load_balance_loss + 0.2 * r.z_loss
+        grads.append(torch.autograd.grad(loss, logits)[0])
+    torch.testing.assert_close(grads[0], grads[1], **TOL)
+
+
+def test_triton_router_nan_token_gets_nan_weights_and_valid_ids():
+    logits = torch.randn(6, 8, device=DEV)
+    logits[3, 2] = float("nan")
+    r = tri_route(logits, RouterConfig(top_k=2))
+    assert torch.isnan(r.topk_weights_TK[3]).all()
+    assert torch.isfinite(r.topk_weights_TK[[0, 1, 2, 4, 5]]).all()
+    assert bool(((r.topk_ids_TK >= 0) & (r.topk_ids_TK < 8)).all())
+
+
+@given(
+    problems(max_world=1),
+    st.sampled_from(["swiglu", "geglu", "relu2", "silu"]),
+    st.booleans(),
+    st.sampled_from([0.0, 0.3]),
+)
+def test_triton_experts_match_reference(p, activation, recompute, drop_frac):
+    F_ = 2 * p.I if is_glu(activation) else p.I
+    ids = topk_ids(p, drop_frac=drop_frac).to(DEV)
+    leaves = [
+        t.to(DEV).requires_grad_()
+        for t in (
+            randn(p, p.T, p.D),
+            torch.rand(p.T, p.K, generator=p.gen(7)),
+            randn(p, p.E, F_, p.D, salt=1),
+            randn(p, p.E, p.D, p.I, salt=2),
+        )
+    ]
+    cot = randn(p, p.T, p.D, salt=3).to(DEV)
+    results = []
+    for fn in (tri_experts, ref.experts):
+        x, w, up, down = (t.detach().clone().requires_grad_() for t in leaves)
+        out = fn(x, ids, w, up, down, activation, recompute)
+        (out * cot).sum().backward()
+        results.append((out, x.grad, w.grad, up.grad, down.grad))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_triton_experts_t1_and_k_equals_e_and_t0():
+    for T, E, K in [(1, 5, 2), (6, 4, 4), (0, 3, 2)]:
+        p = Problem(T=T, D=7, E=E, K=K, I=5, W=1, skew="uniform", seed=T + E)
+        ids = topk_ids(p).to(DEV)
+        x = randn(p, T, 7).to(DEV).requires_grad_()
+        w = torch.rand(T, K, device=DEV)
+        up, down = randn(p, E, 10, 7, salt=1).to(DEV), randn(p, E, 7, 5, salt=2).to(DEV)
+        out = tri_experts(x, ids, w, up, down, "swiglu")
+        torch.testing.assert_close(out, ref.experts(x, ids, w, up, down, "swiglu"), rtol=1e-4, atol=1e-4)
+        out.sum().backward()
+        assert x.grad.shape == (T, 7)
+
+
+@given(problems(max_world=3, allow_empty=True))
+def test_triton_grouped_mlp_matches_reference(p):
+    counts = torch.bincount(topk_ids(p).reshape(-1), minlength=p.E).to(DEV)
+    leaves = [
+        t.to(DEV).requires_grad_()
+        for t in (
+            randn(p, int(counts.sum()), p.D),
+            randn(p, p.E, 2 * p.I, p.D, salt=1),
+            randn(p, p.E, p.D, p.I, salt=2),
+        )
+    ]
+    results = []
+    for fn in (tri_grouped_mlp, ref.grouped_mlp):
+        x, up, down = (t.detach().clone().requires_grad_() for t in leaves)
+        y = fn(x, counts, up, down, "swiglu")
+        (y * torch.arange(y.numel(), device=DEV).view(y.shape).sin()).sum().backward()
+        results.append((y, x.grad, up.grad, down.grad))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu  # the Triton interpreter is not thread-safe; on CPU tests/comm/test_gloo.py covers this path
+@given(problems(max_world=2, allow_empty=False))
+def test_triton_layer_ep_on_fake_equals_unsharded_reference(p):
+    """The whole layer on the triton backend, EP over simulated ranks, vs the unsharded torch layer."""
+    torch.manual_seed(p.seed % 1000)
+    layer = MoELayer(p.D, 2 * p.I, p.E, p.K, num_shared_experts=1, use_expert_bias=True, backend="torch").to(
+        DEV
+    )
+    layer.expert_bias.copy_(skew_bias(p))
+    xs = [randn(p, p.T, p.D, salt=r).to(DEV) for r in range(p.W)]
+    want, _ = layer(torch.cat(xs))
+    world = FakeWorld(p.W)
+
+    def rank_fn(rank):
+        ep = copy.deepcopy(layer)
+        ep.backend = "triton"
+        ep.shard_experts(world.group(rank))
+        return ep(xs[rank])[0]
+
+    torch.testing.assert_close(torch.cat(world.run(rank_fn)), want, rtol=1e-4, atol=1e-4)
+
+
+def test_triton_backend_needs_cuda_or_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="backend='triton' cannot run on cpu: needs CUDA"):
+        get_backend("triton", "cpu")
+    assert get_backend(None, "cpu").NAME == "torch"
