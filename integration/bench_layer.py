@@ -1,0 +1,255 @@
+"""Benchmark the MoE layer on one GPU: ours (triton backend), the torch reference and a torchtitan-style
+``torch._grouped_mm`` MoE, forward and forward+backward, with the grouped-GEMM floor and a dense bf16
+GEMM ceiling measured in the same run.
+
+``python integration/bench_layer.py [--shapes seed,fine,mixtral] [--write docs/benchmarks.md]``
+
+Legend: T tokens, D model dim, I expert intermediate dim, E experts, K top-k, N = T*K rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from flashfusemoe import fused_moe
+from flashfusemoe.backends.triton.grouped_gemm import grouped_mm, grouped_mm_wgrad
+
+SHAPES = {  # T, D, I, E, K
+    "seed": (8192, 1024, 2048, 8, 2),
+    "fine": (16384, 2048, 768, 128, 8),
+    "mixtral": (8192, 4096, 14336, 8, 2),
+}
+
+
+def timed(fn, iters: int = 20, warmup: int = 3) -> float:
+    """Median milliseconds of ``fn()`` by CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def dense_ceiling_tflops() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    return 2 * 8192**3 / timed(lambda: a @ b) / 1e9
+
+
+def titan_moe(x_TD, gate_ED, w_up, w_down, bias_E, K):
+    """torchtitan-style MoE: bf16 router GEMM, softmax/top-k in PyTorch, argsort permutation,
+    torch._grouped_mm up and down, SwiGLU in PyTorch, weighted index_add_ combine."""
+    T, D = x_TD.shape
+    E = gate_ED.shape[0]
+    scores_TE = F.linear(x_TD, gate_ED).float().softmax(-1)
+    ids_TK = torch.topk(scores_TE + bias_E, K, dim=-1).indices
+    w_TK = scores_TE.gather(1, ids_TK)
+    w_TK = w_TK / w_TK.sum(-1, keepdim=True)
+    counts_E = torch.histc(ids_TK.view(-1).float(), bins=E, min=0, max=E - 1)
+    offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
+    order_N = torch.argsort(ids_TK.view(-1), stable=True)
+    token_N = order_N // K
+    h = torch._grouped_mm(x_TD[token_N], w_up.transpose(-2, -1), offs=offs_E)
+    gate, up = h.chunk(2, dim=-1)
+    y = torch._grouped_mm(F.silu(gate) * up, w_down.transpose(-2, -1), offs=offs_E)
+    y = (y.float() * w_TK.view(-1)[order_N, None]).to(x_TD.dtype)
+    return torch.zeros_like(x_TD).index_add_(0, token_N, y)
+
+
+def make_inputs(shape, skew: bool, seed: int = 0):
+    T, D, I, E, K = shape
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    mk = lambda *s, std=1.0: (torch.randn(*s, device="cuda", generator=g) * std).to(torch.bfloat16)
+    x = mk(T, D)
+    gate = mk(E, D, std=D**-0.5)
+    w_up = mk(E, 2 * I, D, std=D**-0.5).requires_grad_()
+    w_down = mk(E, D, I, std=I**-0.5).requires_grad_()
+    bias = torch.zeros(E, device="cuda")
+    if skew:  # a quarter of the experts take most of the slots; several experts run empty
+        bias[: max(1, E // 4)] = 0.05 if E > 16 else 0.25
+    return x, gate.requires_grad_(), w_up, w_down, bias
+
+
+def variants(shape):
+    K = shape[4]
+
+    def ours(backend, recompute=False):
+        return lambda x, gate, up, down, bias: fused_moe(
+            x, gate, up, down, top_k=K, expert_bias=bias, backend=backend, recompute_activations=recompute
+        )[0]
+
+    return {
+        "ours": ours("triton"),
+        "ours+recompute": ours("triton", True),
+        "grouped_mm baseline": lambda x, gate, up, down, bias: titan_moe(x, gate, up, down, bias, K),
+        "torch reference": ours("torch"),
+    }
+
+
+def measure(fn, inputs, grad_out):
+    x, gate, up, down, bias = inputs
+    x = x.detach().requires_grad_()
+    params = [x, gate, up, down]
+
+    def fwd():
+        return fn(x, gate, up, down, bias)
+
+    def fwd_bwd():
+        for p in params:
+            p.grad = None
+        fwd().backward(grad_out)
+
+    fwd_ms = timed(fwd)
+    total_ms = timed(fwd_bwd)
+    for p in params:
+        p.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fwd()
+    saved = torch.cuda.memory_allocated() - base - out.numel() * out.element_size()
+    out.backward(grad_out)
+    peak = torch.cuda.max_memory_allocated() - base
+    del out
+    return fwd_ms, total_ms, peak, saved
+
+
+def gemm_floor(shape, inputs):
+    """Forward, dX and dW grouped GEMMs alone on pre-permuted rows (torch._grouped_mm and Triton)."""
+    T, D, I, E, K = shape
+    x, gate, up, down, bias = inputs
+    N = T * K
+    counts = torch.full((E,), N // E, device="cuda")
+    counts[0] += N - counts.sum()
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    xp = torch.randn(N, D, device="cuda", dtype=torch.bfloat16)
+    h = torch.randn(N, 2 * I, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(N, I, device="cuda", dtype=torch.bfloat16)
+    gy = torch.randn(N, D, device="cuda", dtype=torch.bfloat16)
+    u, d = up.detach(), down.detach()
+
+    def gemms(use_torch):
+        return {
+            "fwd": lambda: (
+                grouped_mm(xp, u.transpose(1, 2), offs, use_torch),
+                grouped_mm(a, d.transpose(1, 2), offs, use_torch),
+            ),
+            "dx": lambda: (grouped_mm(gy, d, offs, use_torch), grouped_mm(h, u, offs, use_torch)),
+            "dw": lambda: (
+                grouped_mm_wgrad(gy, a, offs, use_torch),
+                grouped_mm_wgrad(h, xp, offs, use_torch),
+            ),
+        }
+
+    out = {}
+    for name, use_torch in (("torch._grouped_mm", True), ("triton", False)):
+        out[name] = {step: timed(fn) for step, fn in gemms(use_torch).items()}
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--shapes", default="seed,fine,mixtral")
+    p.add_argument("--skip-reference", action="store_true", help="skip the (slow) torch reference")
+    p.add_argument("--write", default=None, help="write the markdown table to this file")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    card = torch.cuda.get_device_name()
+    ceiling = dense_ceiling_tflops()
+    rows, floors = [], {}
+    for shape_name in args.shapes.split(","):
+        shape = SHAPES[shape_name]
+        T, D, I, E, K = shape
+        flops_fwd = 2 * T * K * (D * 2 * I + I * D)
+        floors[shape_name] = gemm_floor(shape, make_inputs(shape, False))
+        for skew in (False, True):
+            inputs = make_inputs(shape, skew)
+            grad_out = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+            counts = torch.bincount(
+                torch.topk(F.linear(inputs[0], inputs[1]).float().softmax(-1) + inputs[4], K).indices.view(
+                    -1
+                ),
+                minlength=E,
+            )
+            load = (counts.max() / counts.float().mean()).item()
+            for name, fn in variants(shape).items():
+                if name == "torch reference" and args.skip_reference:
+                    continue
+                fwd_ms, total_ms, peak, saved = measure(fn, inputs, grad_out)
+                rows.append(
+                    dict(
+                        shape=shape_name,
+                        routing="skewed" if skew else "balanced",
+                        max_load=load,
+                        variant=name,
+                        fwd_ms=fwd_ms,
+                        total_ms=total_ms,
+                        tflops=3 * flops_fwd / total_ms / 1e9,
+                        peak_gib=peak / 2**30,
+                        saved_gib=saved / 2**30,
+                    )
+                )
+                print(json.dumps(rows[-1]), flush=True)
+                torch.cuda.empty_cache()
+    lines = [
+        f"# Benchmarks: MoE layer forward+backward on {card}",
+        "",
+        f"Dense bf16 GEMM ceiling measured in the same run: {ceiling:.0f} TFLOP/s. Times are medians of "
+        "20 runs (CUDA events). `vs baseline` = baseline time / ours, same shape, routing and run. "
+        "`max load` = hottest expert's slots / mean. Memory: peak of forward+backward above the inputs "
+        "and weights; `saved` = what the forward keeps for backward.",
+        "",
+        "| shape (T,D,I,E,K) | routing | max load | variant | fwd ms | fwd+bwd ms | TFLOP/s | % ceiling | "
+        "peak GiB | saved GiB | vs baseline |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        base = next(
+            b
+            for b in rows
+            if b["shape"] == r["shape"]
+            and b["routing"] == r["routing"]
+            and b["variant"] == "grouped_mm baseline"
+        )
+        lines.append(
+            f"| {r['shape']} {SHAPES[r['shape']]} | {r['routing']} | {r['max_load']:.2f} | {r['variant']} | "
+            f"{r['fwd_ms']:.2f} | {r['total_ms']:.2f} | {r['tflops']:.0f} | "
+            f"{100 * r['tflops'] / ceiling:.0f}% | "
+            f"{r['peak_gib']:.2f} | {r['saved_gib']:.2f} | {base['total_ms'] / r['total_ms']:.2f}x |"
+        )
+    lines += [
+        "",
+        "## Grouped-GEMM floor (pre-permuted rows, balanced groups), ms",
+        "",
+        "| shape | path | fwd (up+down) | dX (2) | dW (2) | total |",
+        "|---|---|---|---|---|---|",
+    ]
+    for shape_name, paths in floors.items():
+        for path, t in paths.items():
+            lines.append(
+                f"| {shape_name} | {path} | {t['fwd']:.2f} | {t['dx']:.2f} | {t['dw']:.2f} | "
+                f"{t['fwd'] + t['dx'] + t['dw']:.2f} |"
+            )
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.write:
+        with open(args.write, "w") as f:
+            f.write(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"card": card, "ceiling_tflops": ceiling, "rows": rows, "floors": floors}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

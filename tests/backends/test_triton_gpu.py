@@ -1,0 +1,154 @@
+"""GPU-only checks of the triton backend: bf16/fp16 within the tolerance rule, fp32 against the reference,
+torch.compile(fullgraph=True) without recompiles, CUDA-graph capture and replay (no host syncs).
+
+Tolerance rule (STYLE.md): a kernel's error against an fp32 reference is at most 2x PyTorch's own
+low-precision error (the torch backend in the same dtype) plus a floor of one rounding step of the
+largest reference value.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from flashfusemoe import MoELayer
+from flashfusemoe.backends.triton.grouped_gemm import grouped_mm, grouped_mm_wgrad
+
+pytestmark = pytest.mark.gpu
+
+EPS = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def _layer(D, F, E, K, skew, dtype, **kw):
+    torch.manual_seed(0)
+    layer = MoELayer(
+        D,
+        F,
+        E,
+        K,
+        num_shared_experts=1,
+        use_expert_bias=True,
+        aux_loss_coeff=1e-2,
+        z_loss_coeff=1e-3,
+        backend="torch",
+        **kw,
+    ).cuda()
+    if skew:
+        layer.expert_bias[: max(1, E // 8)] = 0.5  # hot experts take most slots; others go empty
+    return layer.to(dtype)
+
+
+def _run(layer, x, cot, backend):
+    layer = copy.deepcopy(layer)
+    layer.backend = backend
+    x = x.detach().clone().requires_grad_()
+    out, losses = layer(x)
+    ((out.float() * cot).sum() + losses["aux_loss"] + losses["z_loss"]).backward()
+    named = {"out": out, "x.grad": x.grad}
+    named.update({n + ".grad": p.grad for n, p in layer.named_parameters()})
+    return {k: v.float() for k, v in named.items()}, losses["tokens_per_expert"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("skew", [False, True], ids=["balanced", "skewed"])
+@pytest.mark.parametrize(
+    "shape",
+    [(512, 256, 512, 8, 2), (384, 1000, 2800, 4, 2), (256, 128, 192, 16, 16)],
+    ids=["small", "odd-D1000-I1400", "K=E"],
+)
+def test_triton_low_precision_within_tolerance_rule(dtype, skew, shape):
+    T, D, F, E, K = shape
+    low = _layer(D, F, E, K, skew, dtype)
+    x = torch.randn(T, D, device="cuda").to(dtype)
+    cot = torch.randn(T, D, device="cuda")
+    ref32, counts = _run(copy.deepcopy(low).float(), x.float(), cot, "torch")
+    torch_low, _ = _run(low, x, cot, "torch")
+    triton_low, counts_tri = _run(low, x, cot, "triton")
+    assert torch.equal(counts, counts_tri)
+    for name, ref in ref32.items():
+        floor = EPS[dtype] * ref.abs().max().item()
+        err_torch = (torch_low[name] - ref).abs().max().item()
+        err_triton = (triton_low[name] - ref).abs().max().item()
+        assert err_triton <= 2 * err_torch + floor, (
+            f"{name}: triton {err_triton:.3e} vs torch {err_torch:.3e}"
+        )
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_triton_fp32_matches_reference(recompute):
+    layer = _layer(96, 2 * 72, 8, 3, False, torch.float32, recompute_activations=recompute)
+    x, cot = torch.randn(300, 96, device="cuda"), torch.randn(300, 96, device="cuda")
+    ref, _ = _run(layer, x, cot, "torch")
+    got, _ = _run(layer, x, cot, "triton")
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("form", ["rows", "wgrad"])
+def test_grouped_mm_torch_and_triton_paths_agree_on_unaligned_groups(form):
+    torch.manual_seed(1)
+    E, M, P, Q = 6, 1000, 256, 384
+    counts = torch.bincount(torch.randint(0, E, (M,)), minlength=E)
+    counts[2] = 0
+    counts[0] += M - counts.sum()
+    offs = torch.cumsum(counts, 0).int().cuda()
+    a = torch.randn(M, P, device="cuda").bfloat16()
+    b = (
+        torch.randn(E, P, Q, device="cuda").bfloat16()
+        if form == "rows"
+        else torch.randn(M, Q, device="cuda").bfloat16()
+    )
+    fn = grouped_mm if form == "rows" else grouped_mm_wgrad
+    ref = fn(a.float(), b.float(), offs)
+    for use_torch in (True, False):
+        got = fn(a, b, offs, use_torch=use_torch).float()
+        rel = ((got - ref).norm() / ref.norm()).item()
+        assert rel < 1e-2, f"use_torch={use_torch}: rel err {rel:.2e}"
+
+
+def test_triton_compile_fullgraph_no_recompile_on_new_routing():
+    import torch._dynamo
+
+    layer = _layer(128, 256, 8, 2, False, torch.bfloat16)
+    layer.backend = "triton"
+    compiled = torch.compile(layer, fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for seed in range(3):  # new tokens each step: new routing, same shapes
+            torch.manual_seed(seed)
+            x = torch.randn(256, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            out, losses = compiled(x)
+            (out.float().square().sum() + losses["aux_loss"]).backward()
+            ref_out, _ = layer(x.detach())
+            torch.testing.assert_close(out, ref_out, rtol=2e-2, atol=2e-2)
+
+
+def test_triton_cuda_graph_capture_and_replay():
+    layer = _layer(128, 256, 8, 2, False, torch.bfloat16)
+    layer.backend = "triton"
+    static_x = torch.randn(512, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    static_g = torch.randn(512, 128, device="cuda", dtype=torch.bfloat16)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            layer(static_x)[0].backward(static_g)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = layer(static_x)[0]
+        static_out.backward(static_g)
+    for seed in range(2):
+        torch.manual_seed(10 + seed)
+        new_x = torch.randn(512, 128, device="cuda", dtype=torch.bfloat16)
+        for p in [static_x, *layer.parameters()]:
+            p.grad.zero_()
+        static_x.data.copy_(new_x)
+        graph.replay()
+        eager = copy.deepcopy(layer)
+        x = new_x.clone().requires_grad_()
+        out = eager(x)[0]
+        eager.zero_grad()
+        out.backward(static_g)
+        torch.testing.assert_close(static_out, out, rtol=0, atol=0)
+        torch.testing.assert_close(static_x.grad, x.grad, rtol=0, atol=0)
+        torch.testing.assert_close(layer.w_up.grad, eager.w_up.grad, rtol=0, atol=0)
