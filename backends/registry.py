@@ -15,7 +15,7 @@ import torch
 
 from flashfusemoe import _env
 
-__all__ = ["available_backends", "get_backend"]
+__all__ = ["available_backends", "get_backend", "preload"]
 
 _BACKENDS: dict[str, str] = {
     "torch": "flashfusemoe.backends.torch",
@@ -30,13 +30,26 @@ def available_backends() -> list[str]:
     return list(_BACKENDS)
 
 
+_LOADED: dict[str, ModuleType] = {}  # a plain dict lookup: traceable by torch.compile, unlike an import
+
+
 def _load(name: str, device: torch.device) -> tuple[ModuleType | None, str | None]:
-    try:
-        module = importlib.import_module(_BACKENDS[name])
-    except ImportError as exc:
-        return None, f"cannot import: {exc}"
+    module = _LOADED.get(name)
+    if module is None:
+        try:
+            module = importlib.import_module(_BACKENDS[name])
+        except ImportError as exc:
+            return None, f"cannot import: {exc}"
+        _LOADED[name] = module
     reason = module.unavailable_reason(device)
     return (None, reason) if reason else (module, None)
+
+
+def preload() -> None:
+    """Import every backend that imports here, so that later selection needs no import (an import
+    inside a ``torch.compile(fullgraph=True)`` region is a graph break). ``MoELayer`` calls it."""
+    for name in _BACKENDS:
+        _load(name, torch.device("cpu"))
 
 
 def get_backend(name: str | None = None, device: torch.device | str | None = None) -> ModuleType:

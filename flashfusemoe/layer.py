@@ -11,6 +11,8 @@ import math
 import torch
 from torch import nn
 
+from flashfusemoe import _env
+from flashfusemoe.backends import preload
 from flashfusemoe.balancing import update_expert_bias
 from flashfusemoe.comm import Communicator, get_communicator
 from flashfusemoe.functional import fused_moe
@@ -32,7 +34,8 @@ class MoELayer(nn.Module):
             ``num_shared_experts`` times the width.
         use_expert_bias: keep a DeepSeek-V3 selection bias buffer, updated by :meth:`update_expert_bias`.
         Other keywords: the router settings of :class:`flashfusemoe.spec.RouterConfig`, the loss
-        coefficients, ``recompute_activations`` and ``backend`` of :func:`fused_moe`.
+        coefficients, ``recompute_activations`` and ``backend`` of :func:`fused_moe`
+        (``FLASHFUSEMOE_BACKEND`` is read once, here, when ``backend`` is None).
 
     Parameters: ``gate_weight [E, D]``, ``w_up [e, F, D]``, ``w_down [e, D, I]`` and, with shared
     experts, ``shared_w_up [S*F, D]``, ``shared_w_down [D, S*I]``. ``forward(x [..., D])`` returns
@@ -78,7 +81,9 @@ class MoELayer(nn.Module):
         self.activation = activation
         self.intermediate = ffn_dim // 2 if is_glu(activation) else ffn_dim
         self.aux_loss_coeff, self.z_loss_coeff = aux_loss_coeff, z_loss_coeff
-        self.recompute_activations, self.backend = recompute_activations, backend
+        # Resolved now, not per call: no import or environment read inside a compiled forward.
+        self.recompute_activations, self.backend = recompute_activations, backend or _env.backend_from_env()
+        preload()
         self.communicator: Communicator | None = None
         factory = {"device": device, "dtype": dtype}
         self.gate_weight = nn.Parameter(torch.empty(num_experts, d_model, **factory))

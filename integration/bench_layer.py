@@ -112,8 +112,8 @@ def measure(fn, inputs, grad_out):
 
     fwd_ms = timed(fwd)
     total_ms = timed(fwd_bwd)
-    for p in params:
-        p.grad = None
+    for p in params:  # persistent gradient buffers, as in training: the peak counts activations + transients
+        p.grad = torch.zeros_like(p)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -122,6 +122,8 @@ def measure(fn, inputs, grad_out):
     out.backward(grad_out)
     peak = torch.cuda.max_memory_allocated() - base
     del out
+    for p in params:
+        p.grad = None
     return fwd_ms, total_ms, peak, saved
 
 

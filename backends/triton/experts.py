@@ -31,12 +31,15 @@ def _mlp_backward(
     grad_y_ND, x_ND, h_NF, w_up_EFD, w_down_EDI, offs_E, live, activation, weights_S=None, row_slot_N=None
 ):
     """Gradients of the expert MLP rows. ``grad_y_ND`` is the unweighted row gradient; with weights the
-    row outputs were ``w * y`` and ``grad_w_N = <grad_y, y>`` comes back too."""
+    row outputs were ``w * y`` and ``grad_w_N = <grad_y, y>`` comes back too. Intermediates are freed
+    as soon as they are used: the peak is the backward's, not the sum of its steps."""
     grad_a_NI = grouped_mm(grad_y_ND, w_down_EDI, offs_E)
     grad_h_NF, wa_NI, grad_w_N = activation_backward(h_NF, grad_a_NI, activation, live, weights_S, row_slot_N)
+    del grad_a_NI
     grad_w_down = grouped_mm_wgrad(grad_y_ND, wa_NI, offs_E)
-    grad_w_up = grouped_mm_wgrad(grad_h_NF, x_ND, offs_E)
+    del wa_NI
     grad_x_ND = grouped_mm(grad_h_NF, w_up_EFD, offs_E)
+    grad_w_up = grouped_mm_wgrad(grad_h_NF, x_ND, offs_E)
     return grad_x_ND, grad_w_N, grad_w_up, grad_w_down
 
 
@@ -95,6 +98,7 @@ def _experts_bwd(
     grad_x_ND, grad_w_N, grad_w_up, grad_w_down = _mlp_backward(
         grad_y_ND, x_ND, h_NF, w_up, w_down, offs_E, live, activation, weights_TK.reshape(-1), row_slot_N
     )
+    del grad_y_ND, x_ND, h_NF
     grad_x_TD, grad_w_TK = combine_rows(grad_x_ND, pos_TK, None, grad_w_N)
     return grad_x_TD, grad_w_TK, grad_w_up, grad_w_down
 

@@ -1,0 +1,56 @@
+"""Where the time of one MoE layer forward+backward goes: eager vs CUDA-graph replay (the gap is CPU
+launch overhead) and the profiler's per-kernel GPU times.
+
+``python integration/profile_layer.py --shape seed [--backend triton]``
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from integration.bench_layer import SHAPES, make_inputs, timed, variants
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--shape", default="seed", choices=SHAPES)
+    p.add_argument("--variant", default="ours")
+    p.add_argument("--rows", type=int, default=25)
+    args = p.parse_args()
+    shape = SHAPES[args.shape]
+    fn = variants(shape)[args.variant]
+    x, gate, up, down, bias = make_inputs(shape, skew=False)
+    x.requires_grad_()
+    grad_out = torch.randn_like(x)
+    params = [x, gate, up, down]
+
+    def step():
+        for t in params:
+            t.grad = None
+        fn(x, gate, up, down, bias).backward(grad_out)
+
+    eager_ms = timed(step)
+    # CUDA graph: grads accumulate into fixed buffers inside the graph
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn(x, gate, up, down, bias).backward(grad_out)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn(x, gate, up, down, bias).backward(grad_out)
+    graph_ms = timed(graph.replay)
+    print(f"{args.variant} {args.shape}{shape}: eager {eager_ms:.3f} ms, CUDA graph {graph_ms:.3f} ms")
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
