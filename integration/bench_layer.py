@@ -209,8 +209,8 @@ def main() -> None:
         "",
         f"Dense bf16 GEMM ceiling measured in the same run: {ceiling:.0f} TFLOP/s. Times are medians of "
         "20 runs (CUDA events). `vs baseline` = baseline time / ours, same shape, routing and run. "
-        "`max load` = hottest expert's slots / mean. Memory: peak of forward+backward above the inputs "
-        "and weights; `saved` = what the forward keeps for backward.",
+        "`max load` = hottest expert's slots / mean. Memory: peak of forward+backward above the inputs, "
+        "weights and their persistent gradient buffers; `saved` = what the forward keeps for backward.",
         "",
         "| shape (T,D,I,E,K) | routing | max load | variant | fwd ms | fwd+bwd ms | TFLOP/s | % ceiling | "
         "peak GiB | saved GiB | vs baseline |",
