@@ -13,15 +13,11 @@ from __future__ import annotations
 import torch
 
 from flashfusemoe.backends import get_backend
+from flashfusemoe.backends.torch import router_logits
 from flashfusemoe.comm import Communicator
 from flashfusemoe.spec import RouterConfig, check_expert_weights, check_hidden
 
 __all__ = ["fused_moe", "router_logits"]
-
-
-def router_logits(hidden_states_TD: torch.Tensor, gate_weight_ED: torch.Tensor) -> torch.Tensor:
-    """fp32 router logits ``[T, E] = x @ gate_weight.T`` (inputs upcast; the router runs in fp32)."""
-    return hidden_states_TD.float() @ gate_weight_ED.float().t()
 
 
 def _check_router_args(x_TD, gate_weight_ED, expert_bias_E) -> int:
@@ -104,7 +100,7 @@ def fused_moe(
     _check_shared(shared_w_up, shared_w_down, D, activation, x_TD.dtype)
     be = get_backend(backend, x_TD.device)
 
-    routing = be.route(router_logits(x_TD, gate_weight_ED), cfg, expert_bias)
+    routing = be.route(be.router_logits(x_TD, gate_weight_ED), cfg, expert_bias)
     if communicator is None:
         out_TD = be.experts(
             x_TD,

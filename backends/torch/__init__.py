@@ -7,11 +7,20 @@ import torch
 
 from flashfusemoe.backends.torch.dense import dense_experts
 from flashfusemoe.backends.torch.experts import expert_mlp, experts, grouped_mlp
-from flashfusemoe.backends.torch.routing import route
+from flashfusemoe.backends.torch.routing import route, router_logits
 
 NAME = "torch"
 
-__all__ = ["NAME", "dense_experts", "expert_mlp", "experts", "grouped_mlp", "route", "unavailable_reason"]
+__all__ = [
+    "NAME",
+    "dense_experts",
+    "expert_mlp",
+    "experts",
+    "grouped_mlp",
+    "route",
+    "router_logits",
+    "unavailable_reason",
+]
 
 
 def unavailable_reason(device: torch.device) -> str | None:

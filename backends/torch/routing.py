@@ -13,7 +13,12 @@ import torch
 
 from flashfusemoe.spec import RouterConfig, Routing
 
-__all__ = ["capacity_keep", "route", "scores_from_logits"]
+__all__ = ["capacity_keep", "route", "router_logits", "scores_from_logits"]
+
+
+def router_logits(hidden_states_TD: torch.Tensor, gate_weight_ED: torch.Tensor) -> torch.Tensor:
+    """fp32 router logits ``[T, E] = x @ gate_weight.T`` on upcast inputs (the router runs in fp32)."""
+    return hidden_states_TD.float() @ gate_weight_ED.float().t()
 
 
 def scores_from_logits(logits_TE: torch.Tensor, score_func: str) -> torch.Tensor:

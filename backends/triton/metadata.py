@@ -1,6 +1,6 @@
 """Routing metadata on the device, no host sync: where each slot goes in expert order.
 
-Two kernels around one cumsum: a per-block expert histogram, then each slot's row
+Three kernels: a per-block expert histogram, its running sum over blocks per expert, then each slot's row
 ``expert_start[e] + (earlier blocks' slots of e) + (earlier slots of e in this block)``: a stable
 (expert, token, k) order, the same as the reference's stable sort.
 
@@ -38,6 +38,18 @@ def _histogram_kernel(ids_ptr, cnt_ptr, N, E: tl.constexpr, BLOCK_N: tl.constexp
     ids = tl.load(ids_ptr + slots, mask=slots < N, other=-1)
     counts = tl.sum((ids[:, None] == cols[None, :]).to(tl.int32), axis=0)
     tl.store(cnt_ptr + pid * E + cols, counts, mask=cols < E)
+
+
+@triton.jit
+def _block_prefix_kernel(cnt_ptr, cum_ptr, B, E: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Inclusive running sum over blocks of one expert's counts (one program per expert)."""
+    e = tl.program_id(0)
+    running = 0
+    for b0 in range(0, B, BLOCK_B):
+        bs = b0 + tl.arange(0, BLOCK_B)
+        c = tl.load(cnt_ptr + bs * E + e, mask=bs < B, other=0)
+        tl.store(cum_ptr + bs * E + e, tl.cumsum(c, axis=0) + running, mask=bs < B)
+        running += tl.sum(c, axis=0)
 
 
 @triton.jit
@@ -87,7 +99,8 @@ def routing_metadata(topk_ids_TK: torch.Tensor, num_experts: int) -> RoutingMeta
     offs = torch.zeros((E,), dtype=torch.int32, device=dev)
     if N:
         _histogram_kernel[(B,)](ids_N, counts_BE, N, E=E, BLOCK_N=BLOCK_N, BLOCK_E=BLOCK_E)
-        cum_BE = torch.cumsum(counts_BE, 0, dtype=torch.int32)
+        cum_BE = torch.empty_like(counts_BE)
+        _block_prefix_kernel[(E,)](counts_BE, cum_BE, B, E=E, BLOCK_B=min(triton.next_power_of_2(B), 1024))
         _positions_kernel[(B,)](
             ids_N, cum_BE, pos, row_slot, offs, N, B, E=E, BLOCK_N=BLOCK_N, BLOCK_E=BLOCK_E
         )

@@ -152,3 +152,21 @@ def test_triton_cuda_graph_capture_and_replay():
         torch.testing.assert_close(static_out, out, rtol=0, atol=0)
         torch.testing.assert_close(static_x.grad, x.grad, rtol=0, atol=0)
         torch.testing.assert_close(layer.w_up.grad, eager.w_up.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_router_logits_tensor_core_path_matches_fp32(dtype):
+    from flashfusemoe.backends.torch import router_logits as ref_logits
+    from flashfusemoe.backends.triton import router_logits
+
+    x = torch.randn(1000, 512, device="cuda").to(dtype).requires_grad_()
+    gate = (torch.randn(64, 512, device="cuda") * 0.05).to(dtype).requires_grad_()
+    g = torch.randn(1000, 64, device="cuda") * 1e-2
+    got = router_logits(x, gate)
+    want = ref_logits(x, gate)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    gx, gg = torch.autograd.grad(got, (x, gate), g)
+    wx, wg = torch.autograd.grad(want, (x, gate), g)
+    for a, b in ((gx, wx), (gg, wg)):  # within one rounding of the result's dtype
+        assert ((a.float() - b.float()).abs() <= EPS[dtype] * b.float().abs() + 1e-6).all()
