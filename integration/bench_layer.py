@@ -216,6 +216,7 @@ def main() -> None:
                         variant=name,
                         fwd_ms=fwd_ms,
                         total_ms=total_ms,
+                        graph_ms=graph_ms,
                         tflops=3 * flops_fwd / total_ms / 1e9,
                         peak_gib=peak / 2**30,
                         saved_gib=saved / 2**30,

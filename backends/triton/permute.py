@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["combine_rows", "gather_rows"]
+__all__ = ["combine_rows", "gather_rows", "rows_to_slots"]
 
 
 @triton.jit
@@ -71,13 +71,10 @@ def _combine_rows_kernel(
     w_ptr,
     out_ptr,
     out_stride,
-    row_val_ptr,
-    tok_val_ptr,
     T,
     D,
     K: tl.constexpr,
     HAS_W: tl.constexpr,
-    HAS_VAL: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -98,10 +95,6 @@ def _combine_rows_kernel(
             w = tl.load(w_ptr + toks * K + k, mask=tok_ok & kept, other=0.0)
             y = y * w[:, None]
         acc += y
-        if HAS_VAL:  # per-row scalars back to slot order (the routing-weight gradient)
-            if tl.program_id(1) == 0:
-                v = tl.load(row_val_ptr + pos, mask=tok_ok & kept, other=0.0)
-                tl.store(tok_val_ptr + toks * K + k, v, mask=tok_ok)
     mask = tok_ok[:, None] & col_ok[None, :]
     tl.store(
         out_ptr + toks[:, None].to(tl.int64) * out_stride + cols[None, :],
@@ -111,22 +104,13 @@ def _combine_rows_kernel(
 
 
 def combine_rows(
-    rows_ND: torch.Tensor,
-    pos_TK: torch.Tensor,
-    weights_TK: torch.Tensor | None = None,
-    row_values_N: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    rows_ND: torch.Tensor, pos_TK: torch.Tensor, weights_TK: torch.Tensor | None = None
+) -> torch.Tensor:
     """``out[t] = sum_k w[t,k] * rows[pos[t,k]]`` over kept slots (``pos >= 0``), fp32 sum in k order,
-    cast to rows' dtype; ``[T, D]``. Without weights the rows are summed as they are.
-
-    With ``row_values_N`` also returns ``row_values[pos]`` as ``[T, K]`` fp32 (0 for dropped slots).
-    """
+    cast to rows' dtype; ``[T, D]``. Without weights the rows are summed as they are."""
     T, K = pos_TK.shape
     D = rows_ND.shape[1]
     out_TD = rows_ND.new_empty((T, D))
-    tok_vals = (
-        torch.zeros((T, K), dtype=torch.float32, device=rows_ND.device) if row_values_N is not None else None
-    )
     if T and D:
         BLOCK_D = min(triton.next_power_of_2(D), 512)
         grid = (triton.cdiv(T, 4), triton.cdiv(D, BLOCK_D))
@@ -137,14 +121,17 @@ def combine_rows(
             weights_TK if weights_TK is not None else pos_TK,
             out_TD,
             out_TD.stride(0),
-            row_values_N if row_values_N is not None else pos_TK,
-            tok_vals if tok_vals is not None else pos_TK,
             T,
             D,
             K=K,
             HAS_W=weights_TK is not None,
-            HAS_VAL=row_values_N is not None,
             BLOCK_T=4,
             BLOCK_D=BLOCK_D,
         )
-    return out_TD, tok_vals
+    return out_TD
+
+
+def rows_to_slots(values_N: torch.Tensor, pos_TK: torch.Tensor) -> torch.Tensor:
+    """Per-row scalars back to slot order: ``[T, K]`` with ``values[pos]``, 0 for dropped slots."""
+    kept_TK = pos_TK >= 0
+    return torch.where(kept_TK, values_N[pos_TK.clamp(min=0).long()], 0.0)

@@ -20,7 +20,7 @@ from flashfusemoe.backends.triton import route as tri_route
 from flashfusemoe.backends.triton.activation import activation_backward, activation_forward
 from flashfusemoe.backends.triton.grouped_gemm import grouped_mm, grouped_mm_wgrad
 from flashfusemoe.backends.triton.metadata import routing_metadata
-from flashfusemoe.backends.triton.permute import combine_rows, gather_rows
+from flashfusemoe.backends.triton.permute import combine_rows, gather_rows, rows_to_slots
 from flashfusemoe.comm import FakeWorld
 from flashfusemoe.comm.base import sort_slots_by_expert
 from flashfusemoe.spec import ACTIVATIONS, RouterConfig, activate, is_glu
@@ -57,10 +57,13 @@ def test_triton_gather_is_bit_exact_and_combine_matches(p, drop_frac):
     slots, _ = sort_slots_by_expert(ids, p.E)
     S = slots.numel()
     assert torch.equal(x_rows[:S], x[slots // p.K])
-    vals = torch.randn(p.T * p.K, device=DEV)
-    out, per_slot = combine_rows(x_rows, meta.pos_TK, w, vals)
     kept = (ids >= 0).float()
-    torch.testing.assert_close(out, x * (w * kept).sum(-1, keepdim=True), **TOL)
+    torch.testing.assert_close(
+        combine_rows(x_rows, meta.pos_TK, w), x * (w * kept).sum(-1, keepdim=True), **TOL
+    )
+    torch.testing.assert_close(combine_rows(x_rows, meta.pos_TK), x * kept.sum(-1, keepdim=True), **TOL)
+    vals = torch.randn(p.T * p.K, device=DEV)
+    per_slot = rows_to_slots(vals, meta.pos_TK)
     flat_pos = meta.pos_TK.reshape(-1).long()
     expected = torch.where(flat_pos >= 0, vals[flat_pos.clamp(min=0)], 0.0).view(p.T, p.K)
     assert torch.equal(per_slot, expected)
