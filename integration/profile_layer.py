@@ -49,7 +49,9 @@ def main() -> None:
         for _ in range(5):
             step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+    averages = prof.key_averages()
+    print(averages.table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=50))
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=50))
 
 
 if __name__ == "__main__":
