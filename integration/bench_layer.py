@@ -97,23 +97,34 @@ def variants(shape):
     }
 
 
-def measure(fn, inputs, grad_out, graph: bool = True):
+def _bind(fn, inputs):
+    """``fwd()`` on fresh leaves, and the leaves whose gradients backward produces."""
     x, gate, up, down, bias = inputs
     x = x.detach().requires_grad_()
-    params = [x, gate, up, down]
+    return (lambda: fn(x, gate, up, down, bias)), [x, gate, up, down]
 
-    def fwd():
-        return fn(x, gate, up, down, bias)
+
+def time_variant(fn, inputs, grad_out, graph: bool) -> tuple[float, float, float]:
+    """Median ms of forward, of forward+backward, and of forward+backward replayed from a CUDA graph."""
+    fwd, params = _bind(fn, inputs)
 
     def fwd_bwd():
         for p in params:
             p.grad = None
         fwd().backward(grad_out)
 
-    fwd_ms = timed(fwd)
-    total_ms = timed(fwd_bwd)
+    fwd_ms, total_ms = timed(fwd), timed(fwd_bwd)
     graph_ms = graphed_ms(fwd, grad_out) if graph else float("nan")
-    for p in params:  # persistent gradient buffers, as in training: the peak counts activations + transients
+    for p in params:
+        p.grad = None
+    return fwd_ms, total_ms, graph_ms
+
+
+def memory_variant(fn, inputs, grad_out) -> tuple[int, int]:
+    """Peak bytes of forward+backward above inputs, weights and persistent gradient buffers (as in
+    training), and the bytes the forward keeps for backward."""
+    fwd, params = _bind(fn, inputs)
+    for p in params:
         p.grad = torch.zeros_like(p)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
@@ -125,7 +136,7 @@ def measure(fn, inputs, grad_out, graph: bool = True):
     del out
     for p in params:
         p.grad = None
-    return fwd_ms, total_ms, graph_ms, peak, saved
+    return peak, saved
 
 
 def graphed_ms(fwd, grad_out) -> float:
@@ -181,6 +192,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--shapes", default="seed,fine,mixtral")
     p.add_argument("--skip-reference", action="store_true", help="skip the (slow) torch reference")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median taken)")
     p.add_argument("--write", default=None, help="write the markdown table to this file")
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -202,12 +214,22 @@ def main() -> None:
                 minlength=E,
             )
             load = (counts.max() / counts.float().mean()).item()
-            for name, fn in variants(shape).items():
-                if name == "torch reference" and args.skip_reference:
-                    continue
-                fwd_ms, total_ms, graph_ms, peak, saved = measure(
-                    fn, inputs, grad_out, graph=name != "torch reference"
-                )  # it syncs
+            chosen = {
+                n: f
+                for n, f in variants(shape).items()
+                if not (n == "torch reference" and args.skip_reference)
+            }
+            times = {n: [] for n in chosen}
+            for _ in range(
+                args.rounds
+            ):  # interleaved rounds: clock or thermal drift hits every variant alike
+                for name, fn in chosen.items():
+                    times[name].append(time_variant(fn, inputs, grad_out, graph=name != "torch reference"))
+            for name, fn in chosen.items():
+                peak, saved = memory_variant(fn, inputs, grad_out)
+                fwd_ms, total_ms, graph_ms = (
+                    statistics.median(col) for col in zip(*times[name], strict=True)
+                )
                 rows.append(
                     dict(
                         shape=shape_name,
@@ -223,12 +245,13 @@ def main() -> None:
                     )
                 )
                 print(json.dumps(rows[-1]), flush=True)
-                torch.cuda.empty_cache()
+            torch.cuda.empty_cache()
     lines = [
         f"# Benchmarks: MoE layer forward+backward on {card}",
         "",
         f"Dense bf16 GEMM ceiling measured in the same run: {ceiling:.0f} TFLOP/s. Times are medians of "
-        "20 runs (CUDA events). `vs baseline` = baseline time / ours, same shape, routing and run. "
+        "20 runs (CUDA events), then the median over interleaved rounds. `vs baseline` = baseline time "
+        "/ ours, same shape, routing and run; `graphed` = replayed from a CUDA graph (no launch overhead). "
         "`max load` = hottest expert's slots / mean. Memory: peak of forward+backward above the inputs, "
         "weights and their persistent gradient buffers; `saved` = what the forward keeps for backward.",
         "",

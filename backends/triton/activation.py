@@ -161,12 +161,15 @@ def activation_backward(
     row_slot_N: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``grad_h [N, F]`` (times w), ``w*a [N, I]`` (h's dtype) and ``grad_w [N]`` (fp32), where
-    row r's weight is ``weights_S[row_slot_N[r]]`` (fp32 slot weights), or 1 without weights."""
+    row r's weight is ``weights_S[row_slot_N[r]]`` (fp32 slot weights), or 1 without weights.
+
+    ``w*a`` is written over ``grad_a_NI`` (each element is read, then overwritten, by the same thread):
+    the caller's ``grad_a`` is consumed, which saves one ``[N, I]`` buffer at the backward's peak."""
     glu = activation in ("swiglu", "geglu")
     N, F = h_NF.shape
     I = grad_a_NI.shape[1]
     grad_h_NF = torch.empty_like(h_NF)
-    wa_NI = h_NF.new_empty((N, I))
+    wa_NI = grad_a_NI
     grad_w_N = torch.zeros(N, dtype=torch.float32, device=h_NF.device)
     if N and I:
         BLOCK_I = min(triton.next_power_of_2(I), 128)
