@@ -256,3 +256,17 @@ def test_triton_backend_needs_cuda_or_interpreter(monkeypatch):
     with pytest.raises(RuntimeError, match="backend='triton' cannot run on cpu: needs CUDA"):
         get_backend("triton", "cpu")
     assert get_backend(None, "cpu").NAME == "torch"
+
+
+def test_triton_experts_accept_non_contiguous_inputs_and_weights():
+    """Strided x (a column slice) and weights stored transposed give the reference's result."""
+    p = Problem(T=9, D=6, E=3, K=2, I=5, W=1, skew="uniform", seed=11)
+    ids, w = topk_ids(p).to(DEV), torch.rand(9, 2, device=DEV)
+    x_wide = randn(p, 9, 12).to(DEV)
+    x = x_wide[:, ::2]
+    up = randn(p, 3, 6, 10, salt=1).to(DEV).transpose(1, 2)  # [E, F=10, D=6], D-major storage
+    down = randn(p, 3, 5, 6, salt=2).to(DEV).transpose(1, 2)  # [E, D=6, I=5], I-major storage
+    assert not (x.is_contiguous() or up.is_contiguous() or down.is_contiguous())
+    got = tri_experts(x, ids, w, up, down, "swiglu")
+    want = ref.experts(x.contiguous(), ids, w, up.contiguous(), down.contiguous(), "swiglu")
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
