@@ -159,16 +159,18 @@ def activation_backward(
     live: torch.Tensor,
     weights_S: torch.Tensor | None = None,
     row_slot_N: torch.Tensor | None = None,
+    overwrite_h: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``grad_h [N, F]`` (times w), ``w*a [N, I]`` (h's dtype) and ``grad_w [N]`` (fp32), where
     row r's weight is ``weights_S[row_slot_N[r]]`` (fp32 slot weights), or 1 without weights.
 
-    ``w*a`` is written over ``grad_a_NI`` (each element is read, then overwritten, by the same thread):
-    the caller's ``grad_a`` is consumed, which saves one ``[N, I]`` buffer at the backward's peak."""
+    ``w*a`` is written over ``grad_a_NI`` and, with ``overwrite_h`` (for an ``h`` the caller owns, e.g.
+    recomputed), ``grad_h`` over ``h_NF``: a program reads a tile, then overwrites that same tile, so
+    each consumed input saves its buffer at the backward's peak."""
     glu = activation in ("swiglu", "geglu")
     N, F = h_NF.shape
     I = grad_a_NI.shape[1]
-    grad_h_NF = torch.empty_like(h_NF)
+    grad_h_NF = h_NF if overwrite_h else torch.empty_like(h_NF)
     wa_NI = grad_a_NI
     grad_w_N = torch.zeros(N, dtype=torch.float32, device=h_NF.device)
     if N and I:

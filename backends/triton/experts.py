@@ -101,14 +101,15 @@ def _down_bwd(
     activation: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     live, K = offs_E[-1:], pos_TK.shape[1]
-    if h_saved.dim() == 2:
-        h_NF = h_saved
-    else:  # recompute: the forward kept no activations
+    recomputed = h_saved.dim() != 2  # the forward kept no activations
+    if recomputed:
         h_NF = grouped_mm(gather_rows(x_TD, row_slot_N, live, K), w_up.transpose(1, 2), offs_E)
+    else:
+        h_NF = h_saved
     grad_y_ND = gather_rows(grad_out_TD.contiguous(), row_slot_N, live, K)
     grad_a_NI = grouped_mm(grad_y_ND, w_down, offs_E)
     grad_h_NF, wa_NI, grad_w_N = activation_backward(
-        h_NF, grad_a_NI, activation, live, weights_TK.reshape(-1), row_slot_N
+        h_NF, grad_a_NI, activation, live, weights_TK.reshape(-1), row_slot_N, overwrite_h=recomputed
     )
     del grad_a_NI, h_NF
     grad_w_down = grouped_mm_wgrad(grad_y_ND, wa_NI, offs_E)

@@ -82,10 +82,15 @@ def test_triton_activation_forward_backward(activation, N, I):
     torch.testing.assert_close(activation_forward(h.detach(), activation, live), a_ref.detach(), **TOL)
     w_rows = weights[row_slot.long()]
     (a_ref * ga * w_rows[:, None]).sum().backward()
-    grad_h, wa, gw = activation_backward(h.detach(), ga.clone(), activation, live, weights, row_slot)
-    torch.testing.assert_close(grad_h, h.grad, **TOL)
-    torch.testing.assert_close(wa, a_ref.detach() * w_rows[:, None], **TOL)
-    torch.testing.assert_close(gw, (ga * a_ref.detach()).sum(-1), **TOL)
+    for overwrite_h in (False, True):
+        h_in = h.detach().clone()
+        grad_h, wa, gw = activation_backward(
+            h_in, ga.clone(), activation, live, weights, row_slot, overwrite_h
+        )
+        assert (grad_h.data_ptr() == h_in.data_ptr()) == overwrite_h
+        torch.testing.assert_close(grad_h, h.grad, **TOL)
+        torch.testing.assert_close(wa, a_ref.detach() * w_rows[:, None], **TOL)
+        torch.testing.assert_close(gw, (ga * a_ref.detach()).sum(-1), **TOL)
 
 
 @given(
