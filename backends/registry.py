@@ -1,8 +1,9 @@
 """The backend registry (a module of its own: the package namespace has a ``torch`` sub-package that
 would shadow the ``torch`` library).
 
-A backend is a module exposing ``NAME``, ``unavailable_reason(device) -> str | None``, ``route``,
-``experts`` and ``grouped_mlp`` with the contracts of :mod:`flashfusemoe.backends.torch`, the reference.
+A backend is a module exposing ``NAME``, ``unavailable_reason(device) -> str | None``,
+``router_logits``, ``route``, ``experts``, ``grouped_mlp`` and ``expert_mlp`` with the contracts of
+:mod:`flashfusemoe.backends.torch`, the reference (docs/fused_moe.md, "Backends").
 Selection: explicit name > ``FLASHFUSEMOE_BACKEND`` > auto (the fastest one that loads for the device).
 """
 
