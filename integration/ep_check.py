@@ -116,6 +116,7 @@ def _worker(rank: int, args, port: int) -> None:
             + " ".join(f"{k}={v:.1e}" for k, v in errs.items()),
             flush=True,
         )
+        dist.barrier()  # nobody tears down while a peer still talks (gloo aborts a rank that sees that)
     finally:
         dist.destroy_process_group()
 
