@@ -13,7 +13,13 @@ import torch
 
 from flashfusemoe.spec import RouterConfig, Routing
 
-__all__ = ["capacity_keep", "route", "router_logits", "scores_from_logits"]
+__all__ = [
+    "drop_over_capacity",
+    "load_balance_loss",
+    "route",
+    "router_logits",
+    "scores_from_logits",
+]
 
 
 def router_logits(hidden_states_TD: torch.Tensor, gate_weight_ED: torch.Tensor) -> torch.Tensor:
@@ -40,13 +46,38 @@ def _group_mask(select_TE: torch.Tensor, cfg: RouterConfig) -> torch.Tensor:
     return select_TE.masked_fill(~keep_TE, float("-inf"))
 
 
-def capacity_keep(topk_ids_TK: torch.Tensor, num_experts: int, capacity_factor: float) -> torch.Tensor:
+def _capacity_keep(topk_ids_TK: torch.Tensor, num_experts: int, capacity_factor: float) -> torch.Tensor:
     """Slots that fit their expert's capacity, first come first served in (token, k) order."""
     T, K = topk_ids_TK.shape
     capacity = math.ceil(capacity_factor * T * K / num_experts)
     one_hot_NE = torch.nn.functional.one_hot(topk_ids_TK.reshape(-1), num_experts)
     position_N = (one_hot_NE.cumsum(0) * one_hot_NE).sum(-1) - 1
     return (position_N < capacity).view(T, K)
+
+
+def drop_over_capacity(
+    topk_ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int, capacity_factor: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Apply the capacity limit: returns ids (-1 where dropped), weights (0 where dropped), kept slots
+    per expert ``[E]`` int64 and the dropped-slot count (no host sync)."""
+    keep_TK = _capacity_keep(topk_ids_TK.long(), num_experts, capacity_factor)
+    topk_ids_TK = torch.where(keep_TK, topk_ids_TK, -1)
+    weights_TK = torch.where(keep_TK, weights_TK, 0.0)
+    kept_N = topk_ids_TK.reshape(-1).long()
+    tokens_per_expert_E = torch.zeros(num_experts, dtype=torch.int64, device=kept_N.device).index_add_(
+        0, kept_N.clamp(min=0), (kept_N >= 0).long()
+    )
+    return topk_ids_TK, weights_TK, tokens_per_expert_E, (~keep_TK).sum()
+
+
+def load_balance_loss(
+    routed_E: torch.Tensor, prob_sum_E: torch.Tensor, num_tokens: int, top_k: int
+) -> torch.Tensor:
+    """Switch load-balance loss ``E * sum_e f_e * P_e`` from the slots routed per expert (``f`` after
+    dividing by T*K, no gradient) and the per-expert sum over tokens of the normalized scores (``P``
+    after dividing by T). T must be > 0."""
+    E = routed_E.shape[0]
+    return E * (routed_E.float() / (num_tokens * top_k) * prob_sum_E / num_tokens).sum()
 
 
 def route(logits_TE: torch.Tensor, cfg: RouterConfig, expert_bias_E: torch.Tensor | None = None) -> Routing:
@@ -74,18 +105,15 @@ def route(logits_TE: torch.Tensor, cfg: RouterConfig, expert_bias_E: torch.Tenso
     routed_E = torch.bincount(topk_ids_TK.reshape(-1), minlength=E)
     if T > 0:
         probs_TE = scores_TE if cfg.score_func == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True)
-        frac_routed_E = routed_E.float() / (T * K)
-        load_balance_loss = E * (frac_routed_E * probs_TE.mean(0)).sum()
+        lb_loss = load_balance_loss(routed_E, probs_TE.sum(0), T, K)
         z_loss = torch.logsumexp(logits_TE, dim=-1).square().mean()
     else:
-        load_balance_loss = z_loss = logits_TE.sum() * 0.0  # keeps the graph connected
+        lb_loss = z_loss = logits_TE.sum() * 0.0  # keeps the graph connected
 
     dropped = torch.zeros((), dtype=torch.int64, device=logits_TE.device)
+    tokens_per_expert_E = routed_E
     if cfg.capacity_factor is not None:
-        keep_TK = capacity_keep(topk_ids_TK, E, cfg.capacity_factor)
-        dropped = (~keep_TK).sum()
-        topk_ids_TK = torch.where(keep_TK, topk_ids_TK, -1)
-        weights_TK = torch.where(keep_TK, weights_TK, 0.0)
-    kept_ids_N = topk_ids_TK.reshape(-1)
-    tokens_per_expert_E = torch.bincount(kept_ids_N[kept_ids_N >= 0], minlength=E)
-    return Routing(weights_TK, topk_ids_TK, tokens_per_expert_E, load_balance_loss, z_loss, dropped)
+        topk_ids_TK, weights_TK, tokens_per_expert_E, dropped = drop_over_capacity(
+            topk_ids_TK, weights_TK, E, cfg.capacity_factor
+        )
+    return Routing(weights_TK, topk_ids_TK, tokens_per_expert_E, lb_loss, z_loss, dropped)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from flashfusemoe.backends.torch.routing import capacity_keep
+from flashfusemoe.backends.torch.routing import drop_over_capacity, load_balance_loss
 from flashfusemoe.backends.triton.router import router_backward, router_forward
 from flashfusemoe.spec import RouterConfig, Routing
 
@@ -113,19 +113,14 @@ def route(logits_TE: torch.Tensor, cfg: RouterConfig, expert_bias_E: torch.Tenso
         logits_TE.float().contiguous(), expert_bias_E, cfg
     )
     if T:
-        load_balance_loss = E * (routed_E.float() / (T * K) * prob_sum_E / T).sum()
+        lb_loss = load_balance_loss(routed_E, prob_sum_E, T, K)
         z_loss = lse_T.square().mean()
     else:
-        load_balance_loss = z_loss = prob_sum_E.sum() * 0.0
+        lb_loss = z_loss = prob_sum_E.sum() * 0.0
     dropped = torch.zeros((), dtype=torch.int64, device=logits_TE.device)
     tokens_per_expert_E = routed_E.long()
     if cfg.capacity_factor is not None:
-        keep_TK = capacity_keep(ids_TK.long(), E, cfg.capacity_factor)
-        dropped = (~keep_TK).sum()
-        ids_TK = torch.where(keep_TK, ids_TK, -1)
-        weights_TK = torch.where(keep_TK, weights_TK, 0.0)
-        kept = ids_TK.reshape(-1).long()
-        tokens_per_expert_E = torch.zeros(E, dtype=torch.int64, device=kept.device).index_add_(
-            0, kept.clamp(min=0), (kept >= 0).long()
+        ids_TK, weights_TK, tokens_per_expert_E, dropped = drop_over_capacity(
+            ids_TK, weights_TK, E, cfg.capacity_factor
         )
-    return Routing(weights_TK, ids_TK, tokens_per_expert_E, load_balance_loss, z_loss, dropped)
+    return Routing(weights_TK, ids_TK, tokens_per_expert_E, lb_loss, z_loss, dropped)
