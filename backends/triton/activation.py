@@ -3,10 +3,11 @@
 Forward: ``a = act(h)`` with ``h = x @ w_up.T`` (GLU: gate columns first, then up).
 Backward, per expert row r of weight ``w_r``: given ``g_a`` = the *unweighted* gradient of the
 activation output (``grad_out[token] @ w_down``), it returns ``grad_h`` (weighted), ``w*a`` (the
-operand of the ``w_down`` gradient) and ``grad_w_r = <g_a, a>``, the routing-weight gradient, so the
-expert outputs ``y`` never need to be stored.
+operand of the ``w_down`` gradient) and ``grad_w = <g_a, a>``, the routing-weight gradient, written
+straight to the row's slot, so the expert outputs ``y`` never need to be stored.
 
-Legend: N rows in expert order (first ``live`` used), F = columns of h (2I for GLU), I = columns of a.
+Legend: N rows in expert order (first ``live`` used), S = N slots (token-major, T*K), F = columns of h
+(2I for GLU), I = columns of a.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from flashfusemoe.backends.triton.launch import fast_launch
 
 __all__ = ["ACT_CODES", "activation_backward", "activation_forward"]
 
@@ -36,6 +39,7 @@ def _act_and_grad(x, ACT: tl.constexpr):
         return r * r, 2.0 * r
 
 
+@fast_launch
 @triton.jit
 def _act_fwd_kernel(
     h_ptr,
@@ -89,6 +93,7 @@ def activation_forward(h_NF: torch.Tensor, activation: str, live: torch.Tensor) 
     return a_NI
 
 
+@fast_launch
 @triton.jit
 def _act_bwd_kernel(
     h_ptr,
@@ -114,11 +119,11 @@ def _act_bwd_kernel(
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = (rows < N) & (rows < tl.load(live_ptr))
     rows64 = rows[:, None].to(tl.int64)
-    if HAS_W:  # the routing weight of the slot that owns each row
-        w = tl.load(w_ptr + tl.load(row_slot_ptr + rows, mask=row_ok, other=0), mask=row_ok, other=0.0)[
-            :, None
-        ]
+    if HAS_W:  # the slot that owns each row, and its routing weight
+        slots = tl.load(row_slot_ptr + rows, mask=row_ok, other=0)
+        w = tl.load(w_ptr + slots, mask=row_ok, other=0.0)[:, None]
     else:
+        slots = rows
         w = tl.full((BLOCK_R, 1), 1.0, tl.float32)
     gw = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for i0 in range(0, I, BLOCK_I):  # whole rows per program: the <g_a, a> sum needs no atomics
@@ -149,7 +154,7 @@ def _act_bwd_kernel(
             )
         tl.store(wa_ptr + rows64 * wa_stride + cols[None, :], (w * a).to(wa_ptr.dtype.element_ty), mask=mask)
         gw += tl.sum(ga * a, axis=1)
-    tl.store(gw_ptr + rows, gw, mask=row_ok)
+    tl.store(gw_ptr + slots, gw, mask=row_ok)
 
 
 def activation_backward(
@@ -161,8 +166,9 @@ def activation_backward(
     row_slot_N: torch.Tensor | None = None,
     overwrite_h: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``grad_h [N, F]`` (times w), ``w*a [N, I]`` (h's dtype) and ``grad_w [N]`` (fp32), where
-    row r's weight is ``weights_S[row_slot_N[r]]`` (fp32 slot weights), or 1 without weights.
+    """Returns ``grad_h [N, F]`` (times w), ``w*a [N, I]`` (h's dtype) and ``grad_w_S [N]`` (fp32, slot
+    order; 0 for slots with no row), where row r's slot is ``row_slot_N[r]`` and its weight
+    ``weights_S[row_slot_N[r]]`` (fp32 slot weights); without weights, slot = row and weight = 1.
 
     ``w*a`` is written over ``grad_a_NI`` and, with ``overwrite_h`` (for an ``h`` the caller owns, e.g.
     recomputed), ``grad_h`` over ``h_NF``: a program reads a tile, then overwrites that same tile, so
@@ -172,17 +178,18 @@ def activation_backward(
     I = grad_a_NI.shape[1]
     grad_h_NF = h_NF if overwrite_h else torch.empty_like(h_NF)
     wa_NI = grad_a_NI
-    grad_w_N = torch.zeros(N, dtype=torch.float32, device=h_NF.device)
+    S = weights_S.shape[0] if weights_S is not None else N
+    grad_w_S = torch.zeros(S, dtype=torch.float32, device=h_NF.device)
     if N and I:
         BLOCK_I = min(triton.next_power_of_2(I), 128)
         _act_bwd_kernel[(triton.cdiv(N, 8),)](
             h_NF,
             grad_a_NI,
-            weights_S if weights_S is not None else grad_w_N,
+            weights_S if weights_S is not None else grad_w_S,
             row_slot_N if row_slot_N is not None else live,
             grad_h_NF,
             wa_NI,
-            grad_w_N,
+            grad_w_S,
             live,
             N,
             I,
@@ -196,4 +203,4 @@ def activation_backward(
             BLOCK_R=8,
             BLOCK_I=BLOCK_I,
         )
-    return grad_h_NF, wa_NI, grad_w_N
+    return grad_h_NF, wa_NI, grad_w_S

@@ -16,7 +16,8 @@ import torch
 from flashfusemoe.backends.triton.activation import activation_backward, activation_forward
 from flashfusemoe.backends.triton.grouped_gemm import grouped_mm, grouped_mm_wgrad
 from flashfusemoe.backends.triton.metadata import routing_metadata
-from flashfusemoe.backends.triton.permute import combine_rows, gather_rows, rows_to_slots
+from flashfusemoe.backends.triton.ops import custom_op
+from flashfusemoe.backends.triton.permute import combine_rows, gather_rows
 
 __all__ = ["experts", "grouped_mlp"]
 
@@ -26,18 +27,7 @@ __all__ = ["experts", "grouped_mlp"]
 # accumulates and frees each weight gradient before the other is computed.
 
 
-@torch.library.custom_op("flashfusemoe::moe_up_fwd", mutates_args=())
-def _up_fwd(
-    x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, w_up: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    meta = routing_metadata(topk_ids_TK, w_up.shape[0])
-    x_ND = gather_rows(x_TD, meta.row_slot_N, meta.live, topk_ids_TK.shape[1])
-    h_NF = grouped_mm(x_ND, w_up.transpose(1, 2), meta.offs_E)
-    return h_NF, meta.pos_TK, meta.row_slot_N, meta.offs_E
-
-
-@_up_fwd.register_fake
-def _(x_TD, topk_ids_TK, w_up):
+def _up_fwd_fake(x_TD, topk_ids_TK, w_up):
     T, K = topk_ids_TK.shape
     i32 = dict(dtype=torch.int32)
     return (
@@ -48,7 +38,21 @@ def _(x_TD, topk_ids_TK, w_up):
     )
 
 
-@torch.library.custom_op("flashfusemoe::moe_up_bwd", mutates_args=())
+@custom_op("moe_up_fwd", _up_fwd_fake)
+def _up_fwd(
+    x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, w_up: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    meta = routing_metadata(topk_ids_TK, w_up.shape[0])
+    x_ND = gather_rows(x_TD, meta.row_slot_N, meta.live, topk_ids_TK.shape[1])
+    h_NF = grouped_mm(x_ND, w_up.transpose(1, 2), meta.offs_E)
+    return h_NF, meta.pos_TK, meta.row_slot_N, meta.offs_E
+
+
+def _up_bwd_fake(grad_h_NF, x_TD, w_up, pos_TK, row_slot_N, offs_E):
+    return x_TD.new_empty(x_TD.shape), w_up.new_empty(w_up.shape)
+
+
+@custom_op("moe_up_bwd", _up_bwd_fake)
 def _up_bwd(
     grad_h_NF: torch.Tensor,
     x_TD: torch.Tensor,
@@ -64,12 +68,11 @@ def _up_bwd(
     return grad_x_TD, grad_w_up
 
 
-@_up_bwd.register_fake
-def _(grad_h_NF, x_TD, w_up, pos_TK, row_slot_N, offs_E):
-    return x_TD.new_empty(x_TD.shape), w_up.new_empty(w_up.shape)
+def _down_fwd_fake(h_NF, weights_TK, w_down, pos_TK, offs_E, activation):
+    return h_NF.new_empty((pos_TK.shape[0], w_down.shape[1]))
 
 
-@torch.library.custom_op("flashfusemoe::moe_down_fwd", mutates_args=())
+@custom_op("moe_down_fwd", _down_fwd_fake)
 def _down_fwd(
     h_NF: torch.Tensor,
     weights_TK: torch.Tensor,
@@ -82,12 +85,15 @@ def _down_fwd(
     return combine_rows(grouped_mm(a_NI, w_down.transpose(1, 2), offs_E), pos_TK, weights_TK)
 
 
-@_down_fwd.register_fake
-def _(h_NF, weights_TK, w_down, pos_TK, offs_E, activation):
-    return h_NF.new_empty((pos_TK.shape[0], w_down.shape[1]))
+def _down_bwd_fake(grad_out_TD, h_saved, x_TD, w_up, weights_TK, w_down, pos_TK, row_slot_N, offs_E, act):
+    return (
+        x_TD.new_empty((row_slot_N.shape[0], w_up.shape[1])),
+        weights_TK.new_empty(weights_TK.shape, dtype=torch.float32),
+        w_down.new_empty(w_down.shape),
+    )
 
 
-@torch.library.custom_op("flashfusemoe::moe_down_bwd", mutates_args=())
+@custom_op("moe_down_bwd", _down_bwd_fake)
 def _down_bwd(
     grad_out_TD: torch.Tensor,
     h_saved: torch.Tensor,
@@ -108,21 +114,12 @@ def _down_bwd(
         h_NF = h_saved
     grad_y_ND = gather_rows(grad_out_TD.contiguous(), row_slot_N, live, K)
     grad_a_NI = grouped_mm(grad_y_ND, w_down, offs_E)
-    grad_h_NF, wa_NI, grad_w_N = activation_backward(
+    grad_h_NF, wa_NI, grad_w_S = activation_backward(
         h_NF, grad_a_NI, activation, live, weights_TK.reshape(-1), row_slot_N, overwrite_h=recomputed
     )
     del grad_a_NI, h_NF
     grad_w_down = grouped_mm_wgrad(grad_y_ND, wa_NI, offs_E)
-    return grad_h_NF, rows_to_slots(grad_w_N, pos_TK), grad_w_down
-
-
-@_down_bwd.register_fake
-def _(grad_out_TD, h_saved, x_TD, w_up, weights_TK, w_down, pos_TK, row_slot_N, offs_E, activation):
-    return (
-        x_TD.new_empty((row_slot_N.shape[0], w_up.shape[1])),
-        weights_TK.new_empty(weights_TK.shape, dtype=torch.float32),
-        w_down.new_empty(w_down.shape),
-    )
+    return grad_h_NF, grad_w_S.view(pos_TK.shape), grad_w_down
 
 
 class _Up(torch.autograd.Function):

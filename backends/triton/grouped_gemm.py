@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from flashfusemoe.backends.triton.launch import fast_launch
+
 __all__ = ["grouped_mm", "grouped_mm_wgrad"]
 
 
@@ -39,6 +41,7 @@ def _find_tile(pid_m, offs_ptr, E, BLOCK_M: tl.constexpr):
     return expert, row0, row_end
 
 
+@fast_launch
 @triton.jit
 def _grouped_mm_kernel(
     a_ptr,
@@ -84,6 +87,7 @@ def _grouped_mm_kernel(
         tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
+@fast_launch
 @triton.jit
 def _grouped_wgrad_kernel(
     a_ptr,

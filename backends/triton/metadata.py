@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from flashfusemoe.backends.triton.launch import fast_launch
+
 __all__ = ["RoutingMeta", "routing_metadata"]
 
 BLOCK_N = 64
@@ -30,6 +32,7 @@ class RoutingMeta(NamedTuple):
     live: torch.Tensor
 
 
+@fast_launch
 @triton.jit
 def _histogram_kernel(ids_ptr, cnt_ptr, N, E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
     pid = tl.program_id(0)
@@ -40,6 +43,7 @@ def _histogram_kernel(ids_ptr, cnt_ptr, N, E: tl.constexpr, BLOCK_N: tl.constexp
     tl.store(cnt_ptr + pid * E + cols, counts, mask=cols < E)
 
 
+@fast_launch
 @triton.jit
 def _block_prefix_kernel(cnt_ptr, cum_ptr, B, E: tl.constexpr, BLOCK_B: tl.constexpr):
     """Inclusive running sum over blocks of one expert's counts (one program per expert)."""
@@ -52,6 +56,7 @@ def _block_prefix_kernel(cnt_ptr, cum_ptr, B, E: tl.constexpr, BLOCK_B: tl.const
         running += tl.sum(c, axis=0)
 
 
+@fast_launch
 @triton.jit
 def _positions_kernel(
     ids_ptr,

@@ -10,9 +10,12 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["combine_rows", "gather_rows", "rows_to_slots"]
+from flashfusemoe.backends.triton.launch import fast_launch
+
+__all__ = ["combine_rows", "gather_rows"]
 
 
+@fast_launch
 @triton.jit
 def _gather_rows_kernel(
     src_ptr,
@@ -63,6 +66,7 @@ def gather_rows(src_SD: torch.Tensor, idx_N: torch.Tensor, live: torch.Tensor, d
     return out_ND
 
 
+@fast_launch
 @triton.jit
 def _combine_rows_kernel(
     rows_ptr,
@@ -129,9 +133,3 @@ def combine_rows(
             BLOCK_D=BLOCK_D,
         )
     return out_TD
-
-
-def rows_to_slots(values_N: torch.Tensor, pos_TK: torch.Tensor) -> torch.Tensor:
-    """Per-row scalars back to slot order: ``[T, K]`` with ``values[pos]``, 0 for dropped slots."""
-    kept_TK = pos_TK >= 0
-    return torch.where(kept_TK, values_N[pos_TK.clamp(min=0).long()], 0.0)

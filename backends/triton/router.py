@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from flashfusemoe.backends.triton.launch import fast_launch
 from flashfusemoe.spec import RouterConfig
 
 __all__ = ["router_backward", "router_forward"]
@@ -34,6 +35,7 @@ def _scores(x, col_ok, SIGMOID: tl.constexpr):
     return s, soft, lse, has_nan
 
 
+@fast_launch
 @triton.jit
 def _router_fwd_kernel(
     logits_ptr,
@@ -161,6 +163,7 @@ def router_forward(logits_TE: torch.Tensor, cfg: RouterConfig, expert_bias_E: to
     return ids, wts, lse, psum.sum(0), cnt.sum(0)
 
 
+@fast_launch
 @triton.jit
 def _router_bwd_kernel(
     logits_ptr,
