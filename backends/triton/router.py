@@ -1,6 +1,7 @@
-"""Fused router epilogue: one kernel forward (scores, bias, group limit, top-k, renormalization, loss
-statistics) and one kernel backward (the logits' gradient from the weights, the load-balance and the
-z-loss), after the fp32 gate GEMM.
+"""Fused router epilogue after the fp32 gate GEMM. Forward: one kernel (scores, bias, group limit,
+top-k, renormalization, per-block loss statistics) and one single-program kernel that reduces the
+statistics in a fixed order into the slots per expert and the two loss scalars. Backward: one kernel (the
+logits' gradient from the weights, the load-balance loss and the z-loss).
 
 Legend: T tokens, E experts, K top-k, G expert groups, B token blocks of BLOCK_T.
 """
@@ -42,9 +43,9 @@ def _router_fwd_kernel(
     bias_ptr,
     ids_ptr,
     w_ptr,
-    lse_ptr,
     psum_ptr,
     cnt_ptr,
+    zsum_ptr,
     T,
     scale,
     E: tl.constexpr,
@@ -114,7 +115,7 @@ def _router_fwd_kernel(
     kmask = tok_ok[:, None] & (kcols[None, :] < K)
     tl.store(ids_ptr + toks[:, None] * K + kcols[None, :], ids, mask=kmask)
     tl.store(w_ptr + toks[:, None] * K + kcols[None, :], wts, mask=kmask)
-    tl.store(lse_ptr + toks, lse, mask=tok_ok)
+    tl.store(zsum_ptr + pid, tl.sum(tl.where(tok_ok, lse * lse, 0.0), axis=0))
     if SIGMOID:
         p = s / tl.sum(s, axis=1)[:, None]
     else:
@@ -123,29 +124,68 @@ def _router_fwd_kernel(
     tl.store(cnt_ptr + pid * E + cols, counts, mask=col_ok)
 
 
+@fast_launch
+@triton.jit
+def _router_stats_kernel(
+    psum_ptr,
+    cnt_ptr,
+    zsum_ptr,
+    routed_ptr,
+    lb_ptr,
+    z_ptr,
+    B,
+    lb_scale,
+    inv_T,
+    E: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    """One program: sums the B per-block rows in block order (deterministic), then
+    ``lb = lb_scale * sum_e routed_e * prob_sum_e`` and ``z = inv_T * sum_t lse_t^2``."""
+    cols = tl.arange(0, BLOCK_E)
+    col_ok = cols < E
+    psum = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    cnt = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    zsum = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    for b0 in range(0, B, BLOCK_B):
+        bs = b0 + tl.arange(0, BLOCK_B)
+        tile = bs[:, None] * E + cols[None, :]
+        mask = (bs[:, None] < B) & col_ok[None, :]
+        psum += tl.sum(tl.load(psum_ptr + tile, mask=mask, other=0.0), axis=0)
+        cnt += tl.sum(tl.load(cnt_ptr + tile, mask=mask, other=0), axis=0)
+        zsum += tl.load(zsum_ptr + bs, mask=bs < B, other=0.0)
+    tl.store(routed_ptr + cols, cnt.to(tl.int64), mask=col_ok)
+    tl.store(routed_ptr + E, 0)  # the dropped-slot count: no capacity limit here
+    tl.store(lb_ptr, lb_scale * tl.sum(cnt.to(tl.float32) * psum, axis=0))
+    tl.store(z_ptr, inv_T * tl.sum(zsum, axis=0))
+
+
 def router_forward(logits_TE: torch.Tensor, cfg: RouterConfig, expert_bias_E: torch.Tensor | None):
-    """Returns ``ids [T, K]`` int32, ``weights [T, K]`` fp32, ``lse [T]``, ``prob_sum [E]`` (sum over
-    tokens of the normalized scores) and ``routed [E]`` (slots per expert, before capacity)."""
+    """Returns ``ids [T, K]`` int32, ``weights [T, K]`` fp32, ``routed [E + 1]`` int64 (slots per
+    expert before capacity, then a 0: no slot dropped), and the unweighted load-balance loss and z-loss
+    (fp32 scalars, 0 when T = 0)."""
     T, E = logits_TE.shape
     K = cfg.top_k
     dev = logits_TE.device
     B = triton.cdiv(T, BLOCK_T)
     ids = torch.empty((T, K), dtype=torch.int32, device=dev)
     wts = torch.empty((T, K), dtype=torch.float32, device=dev)
-    lse = torch.empty((T,), dtype=torch.float32, device=dev)
-    psum = torch.zeros((max(B, 1), E), dtype=torch.float32, device=dev)
-    cnt = torch.zeros((max(B, 1), E), dtype=torch.int32, device=dev)
+    psum = torch.empty((B, E), dtype=torch.float32, device=dev)
+    cnt = torch.empty((B, E), dtype=torch.int32, device=dev)
+    zsum = torch.empty((B,), dtype=torch.float32, device=dev)
+    routed = torch.empty((E + 1,), dtype=torch.int64, device=dev)
+    lb, z = torch.empty((), device=dev), torch.empty((), device=dev)
     G = cfg.num_groups or 0
     if T:
-        bias = expert_bias_E.detach().float().contiguous() if expert_bias_E is not None else lse
+        bias = expert_bias_E.detach().float().contiguous() if expert_bias_E is not None else wts
         _router_fwd_kernel[(B,)](
             logits_TE,
             bias,
             ids,
             wts,
-            lse,
             psum,
             cnt,
+            zsum,
             T,
             float(cfg.routed_scaling_factor),
             E=E,
@@ -160,7 +200,27 @@ def router_forward(logits_TE: torch.Tensor, cfg: RouterConfig, expert_bias_E: to
             BLOCK_K=triton.next_power_of_2(K),
             BLOCK_G=triton.next_power_of_2(max(G, 1)),
         )
-    return ids, wts, lse, psum.sum(0), cnt.sum(0)
+    _router_stats_kernel[(1,)](
+        psum,
+        cnt,
+        zsum,
+        routed,
+        lb,
+        z,
+        B,
+        _lb_scale(T, E, K),
+        1.0 / T if T else 0.0,
+        E=E,
+        BLOCK_B=max(1, min(triton.next_power_of_2(B), 4096 // triton.next_power_of_2(E))),
+        BLOCK_E=triton.next_power_of_2(E),
+    )
+    return ids, wts, routed, lb, z
+
+
+def _lb_scale(T: int, E: int, K: int) -> float:
+    """The Switch loss ``E * sum_e (routed_e / (T*K)) * (prob_sum_e / T)`` is this times
+    ``sum_e routed_e * prob_sum_e``."""
+    return E / (T * K * T) if T else 0.0
 
 
 @fast_launch
@@ -169,15 +229,21 @@ def _router_bwd_kernel(
     logits_ptr,
     ids_ptr,
     gw_ptr,
-    gpsum_ptr,
-    glse_ptr,
+    routed_ptr,
+    glb_ptr,
+    gz_ptr,
     out_ptr,
     T,
     scale,
+    lb_scale,
+    inv_T,
     E: tl.constexpr,
     K: tl.constexpr,
     SIGMOID: tl.constexpr,
     RENORM: tl.constexpr,
+    HAS_GW: tl.constexpr,
+    HAS_LB: tl.constexpr,
+    HAS_Z: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
@@ -187,58 +253,76 @@ def _router_bwd_kernel(
     col_ok = cols < E
     tile = toks[:, None].to(tl.int64) * E + cols[None, :]
     x = tl.load(logits_ptr + tile, mask=tok_ok[:, None] & col_ok[None, :], other=float("-inf"))
-    s, soft, _, _ = _scores(x, col_ok, SIGMOID)
-    # gradient w.r.t. the selected scores (through renormalization and scaling)
-    ssel = tl.zeros((BLOCK_T,), dtype=tl.float32)
-    dot = tl.zeros((BLOCK_T,), dtype=tl.float32)
-    for k in tl.static_range(K):
-        idx = tl.load(ids_ptr + toks * K + k, mask=tok_ok, other=0)
-        sk = tl.sum(tl.where(cols[None, :] == idx[:, None], s, 0.0), axis=1)
-        gk = tl.load(gw_ptr + toks * K + k, mask=tok_ok, other=0.0)
-        ssel += sk
-        dot += gk * sk
-    ds = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
-    for k in tl.static_range(K):
-        idx = tl.load(ids_ptr + toks * K + k, mask=tok_ok, other=0)
-        gk = tl.load(gw_ptr + toks * K + k, mask=tok_ok, other=0.0)
-        if RENORM:
-            denom = ssel + 1e-20
-            dk = scale * (gk - dot / denom) / denom
+    s, soft, lse, _ = _scores(x, col_ok, SIGMOID)
+    ds = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)  # gradient w.r.t. the scores s
+    if HAS_GW:  # through the selected scores' renormalization and scaling
+        ssel = tl.zeros((BLOCK_T,), dtype=tl.float32)
+        dot = tl.zeros((BLOCK_T,), dtype=tl.float32)
+        for k in tl.static_range(K):
+            idx = tl.load(ids_ptr + toks * K + k, mask=tok_ok, other=0)
+            sk = tl.sum(tl.where(cols[None, :] == idx[:, None], s, 0.0), axis=1)
+            gk = tl.load(gw_ptr + toks * K + k, mask=tok_ok, other=0.0)
+            ssel += sk
+            dot += gk * sk
+        for k in tl.static_range(K):
+            idx = tl.load(ids_ptr + toks * K + k, mask=tok_ok, other=0)
+            gk = tl.load(gw_ptr + toks * K + k, mask=tok_ok, other=0.0)
+            if RENORM:
+                denom = ssel + 1e-20
+                dk = scale * (gk - dot / denom) / denom
+            else:
+                dk = scale * gk
+            ds += tl.where(cols[None, :] == idx[:, None], dk[:, None], 0.0)
+    if HAS_LB:  # lb = lb_scale * sum_e routed_e * sum_t p[t, e]
+        routed = tl.load(routed_ptr + cols, mask=col_ok, other=0).to(tl.float32)
+        gp = (tl.load(glb_ptr) * lb_scale * routed)[None, :]
+        if SIGMOID:  # p = s / sum(s)
+            ssum = tl.sum(s, axis=1)[:, None]
+            ds += (gp - tl.sum(gp * (s / ssum), axis=1)[:, None]) / ssum
         else:
-            dk = scale * gk
-        ds += tl.where(cols[None, :] == idx[:, None], dk[:, None], 0.0)
-    # load-balance statistic: prob_sum[e] = sum_t p[t, e]
-    gp = tl.load(gpsum_ptr + cols, mask=col_ok, other=0.0)[None, :]
+            ds += gp
     if SIGMOID:
-        ssum = tl.sum(s, axis=1)[:, None]
-        p = s / ssum
-        ds += (gp - tl.sum(gp * p, axis=1)[:, None]) / ssum
         dx = ds * s * (1.0 - s)
     else:
-        ds += gp
         dx = s * (ds - tl.sum(ds * s, axis=1)[:, None])
-    dx += tl.load(glse_ptr + toks, mask=tok_ok, other=0.0)[:, None] * soft  # z-loss through logsumexp
+    if HAS_Z:  # z = inv_T * sum_t lse_t^2, through logsumexp
+        dx += (tl.load(gz_ptr) * 2.0 * inv_T * lse)[:, None] * soft
     tl.store(out_ptr + tile, dx, mask=tok_ok[:, None] & col_ok[None, :])
 
 
-def router_backward(logits_TE, ids_TK, grad_w_TK, grad_prob_sum_E, grad_lse_T, cfg: RouterConfig):
-    """Gradient of the router loss w.r.t. the fp32 logits ``[T, E]``."""
+def router_backward(
+    logits_TE: torch.Tensor,
+    ids_TK: torch.Tensor,
+    routed_E: torch.Tensor,
+    grad_w_TK: torch.Tensor | None,
+    grad_lb: torch.Tensor | None,
+    grad_z: torch.Tensor | None,
+    cfg: RouterConfig,
+) -> torch.Tensor:
+    """Gradient w.r.t. the fp32 logits ``[T, E]`` from those of the weights ``[T, K]`` and of the two
+    loss scalars (None: no gradient flows from that output)."""
     T, E = logits_TE.shape
     out = torch.empty_like(logits_TE)
     if T:
         _router_bwd_kernel[(triton.cdiv(T, BLOCK_T),)](
             logits_TE,
             ids_TK,
-            grad_w_TK.contiguous(),
-            grad_prob_sum_E.contiguous(),
-            grad_lse_T.contiguous(),
+            grad_w_TK.contiguous() if grad_w_TK is not None else out,
+            routed_E,
+            grad_lb if grad_lb is not None else out,
+            grad_z if grad_z is not None else out,
             out,
             T,
             float(cfg.routed_scaling_factor),
+            _lb_scale(T, E, cfg.top_k),
+            1.0 / T,
             E=E,
             K=cfg.top_k,
             SIGMOID=cfg.score_func == "sigmoid",
             RENORM=cfg.renormalize,
+            HAS_GW=grad_w_TK is not None,
+            HAS_LB=grad_lb is not None,
+            HAS_Z=grad_z is not None,
             BLOCK_T=BLOCK_T,
             BLOCK_E=triton.next_power_of_2(E),
         )

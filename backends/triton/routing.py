@@ -1,6 +1,7 @@
-"""Triton router: the fused epilogue kernels of router.py under one autograd.Function, returning the
-same ``Routing`` as the reference. Capacity dropping (optional, off by default) reuses the reference's
-first-come-first-served rule on the kernel's top-k.
+"""Triton router: the fused kernels of router.py under one autograd.Function, returning the same
+``Routing`` as the reference; the two loss scalars come out of the kernels and take their gradients
+straight into the backward kernel, so no small torch ops run per step. Capacity dropping (optional, off
+by default) reuses the reference's first-come-first-served rule on the kernel's top-k.
 
 Legend: T tokens, E experts, K top-k.
 """
@@ -9,14 +10,28 @@ from __future__ import annotations
 
 import torch
 
-from flashfusemoe.backends.torch.routing import drop_over_capacity, load_balance_loss
+from flashfusemoe.backends.torch.routing import drop_over_capacity
+from flashfusemoe.backends.triton.ops import custom_op
 from flashfusemoe.backends.triton.router import router_backward, router_forward
 from flashfusemoe.spec import RouterConfig, Routing
 
 __all__ = ["route"]
 
 
-@torch.library.custom_op("flashfusemoe::router_fwd", mutates_args=())
+def _router_fwd_fake(
+    logits_TE, expert_bias_E, top_k, score_func, renormalize, num_groups, topk_groups, scale
+):
+    T, E = logits_TE.shape
+    return (
+        logits_TE.new_empty((T, top_k), dtype=torch.int32),
+        logits_TE.new_empty((T, top_k)),
+        logits_TE.new_empty((E + 1,), dtype=torch.int64),
+        logits_TE.new_empty(()),
+        logits_TE.new_empty(()),
+    )
+
+
+@custom_op("router_fwd", _router_fwd_fake)
 def _router_fwd(
     logits_TE: torch.Tensor,
     expert_bias_E: torch.Tensor | None,
@@ -31,44 +46,33 @@ def _router_fwd(
     return router_forward(logits_TE, cfg, expert_bias_E)
 
 
-@_router_fwd.register_fake
-def _(logits_TE, expert_bias_E, top_k, score_func, renormalize, num_groups, topk_groups, scale):
-    T, E = logits_TE.shape
-    f32 = dict(dtype=torch.float32)
-    return (
-        logits_TE.new_empty((T, top_k), dtype=torch.int32),
-        logits_TE.new_empty((T, top_k), **f32),
-        logits_TE.new_empty((T,), **f32),
-        logits_TE.new_empty((E,), **f32),
-        logits_TE.new_empty((E,), dtype=torch.int32),
-    )
+def _router_bwd_fake(
+    logits_TE, ids_TK, routed_E, grad_w_TK, grad_lb, grad_z, top_k, score_func, renorm, scale
+):
+    return torch.empty_like(logits_TE)
 
 
-@torch.library.custom_op("flashfusemoe::router_bwd", mutates_args=())
+@custom_op("router_bwd", _router_bwd_fake)
 def _router_bwd(
     logits_TE: torch.Tensor,
     ids_TK: torch.Tensor,
-    grad_w_TK: torch.Tensor,
-    grad_prob_sum_E: torch.Tensor,
-    grad_lse_T: torch.Tensor,
+    routed_E: torch.Tensor,
+    grad_w_TK: torch.Tensor | None,
+    grad_lb: torch.Tensor | None,
+    grad_z: torch.Tensor | None,
     top_k: int,
     score_func: str,
     renormalize: bool,
     scale: float,
 ) -> torch.Tensor:
     cfg = RouterConfig(top_k, score_func, renormalize, routed_scaling_factor=scale)
-    return router_backward(logits_TE, ids_TK, grad_w_TK, grad_prob_sum_E, grad_lse_T, cfg)
-
-
-@_router_bwd.register_fake
-def _(logits_TE, ids_TK, grad_w_TK, grad_prob_sum_E, grad_lse_T, top_k, score_func, renormalize, scale):
-    return torch.empty_like(logits_TE)
+    return router_backward(logits_TE, ids_TK, routed_E, grad_w_TK, grad_lb, grad_z, cfg)
 
 
 class _Router(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits_TE, expert_bias_E, cfg: RouterConfig):
-        ids, w, lse, prob_sum, routed = _router_fwd(
+        ids, w, routed, lb, z = _router_fwd(
             logits_TE,
             expert_bias_E,
             cfg.top_k,
@@ -78,25 +82,22 @@ class _Router(torch.autograd.Function):
             cfg.topk_groups or 0,
             float(cfg.routed_scaling_factor),
         )
-        ctx.save_for_backward(logits_TE, ids)
+        ctx.save_for_backward(logits_TE, ids, routed)
         ctx.cfg = cfg
         ctx.mark_non_differentiable(ids, routed)
-        return ids, w, lse, prob_sum, routed
+        return ids, w, routed, lb, z
 
     @staticmethod
-    def backward(ctx, _g_ids, grad_w, grad_lse, grad_prob_sum, _g_routed):
-        logits_TE, ids = ctx.saved_tensors
+    def backward(ctx, _g_ids, grad_w, _g_routed, grad_lb, grad_z):
+        logits_TE, ids, routed = ctx.saved_tensors
         cfg = ctx.cfg
-        T, E = logits_TE.shape
-        grad_w = grad_w if grad_w is not None else logits_TE.new_zeros(ids.shape)
-        grad_lse = grad_lse if grad_lse is not None else logits_TE.new_zeros(T)
-        grad_prob_sum = grad_prob_sum if grad_prob_sum is not None else logits_TE.new_zeros(E)
         grad_logits = _router_bwd(
             logits_TE,
             ids,
+            routed,
             grad_w,
-            grad_prob_sum,
-            grad_lse,
+            grad_lb,
+            grad_z,
             cfg.top_k,
             cfg.score_func,
             cfg.renormalize,
@@ -107,20 +108,10 @@ class _Router(torch.autograd.Function):
 
 def route(logits_TE: torch.Tensor, cfg: RouterConfig, expert_bias_E: torch.Tensor | None = None) -> Routing:
     """Same contract as the reference ``route`` (ids are int32 here)."""
-    T, E = logits_TE.shape
-    K = cfg.top_k
-    ids_TK, weights_TK, lse_T, prob_sum_E, routed_E = _Router.apply(
-        logits_TE.float().contiguous(), expert_bias_E, cfg
-    )
-    if T:
-        lb_loss = load_balance_loss(routed_E, prob_sum_E, T, K)
-        z_loss = lse_T.square().mean()
-    else:
-        lb_loss = z_loss = prob_sum_E.sum() * 0.0
-    dropped = torch.zeros((), dtype=torch.int64, device=logits_TE.device)
-    tokens_per_expert_E = routed_E.long()
-    if cfg.capacity_factor is not None:
-        ids_TK, weights_TK, tokens_per_expert_E, dropped = drop_over_capacity(
-            ids_TK, weights_TK, E, cfg.capacity_factor
-        )
-    return Routing(weights_TK, ids_TK, tokens_per_expert_E, lb_loss, z_loss, dropped)
+    E = logits_TE.shape[1]
+    logits_TE = logits_TE.float().contiguous()
+    ids_TK, weights_TK, routed_E1, lb_loss, z_loss = _Router.apply(logits_TE, expert_bias_E, cfg)
+    if cfg.capacity_factor is None:
+        return Routing(weights_TK, ids_TK, routed_E1[:E], lb_loss, z_loss, routed_E1[E])
+    ids_TK, weights_TK, kept_E, dropped = drop_over_capacity(ids_TK, weights_TK, E, cfg.capacity_factor)
+    return Routing(weights_TK, ids_TK, kept_E, lb_loss, z_loss, dropped)

@@ -151,12 +151,17 @@ def test_triton_router_matches_reference(p, opts):
     assert torch.equal(got.tokens_per_expert_E, want.tokens_per_expert_E)
     torch.testing.assert_close(got.load_balance_loss, want.load_balance_loss, **TOL)
     torch.testing.assert_close(got.z_loss, want.z_loss, **TOL)
+    assert torch.equal(got.dropped_slots, want.dropped_slots)
     cot = torch.randn(p.T, K, generator=p.gen(6)).to(DEV)
-    grads = []
-    for r in (got, want):
-        loss = (r.topk_weights_TK * cot).sum() + 0.3 * r.load_balance_loss + 0.2 * r.z_loss
-        grads.append(torch.autograd.grad(loss, logits)[0])
-    torch.testing.assert_close(grads[0], grads[1], **TOL)
+    # each output alone (the others get no gradient at all), then all three together
+    for c_w, c_lb, c_z in [(1.0, 0, 0), (0, 0.3, 0), (0, 0, 0.2), (1.0, 0.3, 0.2)]:
+        grads = []
+        for r in (got, want):
+            terms = [(r.topk_weights_TK * cot).sum() * c_w] if c_w else []
+            terms += [r.load_balance_loss * c_lb] if c_lb else []
+            terms += [r.z_loss * c_z] if c_z else []
+            grads.append(torch.autograd.grad(sum(terms), logits, retain_graph=True)[0])
+        torch.testing.assert_close(grads[0], grads[1], **TOL)
 
 
 def test_triton_router_nan_token_gets_nan_weights_and_valid_ids():
