@@ -3,7 +3,7 @@
 A product of two bf16 (or fp16) numbers is exact in fp32, so ``mm(x, gate.T, out_dtype=fp32)`` computes
 the reference's ``x.float() @ gate.float().T`` up to summation order, at tensor-core speed instead of
 fp32 SIMT. Backward splits the fp32 logit gradient into ``hi + lo`` low-precision halves and runs one GEMM
-over both (``K = 2E``), keeping about 16 mantissa bits of the gradient.
+over both (``K = 2E``), keeping about 16 mantissa bits of the gradient; one kernel makes the split.
 
 Legend: T tokens, D model dim, E experts.
 """
@@ -11,10 +11,35 @@ Legend: T tokens, D model dim, E experts.
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from flashfusemoe.backends.torch.routing import router_logits as reference_router_logits
+from flashfusemoe.backends.triton.launch import fast_launch
 
 __all__ = ["router_logits"]
+
+
+@fast_launch
+@triton.jit
+def _hi_lo_kernel(g_ptr, out_ptr, n, E: tl.constexpr, BLOCK: tl.constexpr):
+    """``out[t] = [hi(g[t]), lo(g[t])]`` with ``hi = low(g)``, ``lo = low(g - hi)``: ``[T, 2E]``."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < n
+    g = tl.load(g_ptr + i, mask=ok)
+    hi = g.to(out_ptr.dtype.element_ty)
+    lo = (g - hi.to(tl.float32)).to(out_ptr.dtype.element_ty)
+    row, col = i // E, i % E
+    tl.store(out_ptr + row * (2 * E) + col, hi, mask=ok)
+    tl.store(out_ptr + row * (2 * E) + E + col, lo, mask=ok)
+
+
+def _hi_lo(grad_TE: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    T, E = grad_TE.shape
+    out_T2E = grad_TE.new_empty((T, 2 * E), dtype=dtype)
+    if T:
+        _hi_lo_kernel[(triton.cdiv(T * E, 1024),)](grad_TE.contiguous(), out_T2E, T * E, E=E, BLOCK=1024)
+    return out_T2E
 
 
 class _RouterLogits(torch.autograd.Function):
@@ -26,15 +51,14 @@ class _RouterLogits(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_TE):
         x_TD, gate_ED = ctx.saved_tensors
-        hi_TE = grad_TE.to(x_TD.dtype)
-        hilo_T2E = torch.cat([hi_TE, (grad_TE - hi_TE.float()).to(x_TD.dtype)], dim=1)
+        hilo_T2E = _hi_lo(grad_TE, x_TD.dtype)
         grad_x = grad_gate = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.mm(hilo_T2E, torch.cat([gate_ED, gate_ED]), out_dtype=torch.float32).to(x_TD.dtype)
+        if ctx.needs_input_grad[0]:  # one fp32-accumulated GEMM over both halves, rounded once
+            grad_x = torch.mm(hilo_T2E, torch.cat([gate_ED, gate_ED]))
         if ctx.needs_input_grad[1]:
             E = gate_ED.shape[0]
             both_2ED = torch.mm(hilo_T2E.t(), x_TD, out_dtype=torch.float32)
-            grad_gate = (both_2ED[:E] + both_2ED[E:]).to(gate_ED.dtype)
+            grad_gate = both_2ED.view(2, E, -1).sum(0).to(gate_ED.dtype)
         return grad_x, grad_gate
 
 

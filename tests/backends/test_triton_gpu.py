@@ -171,3 +171,29 @@ def test_router_logits_tensor_core_path_matches_fp32(dtype):
     for a, b in ((gx, wx), (gg, wg)):  # within one rounding of the result's dtype
         rel = ((a.float() - b.float()).norm() / b.float().norm()).item()
         assert rel <= EPS[dtype], rel
+
+
+def test_triton_fast_launch_engages_and_honours_launch_hooks():
+    """After the first call, launches skip Triton's dispatcher; while a launch hook is set they take
+    Triton's path again, so profilers still see every kernel."""
+    import triton
+
+    from flashfusemoe.backends.triton.permute import _gather_rows_kernel, gather_rows
+
+    x = torch.randn(64, 96, device="cuda")
+    idx = torch.randperm(64, device="cuda").int()
+    live = torch.tensor([64], dtype=torch.int32, device="cuda")
+    want = x[idx.long()]
+    for _ in range(2):
+        assert torch.equal(gather_rows(x, idx, live, 1), want)
+    assert any(k is not False for k in _gather_rows_kernel.compiled.values())
+    seen = []
+    hook = triton.knobs.runtime.launch_enter_hook
+    if not hasattr(hook, "add"):
+        pytest.skip("this Triton has no launch-hook chain")
+    hook.add(seen.append)
+    try:
+        assert torch.equal(gather_rows(x, idx, live, 1), want)
+    finally:
+        hook.remove(seen.append)
+    assert len(seen) == 1
