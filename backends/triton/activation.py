@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flashfusemoe.backends.triton.launch import fast_launch
+from flashfusemoe.backends.triton.launch import cdiv, fast_launch, next_pow2
 
 __all__ = ["ACT_CODES", "activation_backward", "activation_forward"]
 
@@ -75,8 +75,8 @@ def activation_forward(h_NF: torch.Tensor, activation: str, live: torch.Tensor) 
     I = F // 2 if glu else F
     a_NI = h_NF.new_empty((N, I))
     if N and I:
-        BLOCK_I = min(triton.next_power_of_2(I), 256)
-        grid = (triton.cdiv(N, 8), triton.cdiv(I, BLOCK_I))
+        BLOCK_I = min(next_pow2(I), 256)
+        grid = (cdiv(N, 8), cdiv(I, BLOCK_I))
         _act_fwd_kernel[grid](
             h_NF,
             a_NI,
@@ -181,8 +181,8 @@ def activation_backward(
     S = weights_S.shape[0] if weights_S is not None else N
     grad_w_S = torch.zeros(S, dtype=torch.float32, device=h_NF.device)
     if N and I:
-        BLOCK_I = min(triton.next_power_of_2(I), 128)
-        _act_bwd_kernel[(triton.cdiv(N, 8),)](
+        BLOCK_I = min(next_pow2(I), 128)
+        _act_bwd_kernel[(cdiv(N, 8),)](
             h_NF,
             grad_a_NI,
             weights_S if weights_S is not None else grad_w_S,

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flashfusemoe.backends.triton.launch import fast_launch
+from flashfusemoe.backends.triton.launch import cdiv, fast_launch, next_pow2
 
 __all__ = ["grouped_mm", "grouped_mm_wgrad"]
 
@@ -152,7 +152,7 @@ def _torch_grouped_mm_ok(*tensors: torch.Tensor) -> bool:
 
 
 def _blocks(dim: int, cap: int) -> int:
-    return max(16, min(cap, triton.next_power_of_2(dim)))
+    return max(16, min(cap, next_pow2(dim)))
 
 
 def grouped_mm(
@@ -168,7 +168,7 @@ def grouped_mm(
     c_MN = a_MK.new_empty((M, N))
     if M and N:
         BM, BN, BK = 64, _blocks(N, 128), _blocks(K, 64)
-        grid = (triton.cdiv(M, BM) + E, triton.cdiv(N, BN))
+        grid = (cdiv(M, BM) + E, cdiv(N, BN))
         _grouped_mm_kernel[grid](
             a_MK,
             b_EKN,
@@ -200,7 +200,7 @@ def grouped_mm_wgrad(
     c_EPQ = a_MP.new_empty((E, P, Q))
     if E and P and Q:
         BP, BQ = _blocks(P, 64), _blocks(Q, 64)
-        grid = (E, triton.cdiv(P, BP) * triton.cdiv(Q, BQ))
+        grid = (E, cdiv(P, BP) * cdiv(Q, BQ))
         _grouped_wgrad_kernel[grid](
             a_MP,
             b_MQ,

@@ -17,12 +17,25 @@ import torch
 import triton
 from triton.runtime.jit import JITFunction
 
-__all__ = ["fast_launch"]
+__all__ = ["cdiv", "fast_launch", "next_pow2"]
 
 _INT32 = range(-(2**31), 2**31)
 
 
+# Plain-Python twins of triton.cdiv / triton.next_power_of_2, which are constexpr functions: calling
+# those from the host goes through Triton's wrapper (a few us each, ~30 calls per layer step).
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= n (1 for n <= 1)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def _arg_key(a):
+    if a.__class__ is int:  # the common case first: sizes and strides
+        return a == 1, a % 16 == 0, a in _INT32
     if isinstance(a, torch.Tensor):
         return a.dtype, a.data_ptr() % 16 == 0
     if isinstance(a, bool):
@@ -36,13 +49,17 @@ def _arg_key(a):
     raise TypeError(f"fast_launch: unsupported kernel argument of type {type(a).__name__}")
 
 
+_RUNTIME = getattr(getattr(triton, "knobs", None), "runtime", None)
+
+
 def _hooks_installed() -> bool:
     """True while a launch hook is set: a plain callable (older Triton) or a non-empty ``HookChain``."""
-    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
-    if runtime is None:
+    if _RUNTIME is None:
         return True
-    hooks = (runtime.launch_enter_hook, runtime.launch_exit_hook)
-    return any(h is not None and bool(getattr(h, "calls", True)) for h in hooks)
+    for hook in (_RUNTIME.launch_enter_hook, _RUNTIME.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return True
+    return False
 
 
 class _FastKernel:

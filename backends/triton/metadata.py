@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flashfusemoe.backends.triton.launch import fast_launch
+from flashfusemoe.backends.triton.launch import cdiv, fast_launch, next_pow2
 
 __all__ = ["RoutingMeta", "routing_metadata"]
 
@@ -96,8 +96,8 @@ def routing_metadata(topk_ids_TK: torch.Tensor, num_experts: int) -> RoutingMeta
     N, E = T * K, num_experts
     dev = topk_ids_TK.device
     ids_N = topk_ids_TK.reshape(-1).to(torch.int32)
-    B = max(triton.cdiv(N, BLOCK_N), 1)
-    BLOCK_E = triton.next_power_of_2(E)
+    B = max(cdiv(N, BLOCK_N), 1)
+    BLOCK_E = next_pow2(E)
     counts_BE = torch.zeros((B, E), dtype=torch.int32, device=dev)
     pos = torch.empty((N,), dtype=torch.int32, device=dev)
     row_slot = torch.empty((N,), dtype=torch.int32, device=dev)
@@ -105,7 +105,7 @@ def routing_metadata(topk_ids_TK: torch.Tensor, num_experts: int) -> RoutingMeta
     if N:
         _histogram_kernel[(B,)](ids_N, counts_BE, N, E=E, BLOCK_N=BLOCK_N, BLOCK_E=BLOCK_E)
         cum_BE = torch.empty_like(counts_BE)
-        _block_prefix_kernel[(E,)](counts_BE, cum_BE, B, E=E, BLOCK_B=min(triton.next_power_of_2(B), 1024))
+        _block_prefix_kernel[(E,)](counts_BE, cum_BE, B, E=E, BLOCK_B=min(next_pow2(B), 1024))
         _positions_kernel[(B,)](
             ids_N, cum_BE, pos, row_slot, offs, N, B, E=E, BLOCK_N=BLOCK_N, BLOCK_E=BLOCK_E
         )

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flashfusemoe.backends.triton.launch import fast_launch
+from flashfusemoe.backends.triton.launch import cdiv, fast_launch, next_pow2
 
 __all__ = ["combine_rows", "gather_rows"]
 
@@ -48,8 +48,8 @@ def gather_rows(src_SD: torch.Tensor, idx_N: torch.Tensor, live: torch.Tensor, d
     N, D = idx_N.shape[0], src_SD.shape[1]
     out_ND = src_SD.new_empty((N, D))
     if N and D:
-        BLOCK_D = min(triton.next_power_of_2(D), 512)
-        grid = (triton.cdiv(N, 8), triton.cdiv(D, BLOCK_D))
+        BLOCK_D = min(next_pow2(D), 512)
+        grid = (cdiv(N, 8), cdiv(D, BLOCK_D))
         _gather_rows_kernel[grid](
             src_SD,
             src_SD.stride(0),
@@ -116,8 +116,8 @@ def combine_rows(
     D = rows_ND.shape[1]
     out_TD = rows_ND.new_empty((T, D))
     if T and D:
-        BLOCK_D = min(triton.next_power_of_2(D), 512)
-        grid = (triton.cdiv(T, 4), triton.cdiv(D, BLOCK_D))
+        BLOCK_D = min(next_pow2(D), 512)
+        grid = (cdiv(T, 4), cdiv(D, BLOCK_D))
         _combine_rows_kernel[grid](
             rows_ND,
             rows_ND.stride(0),

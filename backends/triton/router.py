@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flashfusemoe.backends.triton.launch import fast_launch
+from flashfusemoe.backends.triton.launch import cdiv, fast_launch, next_pow2
 from flashfusemoe.spec import RouterConfig
 
 __all__ = ["router_backward", "router_forward"]
@@ -167,7 +167,7 @@ def router_forward(logits_TE: torch.Tensor, cfg: RouterConfig, expert_bias_E: to
     T, E = logits_TE.shape
     K = cfg.top_k
     dev = logits_TE.device
-    B = triton.cdiv(T, BLOCK_T)
+    B = cdiv(T, BLOCK_T)
     ids = torch.empty((T, K), dtype=torch.int32, device=dev)
     wts = torch.empty((T, K), dtype=torch.float32, device=dev)
     psum = torch.empty((B, E), dtype=torch.float32, device=dev)
@@ -196,9 +196,9 @@ def router_forward(logits_TE: torch.Tensor, cfg: RouterConfig, expert_bias_E: to
             G=G,
             TOPK_G=cfg.topk_groups or 0,
             BLOCK_T=BLOCK_T,
-            BLOCK_E=triton.next_power_of_2(E),
-            BLOCK_K=triton.next_power_of_2(K),
-            BLOCK_G=triton.next_power_of_2(max(G, 1)),
+            BLOCK_E=next_pow2(E),
+            BLOCK_K=next_pow2(K),
+            BLOCK_G=next_pow2(max(G, 1)),
         )
     _router_stats_kernel[(1,)](
         psum,
@@ -211,8 +211,8 @@ def router_forward(logits_TE: torch.Tensor, cfg: RouterConfig, expert_bias_E: to
         _lb_scale(T, E, K),
         1.0 / T if T else 0.0,
         E=E,
-        BLOCK_B=max(1, min(triton.next_power_of_2(B), 4096 // triton.next_power_of_2(E))),
-        BLOCK_E=triton.next_power_of_2(E),
+        BLOCK_B=max(1, min(next_pow2(B), 4096 // next_pow2(E))),
+        BLOCK_E=next_pow2(E),
     )
     return ids, wts, routed, lb, z
 
@@ -304,7 +304,7 @@ def router_backward(
     T, E = logits_TE.shape
     out = torch.empty_like(logits_TE)
     if T:
-        _router_bwd_kernel[(triton.cdiv(T, BLOCK_T),)](
+        _router_bwd_kernel[(cdiv(T, BLOCK_T),)](
             logits_TE,
             ids_TK,
             grad_w_TK.contiguous() if grad_w_TK is not None else out,
@@ -324,6 +324,6 @@ def router_backward(
             HAS_LB=grad_lb is not None,
             HAS_Z=grad_z is not None,
             BLOCK_T=BLOCK_T,
-            BLOCK_E=triton.next_power_of_2(E),
+            BLOCK_E=next_pow2(E),
         )
     return out

@@ -15,7 +15,8 @@ import triton
 import triton.language as tl
 
 from flashfusemoe.backends.torch.routing import router_logits as reference_router_logits
-from flashfusemoe.backends.triton.launch import fast_launch
+from flashfusemoe.backends.triton.launch import cdiv, fast_launch
+from flashfusemoe.backends.triton.ops import custom_op
 
 __all__ = ["router_logits"]
 
@@ -34,11 +35,16 @@ def _hi_lo_kernel(g_ptr, out_ptr, n, E: tl.constexpr, BLOCK: tl.constexpr):
     tl.store(out_ptr + row * (2 * E) + E + col, lo, mask=ok)
 
 
+def _hi_lo_fake(grad_TE, dtype):
+    return grad_TE.new_empty((grad_TE.shape[0], 2 * grad_TE.shape[1]), dtype=dtype)
+
+
+@custom_op("router_hi_lo", _hi_lo_fake)
 def _hi_lo(grad_TE: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     T, E = grad_TE.shape
     out_T2E = grad_TE.new_empty((T, 2 * E), dtype=dtype)
     if T:
-        _hi_lo_kernel[(triton.cdiv(T * E, 1024),)](grad_TE.contiguous(), out_T2E, T * E, E=E, BLOCK=1024)
+        _hi_lo_kernel[(cdiv(T * E, 1024),)](grad_TE.contiguous(), out_T2E, T * E, E=E, BLOCK=1024)
     return out_T2E
 
 

@@ -323,3 +323,13 @@ def test_triton_layer_matches_torch_layer(p, score_func, capacity_factor):
         )
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@given(st.integers(1, 2**40), st.integers(1, 2**20))
+def test_triton_host_size_helpers_match_triton(n, b):
+    import triton
+
+    from flashfusemoe.backends.triton.launch import cdiv, next_pow2
+
+    assert next_pow2(n) == triton.next_power_of_2(n)
+    assert cdiv(n, b) == triton.cdiv(n, b)
