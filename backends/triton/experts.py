@@ -85,7 +85,9 @@ def _down_fwd(
     return combine_rows(grouped_mm(a_NI, w_down.transpose(1, 2), offs_E), pos_TK, weights_TK)
 
 
-def _down_bwd_fake(grad_out_TD, h_saved, x_TD, w_up, weights_TK, w_down, pos_TK, row_slot_N, offs_E, act):
+def _down_bwd_fake(
+    grad_out_TD, h_saved, x_TD, w_up, weights_TK, w_down, pos_TK, row_slot_N, offs_E, act, reuse
+):
     return (
         x_TD.new_empty((row_slot_N.shape[0], w_up.shape[1])),
         weights_TK.new_empty(weights_TK.shape, dtype=torch.float32),
@@ -105,7 +107,9 @@ def _down_bwd(
     row_slot_N: torch.Tensor,
     offs_E: torch.Tensor,
     activation: str,
+    reuse_h: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``grad_h`` (over ``h_saved`` itself with ``reuse_h``), the routing-weight and ``w_down`` grads."""
     live, K = offs_E[-1:], pos_TK.shape[1]
     recomputed = h_saved.dim() != 2  # the forward kept no activations
     if recomputed:
@@ -115,7 +119,7 @@ def _down_bwd(
     grad_y_ND = gather_rows(grad_out_TD.contiguous(), row_slot_N, live, K)
     grad_a_NI = grouped_mm(grad_y_ND, w_down, offs_E)
     grad_h_NF, wa_NI, grad_w_S = activation_backward(
-        h_NF, grad_a_NI, activation, live, weights_TK.reshape(-1), row_slot_N, overwrite_h=recomputed
+        h_NF, grad_a_NI, activation, live, weights_TK.reshape(-1), row_slot_N, recomputed or reuse_h
     )
     del grad_a_NI, h_NF
     grad_w_down = grouped_mm_wgrad(grad_y_ND, wa_NI, offs_E)
@@ -147,7 +151,21 @@ class _Down(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out_TD):
-        grad_h, grad_w, grad_w_down = _down_bwd(grad_out_TD, *ctx.saved_tensors, ctx.activation)
+        try:
+            h_kept, *rest = ctx.saved_tensors
+        except RuntimeError as e:
+            raise RuntimeError(
+                "a tensor saved for the MoE layer's backward was modified in place: either this is a "
+                "second backward through the same graph (the first one reuses the saved activations' "
+                "buffer; pass recompute_activations=True to backward twice), or the layer's input or "
+                "weights were changed in place after the forward"
+            ) from e
+        # Eager mode writes grad_h over the saved h (the backward's largest buffer) and tells autograd,
+        # so a second backward fails loudly instead of reading it; compiled graphs plan their own memory.
+        reuse_h = h_kept.dim() == 2 and not torch.compiler.is_compiling()
+        grad_h, grad_w, grad_w_down = _down_bwd(grad_out_TD, h_kept, *rest, ctx.activation, reuse_h)
+        if reuse_h:
+            torch.autograd.graph.increment_version(h_kept)
         return grad_h, grad_w, grad_w_down, None, None, None, None, None, None, None
 
 
@@ -162,7 +180,8 @@ def experts(
 ) -> torch.Tensor:
     """Same contract as the reference ``experts``: ``[T, D]`` in x's dtype, slots with id -1 ignored.
     Saves the up-projection ``h`` for backward, or nothing with ``recompute=True`` (backward then
-    recomputes ``h`` from x)."""
+    recomputes ``h`` from x). In eager mode the backward writes ``h``'s gradient over the saved ``h``,
+    so backpropagating twice through one graph (``retain_graph=True``) needs ``recompute=True``."""
     x_TD = x_TD.contiguous()
     h_NF, pos_TK, row_slot_N, offs_E = _Up.apply(x_TD, w_up_EFD, topk_ids_TK.contiguous())
     weights_TK = topk_weights_TK.float().contiguous()

@@ -215,6 +215,28 @@ def test_triton_experts_t1_and_k_equals_e_and_t0():
         assert x.grad.shape == (T, 7)
 
 
+def test_triton_second_backward_needs_recompute():
+    """The eager backward reuses the saved activations' buffer: a second backward through the same
+    graph raises a clear error, and works with recompute (nothing saved to reuse)."""
+    p = Problem(T=9, D=6, E=3, K=2, I=5, W=1, skew="uniform", seed=3)
+    ids = topk_ids(p).to(DEV)
+    w = torch.rand(9, 2, device=DEV)
+    up, down = randn(p, 3, 10, 6, salt=1).to(DEV), randn(p, 3, 6, 5, salt=2).to(DEV)
+    grads = {}
+    for recompute in (False, True):
+        x = randn(p, 9, 6).to(DEV).requires_grad_()
+        out = tri_experts(x, ids, w, up, down, "swiglu", recompute)
+        (g1,) = torch.autograd.grad(out.sum(), x, retain_graph=True)
+        if recompute:
+            (g2,) = torch.autograd.grad(out.sum(), x)
+            assert torch.equal(g1, g2)
+        else:
+            with pytest.raises(RuntimeError, match="recompute_activations=True"):
+                torch.autograd.grad(out.sum(), x)
+        grads[recompute] = g1
+    torch.testing.assert_close(grads[False], grads[True], rtol=1e-5, atol=1e-5)
+
+
 @given(problems(max_world=3, allow_empty=True))
 def test_triton_grouped_mlp_matches_reference(p):
     counts = torch.bincount(topk_ids(p).reshape(-1), minlength=p.E).to(DEV)
