@@ -98,13 +98,14 @@ def routing_metadata(topk_ids_TK: torch.Tensor, num_experts: int) -> RoutingMeta
     ids_N = topk_ids_TK.reshape(-1).to(torch.int32)
     B = max(cdiv(N, BLOCK_N), 1)
     BLOCK_E = next_pow2(E)
-    counts_BE = torch.zeros((B, E), dtype=torch.int32, device=dev)
     pos = torch.empty((N,), dtype=torch.int32, device=dev)
     row_slot = torch.empty((N,), dtype=torch.int32, device=dev)
-    offs = torch.zeros((E,), dtype=torch.int32, device=dev)
-    if N:
+    if not N:
+        offs = torch.zeros((E,), dtype=torch.int32, device=dev)
+    else:  # every kernel writes all of its output: no zero-fill launches
+        offs = torch.empty((E,), dtype=torch.int32, device=dev)
+        counts_BE, cum_BE = torch.empty((2, B, E), dtype=torch.int32, device=dev)
         _histogram_kernel[(B,)](ids_N, counts_BE, N, E=E, BLOCK_N=BLOCK_N, BLOCK_E=BLOCK_E)
-        cum_BE = torch.empty_like(counts_BE)
         _block_prefix_kernel[(E,)](counts_BE, cum_BE, B, E=E, BLOCK_B=min(next_pow2(B), 1024))
         _positions_kernel[(B,)](
             ids_N, cum_BE, pos, row_slot, offs, N, B, E=E, BLOCK_N=BLOCK_N, BLOCK_E=BLOCK_E
