@@ -75,6 +75,8 @@ def fused_moe(
         w_down: ``[e, D, I]``. ``e = E``, or ``E / W`` (this rank's contiguous block) with a communicator.
         expert_bias: fp32 ``[E]`` added to the scores for selection only (aux-loss-free balancing).
         shared_w_up, shared_w_down: ``[F_s, D]`` / ``[D, I_s]`` always-active expert, same activation.
+        recompute_activations: keep no expert activations for backward; recompute them there. Needed
+            to backpropagate twice through one graph on the ``triton`` backend (docs/moe_layer.md).
         communicator: run expert-parallel over its group (see :mod:`flashfusemoe.comm`).
         The router settings are those of :class:`flashfusemoe.spec.RouterConfig`.
 
