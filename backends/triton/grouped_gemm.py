@@ -22,22 +22,18 @@ __all__ = ["grouped_mm", "grouped_mm_wgrad"]
 
 
 @triton.jit
-def _find_tile(pid_m, offs_ptr, E, BLOCK_M: tl.constexpr):
-    """Map a row-tile index to (expert, first row, group end); expert = -1 past the last tile."""
-    expert = -1
-    row0 = 0
-    row_end = 0
-    tiles_before = 0
-    prev_end = 0
-    for e in range(E):
-        end = tl.load(offs_ptr + e)
-        n_tiles = tl.cdiv(end - prev_end, BLOCK_M)
-        hit = (pid_m >= tiles_before) & (pid_m < tiles_before + n_tiles)
-        expert = tl.where(hit, e, expert)
-        row0 = tl.where(hit, prev_end + (pid_m - tiles_before) * BLOCK_M, row0)
-        row_end = tl.where(hit, end, row_end)
-        tiles_before += n_tiles
-        prev_end = end
+def _find_tile(pid_m, offs_ptr, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Map a row-tile index to (expert, first row, group end), all experts at once: each expert's
+    tiles, their running sum, and the one expert whose tile range holds ``pid_m`` (-1 past the end)."""
+    es = tl.arange(0, BLOCK_E)
+    ends = tl.load(offs_ptr + es, mask=es < E, other=0)
+    starts = tl.load(offs_ptr + es - 1, mask=(es > 0) & (es < E), other=0)
+    n_tiles = tl.where(es < E, tl.cdiv(ends - starts, BLOCK_M), 0)
+    tiles_end = tl.cumsum(n_tiles, axis=0)
+    hit = (pid_m >= tiles_end - n_tiles) & (pid_m < tiles_end)
+    expert = tl.max(tl.where(hit, es, -1), axis=0)
+    row0 = tl.sum(tl.where(hit, starts + (pid_m - (tiles_end - n_tiles)) * BLOCK_M, 0), axis=0)
+    row_end = tl.sum(tl.where(hit, ends, 0), axis=0)
     return expert, row0, row_end
 
 
@@ -59,11 +55,13 @@ def _grouped_mm_kernel(
     s_cm,
     s_cn,
     IEEE: tl.constexpr,
+    EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    BLOCK_E: tl.constexpr,
 ):
-    expert, row0, row_end = _find_tile(tl.program_id(0), offs_ptr, E, BLOCK_M)
+    expert, row0, row_end = _find_tile(tl.program_id(0), offs_ptr, E, BLOCK_M, BLOCK_E)
     if expert >= 0:
         rows = row0 + tl.arange(0, BLOCK_M)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -74,9 +72,13 @@ def _grouped_mm_kernel(
         b_tile = b_ptr + expert.to(tl.int64) * s_be + ks[:, None] * s_bk + cols[None, :] * s_bn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            k_ok = (k0 + ks) < K
-            a = tl.load(a_tile, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(b_tile, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            if EVEN_K:
+                a = tl.load(a_tile, mask=row_ok[:, None], other=0.0)
+                b = tl.load(b_tile, mask=col_ok[None, :], other=0.0)
+            else:
+                k_ok = (k0 + ks) < K
+                a = tl.load(a_tile, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                b = tl.load(b_tile, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             if IEEE:
                 acc = tl.dot(a, b, acc, input_precision="ieee")
             else:
@@ -115,26 +117,24 @@ def _grouped_wgrad_kernel(
     start = tl.load(offs_ptr + expert - 1, mask=expert > 0, other=0)
     end = tl.load(offs_ptr + expert)
     ks = tl.arange(0, BLOCK_K)
+    p_ok = ps < P
+    q_ok = qs < Q
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
     for m0 in range(start, end, BLOCK_K):
         m_ok = (m0 + ks) < end
         rows = (m0 + ks).to(tl.int64)
         a = tl.load(
-            a_ptr + rows[None, :] * s_am + ps[:, None] * s_ap,
-            mask=m_ok[None, :] & (ps[:, None] < P),
-            other=0.0,
+            a_ptr + rows[None, :] * s_am + ps[:, None] * s_ap, mask=m_ok[None, :] & p_ok[:, None], other=0.0
         )
         b = tl.load(
-            b_ptr + rows[:, None] * s_bm + qs[None, :] * s_bq,
-            mask=m_ok[:, None] & (qs[None, :] < Q),
-            other=0.0,
+            b_ptr + rows[:, None] * s_bm + qs[None, :] * s_bq, mask=m_ok[:, None] & q_ok[None, :], other=0.0
         )
         if IEEE:
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
             acc = tl.dot(a, b, acc)
     c = c_ptr + expert.to(tl.int64) * s_ce + ps[:, None] * s_cp + qs[None, :] * s_cq
-    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=(ps[:, None] < P) & (qs[None, :] < Q))
+    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=p_ok[:, None] & q_ok[None, :])
 
 
 def _torch_grouped_mm_ok(*tensors: torch.Tensor) -> bool:
@@ -155,6 +155,14 @@ def _blocks(dim: int, cap: int) -> int:
     return max(16, min(cap, next_pow2(dim)))
 
 
+def _tiles(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    """(rows, cols, depth, warps, stages) of a tile: large tensor-core tiles for 16-bit operands; small
+    ones for fp32, whose exact (IEEE) dot runs on the FMA units and needs 4-byte shared memory."""
+    if dtype == torch.float32:
+        return 64, 64, 32, 4, 2
+    return 128, 128, 64, 8, 3
+
+
 def grouped_mm(
     a_MK: torch.Tensor, b_EKN: torch.Tensor, offs_E: torch.Tensor, use_torch: bool | None = None
 ) -> torch.Tensor:
@@ -167,8 +175,9 @@ def grouped_mm(
         return torch._grouped_mm(a_MK, b_EKN, offs=offs_E)
     c_MN = a_MK.new_empty((M, N))
     if M and N:
-        BM, BN, BK = 64, _blocks(N, 128), _blocks(K, 64)
-        grid = (cdiv(M, BM) + E, cdiv(N, BN))
+        BM, cap_n, cap_k, warps, stages = _tiles(a_MK.dtype)
+        BN, BK = _blocks(N, cap_n), _blocks(K, cap_k)
+        grid = (cdiv(M, BM) + E, cdiv(N, BN))  # at most one partial tile per group beyond M / BM
         _grouped_mm_kernel[grid](
             a_MK,
             b_EKN,
@@ -181,9 +190,13 @@ def grouped_mm(
             *b_EKN.stride(),
             *c_MN.stride(),
             IEEE=a_MK.dtype == torch.float32,
+            EVEN_K=K % BK == 0,
             BLOCK_M=BM,
             BLOCK_N=BN,
             BLOCK_K=BK,
+            BLOCK_E=next_pow2(E),
+            num_warps=warps,
+            num_stages=stages,
         )
     return c_MN
 
@@ -199,7 +212,8 @@ def grouped_mm_wgrad(
         return torch._grouped_mm(a_MP.t(), b_MQ, offs=offs_E)
     c_EPQ = a_MP.new_empty((E, P, Q))
     if E and P and Q:
-        BP, BQ = _blocks(P, 64), _blocks(Q, 64)
+        cap_p, cap_q, BK, warps, stages = _tiles(a_MP.dtype)
+        BP, BQ = _blocks(P, cap_p), _blocks(Q, cap_q)
         grid = (E, cdiv(P, BP) * cdiv(Q, BQ))
         _grouped_wgrad_kernel[grid](
             a_MP,
@@ -214,6 +228,8 @@ def grouped_mm_wgrad(
             IEEE=a_MP.dtype == torch.float32,
             BLOCK_P=BP,
             BLOCK_Q=BQ,
-            BLOCK_K=32,
+            BLOCK_K=BK,
+            num_warps=warps,
+            num_stages=stages,
         )
     return c_EPQ
