@@ -1,11 +1,12 @@
 """Low-overhead kernel launches: ``@fast_launch`` over ``@triton.jit``, same ``kernel[grid](...)`` calls.
 
-Triton's launch path re-binds and re-specializes every argument in Python on every call (17 us for an
-empty two-argument kernel on a lent H100 host, 40-60 us for ours): a dozen launches then cost more host
-time than the layer's GPU work at small shapes. After the first call for a given specialization this
-wrapper calls the compiled kernel's C launcher directly. Its cache key is at least as fine as Triton's
-own specialization (dtypes, 16-byte alignment of pointers, integer equal to 1 / multiple of 16 / width,
-the constexpr values, the device), so a cached kernel only ever runs arguments it was compiled for.
+Triton's launch path re-binds and re-specializes every argument in Python on every call. After the
+first call for a given specialization this wrapper calls the compiled kernel's C launcher directly
+(measured on a lent H100 host: our gather kernel 14.3 us per launch through Triton, 10.8 us this way;
+the rest is the C launcher and the driver). Its cache key is at least as fine as Triton's own
+specialization (dtypes, 16-byte alignment of pointers, integer equal to 1 / multiple of 16 / width,
+the constexpr values and launch options, the device), so a cached kernel only ever runs arguments it
+was compiled for.
 
 It falls back to Triton's path under the interpreter, while a launch hook is installed (profilers), and
 for a Triton whose compiled kernels lack the launcher fields used here.
