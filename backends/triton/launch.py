@@ -91,7 +91,11 @@ class _FastKernel:
         stream = torch._C._cuda_getCurrentRawStream(device)
         rest = [kwargs[n] for n in self.names[len(args) :]]
         meta = kernel.packed_metadata
-        kernel.run(g0, g1, g2, stream, kernel.function, meta, None, None, None, *args, *rest)
+        try:
+            kernel.run(g0, g1, g2, stream, kernel.function, meta, None, None, None, *args, *rest)
+        except TypeError:  # a Triton whose launcher takes other arguments (it checks them before launching)
+            self.compiled[key] = False
+            self.fn[grid](*args, **kwargs)
 
 
 def fast_launch(fn) -> _FastKernel:

@@ -197,3 +197,28 @@ def test_triton_fast_launch_engages_and_honours_launch_hooks():
     finally:
         hook.remove(seen.append)
     assert len(seen) == 1
+
+
+def test_triton_fast_launch_falls_back_when_the_launcher_differs():
+    """A Triton whose compiled-kernel launcher takes other arguments: Triton's own path from then on."""
+    from flashfusemoe.backends.triton.permute import _gather_rows_kernel, gather_rows
+
+    class OtherLauncher:
+        function = packed_metadata = None
+
+        def run(self, *args):
+            raise TypeError("takes other arguments")
+
+    x = torch.randn(32, 48, device="cuda")
+    idx = torch.randperm(32, device="cuda").int()
+    live = torch.tensor([32], dtype=torch.int32, device="cuda")
+    gather_rows(x, idx, live, 1)
+    keys = [k for k, v in _gather_rows_kernel.compiled.items() if v is not False]
+    saved = {k: _gather_rows_kernel.compiled[k] for k in keys}
+    try:
+        for k in keys:
+            _gather_rows_kernel.compiled[k] = OtherLauncher()
+        assert torch.equal(gather_rows(x, idx, live, 1), x[idx.long()])
+        assert any(_gather_rows_kernel.compiled[k] is False for k in keys)
+    finally:
+        _gather_rows_kernel.compiled.update(saved)
