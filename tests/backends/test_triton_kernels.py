@@ -164,6 +164,20 @@ def test_triton_router_matches_reference(p, opts):
         torch.testing.assert_close(grads[0], grads[1], **TOL)
 
 
+def test_triton_router_stats_over_many_blocks():
+    """600 tokens, E=128: 38 token blocks, more than one pass of the stats kernel's block loop."""
+    T, E, K = 600, 128, 8
+    logits = torch.randn(T, E, generator=torch.Generator().manual_seed(5)).to(DEV).requires_grad_()
+    cfg = RouterConfig(top_k=K)
+    got, want = tri_route(logits, cfg), ref.route(logits, cfg)
+    assert torch.equal(got.topk_ids_TK.long(), want.topk_ids_TK)
+    assert torch.equal(got.tokens_per_expert_E, want.tokens_per_expert_E)
+    torch.testing.assert_close(got.load_balance_loss, want.load_balance_loss, **TOL)
+    torch.testing.assert_close(got.z_loss, want.z_loss, **TOL)
+    grads = [torch.autograd.grad(r.load_balance_loss + r.z_loss, logits)[0] for r in (got, want)]
+    torch.testing.assert_close(grads[0], grads[1], **TOL)
+
+
 def test_triton_router_nan_token_gets_nan_weights_and_valid_ids():
     logits = torch.randn(6, 8, device=DEV)
     logits[3, 2] = float("nan")
