@@ -300,7 +300,8 @@ def router_backward(
     cfg: RouterConfig,
 ) -> torch.Tensor:
     """Gradient w.r.t. the fp32 logits ``[T, E]`` from those of the weights ``[T, K]`` and of the two
-    loss scalars (None: no gradient flows from that output)."""
+    loss scalars (None: no gradient flows from that output); ``routed_E`` is the forward's slots per
+    expert (its first E entries are read)."""
     T, E = logits_TE.shape
     out = torch.empty_like(logits_TE)
     if T:

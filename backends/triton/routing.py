@@ -47,7 +47,7 @@ def _router_fwd(
 
 
 def _router_bwd_fake(
-    logits_TE, ids_TK, routed_E, grad_w_TK, grad_lb, grad_z, top_k, score_func, renorm, scale
+    logits_TE, ids_TK, routed_E1, grad_w_TK, grad_lb, grad_z, top_k, score_func, renorm, scale
 ):
     return torch.empty_like(logits_TE)
 
@@ -56,7 +56,7 @@ def _router_bwd_fake(
 def _router_bwd(
     logits_TE: torch.Tensor,
     ids_TK: torch.Tensor,
-    routed_E: torch.Tensor,
+    routed_E1: torch.Tensor,
     grad_w_TK: torch.Tensor | None,
     grad_lb: torch.Tensor | None,
     grad_z: torch.Tensor | None,
@@ -66,7 +66,7 @@ def _router_bwd(
     scale: float,
 ) -> torch.Tensor:
     cfg = RouterConfig(top_k, score_func, renormalize, routed_scaling_factor=scale)
-    return router_backward(logits_TE, ids_TK, routed_E, grad_w_TK, grad_lb, grad_z, cfg)
+    return router_backward(logits_TE, ids_TK, routed_E1, grad_w_TK, grad_lb, grad_z, cfg)
 
 
 class _Router(torch.autograd.Function):
