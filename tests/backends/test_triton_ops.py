@@ -1,0 +1,63 @@
+"""The triton backend's custom ops under ``torch.library.opcheck``: schema, fake implementation (shapes,
+dtypes and strides torch.compile plans with) and AOT dispatch against the real kernels.
+
+On CPU the kernels run under the Triton interpreter (fp32); with a GPU, on it.
+"""
+
+import pytest
+import torch
+
+from flashfusemoe.backends.triton.metadata import routing_metadata
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+T, D, F, I, E, K = 7, 8, 12, 6, 3, 2
+ops = torch.ops.flashfusemoe
+
+
+def _inputs(seed=0):
+    # no dropped slots: rows past the live count are left unwritten, which opcheck would compare
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, D, generator=g)
+    ids = torch.randint(0, E, (T, K), generator=g, dtype=torch.int32)
+    w = torch.rand(T, K, generator=g)
+    up, down = torch.randn(E, F, D, generator=g), torch.randn(E, D, I, generator=g)
+    return [t.to(DEV) for t in (x, ids, w, up, down)]
+
+
+def _check(op, args):
+    result = torch.library.opcheck(op, args)
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+def test_triton_expert_ops_pass_opcheck():
+    x, ids, w, up, down = _inputs()
+    _check(ops.moe_up_fwd.default, (x, ids, up))
+    meta = routing_metadata(ids, E)
+    h = torch.randn(T * K, F, device=DEV)
+    _check(ops.moe_up_bwd.default, (h, x, up, meta.pos_TK, meta.row_slot_N, meta.offs_E))
+    _check(ops.moe_down_fwd.default, (h, w, down, meta.pos_TK, meta.offs_E, "swiglu"))
+    grad_out = torch.randn(T, D, device=DEV)
+    for h_saved in (h, h.new_empty(0)):  # kept activations, and recompute
+        args = (grad_out, h_saved, x, up, w, down, meta.pos_TK, meta.row_slot_N, meta.offs_E, "swiglu", False)
+        _check(ops.moe_down_bwd.default, args)
+
+
+@pytest.mark.parametrize("with_grads", [(True, True, True), (True, False, False), (False, True, True)])
+def test_triton_router_ops_pass_opcheck(with_grads):
+    logits = torch.randn(T, E, device=DEV)
+    bias = torch.rand(E, device=DEV)
+    _check(ops.router_fwd.default, (logits, bias, K, "softmax", True, 0, 0, 1.0))
+    ids, *_ = ops.router_fwd.default(logits, None, K, "sigmoid", False, 0, 0, 2.5)
+    routed = torch.bincount(ids.reshape(-1).long(), minlength=E + 1)
+    gw, glb, gz = (
+        t if keep else None
+        for t, keep in zip((torch.randn(T, K), torch.tensor(0.3), torch.tensor(0.2)), with_grads, strict=True)
+    )
+    gw, glb, gz = (t.to(DEV) if t is not None else None for t in (gw, glb, gz))
+    _check(ops.router_bwd.default, (logits, ids, routed, gw, glb, gz, K, "sigmoid", False, 2.5))
+
+
+@pytest.mark.gpu  # 16-bit output: the Triton interpreter mishandles bf16
+def test_triton_router_hi_lo_op_passes_opcheck():
+    grad = torch.randn(T, E, device="cuda")
+    _check(ops.router_hi_lo.default, (grad, torch.bfloat16))
