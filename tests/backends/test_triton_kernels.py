@@ -251,6 +251,29 @@ def test_triton_second_backward_needs_recompute():
     torch.testing.assert_close(grads[False], grads[True], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_triton_experts_under_activation_checkpointing(reentrant):
+    """torch.utils.checkpoint around the experts (the backward reuses the recomputed activations'
+    buffer): gradients equal the plain run's."""
+    p = Problem(T=9, D=6, E=3, K=2, I=5, W=1, skew="uniform", seed=4)
+    ids = topk_ids(p).to(DEV)
+    w = torch.rand(9, 2, device=DEV)
+    up, down = randn(p, 3, 10, 6, salt=1).to(DEV), randn(p, 3, 6, 5, salt=2).to(DEV)
+    grads = []
+    for checkpointed in (False, True):
+        x = randn(p, 9, 6).to(DEV).requires_grad_()
+        up_ = up.clone().requires_grad_()
+        fn = lambda x, up_: tri_experts(x, ids, w, up_, down, "swiglu")  # noqa: E731
+        if checkpointed:
+            out = torch.utils.checkpoint.checkpoint(fn, x, up_, use_reentrant=reentrant)
+        else:
+            out = fn(x, up_)
+        out.square().sum().backward()
+        grads.append((x.grad, up_.grad))
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @given(problems(max_world=3, allow_empty=True))
 def test_triton_grouped_mlp_matches_reference(p):
     counts = torch.bincount(topk_ids(p).reshape(-1), minlength=p.E).to(DEV)
