@@ -114,7 +114,7 @@ def time_variant(fn, inputs, grad_out, graph: bool) -> tuple[float, float, float
         fwd().backward(grad_out)
 
     fwd_ms, total_ms = timed(fwd), timed(fwd_bwd)
-    graph_ms = graphed_ms(fwd, grad_out) if graph else float("nan")
+    graph_ms = graphed_ms(fwd, grad_out, params) if graph else float("nan")
     for p in params:
         p.grad = None
     return fwd_ms, total_ms, graph_ms
@@ -139,14 +139,17 @@ def memory_variant(fn, inputs, grad_out) -> tuple[int, int]:
     return peak, saved
 
 
-def graphed_ms(fwd, grad_out) -> float:
-    """fwd+bwd replayed from a CUDA graph: the GPU time without CPU launch overhead."""
+def graphed_ms(fwd, grad_out, params) -> float:
+    """fwd+bwd replayed from a CUDA graph: the GPU time without CPU launch overhead. Gradients are
+    None at capture, as in the eager timing: the graph assigns them rather than adding into them."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(2):
             fwd().backward(grad_out)
     torch.cuda.current_stream().wait_stream(stream)
+    for p in params:
+        p.grad = None
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fwd().backward(grad_out)

@@ -11,7 +11,7 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from integration.bench_layer import SHAPES, make_inputs, timed, variants
+from integration.bench_layer import SHAPES, graphed_ms, make_inputs, timed, variants
 
 
 def main() -> None:
@@ -33,17 +33,7 @@ def main() -> None:
         fn(x, gate, up, down, bias).backward(grad_out)
 
     eager_ms = timed(step)
-    # CUDA graph: grads accumulate into fixed buffers inside the graph
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn(x, gate, up, down, bias).backward(grad_out)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn(x, gate, up, down, bias).backward(grad_out)
-    graph_ms = timed(graph.replay)
+    graph_ms = graphed_ms(lambda: fn(x, gate, up, down, bias), grad_out, params)
     print(f"{args.variant} {args.shape}{shape}: eager {eager_ms:.3f} ms, CUDA graph {graph_ms:.3f} ms")
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
