@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from flashfusemoe.backends.triton.activation import activation_backward, activation_forward
-from flashfusemoe.backends.triton.grouped_gemm import grouped_mm, grouped_mm_wgrad
+from flashfusemoe.backends.triton.activation import activation_backward
+from flashfusemoe.backends.triton.grouped_gemm import grouped_mm, grouped_mm_act, grouped_mm_wgrad
 from flashfusemoe.backends.triton.metadata import routing_metadata
 from flashfusemoe.backends.triton.ops import custom_op
 from flashfusemoe.backends.triton.permute import combine_rows, gather_rows
@@ -23,15 +23,17 @@ __all__ = ["experts", "grouped_mlp"]
 
 
 # ----------------------------------------------------------------- single device: tokens in, tokens out
-# Two autograd nodes, up (gather + GEMM) and down (activation + GEMM + combine), so that autograd
-# accumulates and frees each weight gradient before the other is computed.
+# Two autograd nodes, up (gather + GEMM + activation) and down (GEMM + combine; activation backward),
+# so that autograd accumulates and frees each weight gradient before the other is computed.
 
 
-def _up_fwd_fake(x_TD, topk_ids_TK, w_up):
+def _up_fwd_fake(x_TD, topk_ids_TK, w_up, activation):
     T, K = topk_ids_TK.shape
+    F = w_up.shape[1]
     i32 = dict(dtype=torch.int32)
     return (
-        x_TD.new_empty((T * K, w_up.shape[1])),
+        x_TD.new_empty((T * K, F)),
+        x_TD.new_empty((T * K, F // 2 if activation in ("swiglu", "geglu") else F)),
         x_TD.new_empty((T, K), **i32),
         x_TD.new_empty((T * K,), **i32),
         x_TD.new_empty((w_up.shape[0],), **i32),
@@ -40,12 +42,12 @@ def _up_fwd_fake(x_TD, topk_ids_TK, w_up):
 
 @custom_op("moe_up_fwd", _up_fwd_fake)
 def _up_fwd(
-    x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, w_up: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, w_up: torch.Tensor, activation: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     meta = routing_metadata(topk_ids_TK, w_up.shape[0])
     x_ND = gather_rows(x_TD, meta.row_slot_N, meta.live, topk_ids_TK.shape[1])
-    h_NF = grouped_mm(x_ND, w_up.transpose(1, 2), meta.offs_E)
-    return h_NF, meta.pos_TK, meta.row_slot_N, meta.offs_E
+    h_NF, a_NI = grouped_mm_act(x_ND, w_up.transpose(1, 2), meta.offs_E, activation)
+    return h_NF, a_NI, meta.pos_TK, meta.row_slot_N, meta.offs_E
 
 
 def _up_bwd_fake(grad_h_NF, x_TD, w_up, pos_TK, row_slot_N, offs_E):
@@ -68,20 +70,18 @@ def _up_bwd(
     return grad_x_TD, grad_w_up
 
 
-def _down_fwd_fake(h_NF, weights_TK, w_down, pos_TK, offs_E, activation):
-    return h_NF.new_empty((pos_TK.shape[0], w_down.shape[1]))
+def _down_fwd_fake(a_NI, weights_TK, w_down, pos_TK, offs_E):
+    return a_NI.new_empty((pos_TK.shape[0], w_down.shape[1]))
 
 
 @custom_op("moe_down_fwd", _down_fwd_fake)
 def _down_fwd(
-    h_NF: torch.Tensor,
+    a_NI: torch.Tensor,
     weights_TK: torch.Tensor,
     w_down: torch.Tensor,
     pos_TK: torch.Tensor,
     offs_E: torch.Tensor,
-    activation: str,
 ) -> torch.Tensor:
-    a_NI = activation_forward(h_NF, activation, offs_E[-1:])
     return combine_rows(grouped_mm(a_NI, w_down.transpose(1, 2), offs_E), pos_TK, weights_TK)
 
 
@@ -128,22 +128,27 @@ def _down_bwd(
 
 class _Up(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_TD, w_up, topk_ids_TK):
-        h_NF, pos_TK, row_slot_N, offs_E = _up_fwd(x_TD, topk_ids_TK, w_up)
+    def forward(ctx, x_TD, w_up, topk_ids_TK, activation):
+        h_NF, a_NI, pos_TK, row_slot_N, offs_E = _up_fwd(x_TD, topk_ids_TK, w_up, activation)
         ctx.save_for_backward(x_TD, w_up, pos_TK, row_slot_N, offs_E)
         ctx.mark_non_differentiable(pos_TK, row_slot_N, offs_E)
-        return h_NF, pos_TK, row_slot_N, offs_E
+        ctx.set_materialize_grads(False)  # a's gradient never comes: _Down's backward goes through h
+        return h_NF, a_NI, pos_TK, row_slot_N, offs_E
 
     @staticmethod
-    def backward(ctx, grad_h_NF, _pos, _row_slot, _offs):
+    def backward(ctx, grad_h_NF, _grad_a, _pos, _row_slot, _offs):
         grad_x, grad_w_up = _up_bwd(grad_h_NF.contiguous(), *ctx.saved_tensors)
-        return grad_x, grad_w_up, None
+        return grad_x, grad_w_up, None, None
 
 
 class _Down(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h_NF, weights_TK, w_down, pos_TK, row_slot_N, offs_E, x_TD, w_up, activation, recompute):
-        out_TD = _down_fwd(h_NF, weights_TK, w_down, pos_TK, offs_E, activation)
+    def forward(
+        ctx, h_NF, a_NI, weights_TK, w_down, pos_TK, row_slot_N, offs_E, x_TD, w_up, activation, recompute
+    ):
+        """``a = act(h)`` comes in beside ``h``: the backward differentiates the activation itself, from
+        ``h`` (kept, or recomputed), and returns ``h``'s gradient; ``a`` gets none."""
+        out_TD = _down_fwd(a_NI, weights_TK, w_down, pos_TK, offs_E)
         kept_h = h_NF.new_empty(0) if recompute else h_NF
         ctx.save_for_backward(kept_h, x_TD, w_up, weights_TK, w_down, pos_TK, row_slot_N, offs_E)
         ctx.activation = activation
@@ -168,7 +173,7 @@ class _Down(torch.autograd.Function):
         grad_h, grad_w, grad_w_down = _down_bwd(grad_out_TD, h_kept, *rest, ctx.activation, reuse_h)
         if reuse_h:
             torch.autograd.graph.increment_version(h_kept)
-        return grad_h, grad_w, grad_w_down, None, None, None, None, None, None, None
+        return grad_h, None, grad_w, grad_w_down, None, None, None, None, None, None, None
 
 
 def experts(
@@ -185,10 +190,10 @@ def experts(
     recomputes ``h`` from x). In eager mode the backward writes ``h``'s gradient over the saved ``h``,
     so backpropagating twice through one graph (``retain_graph=True``) needs ``recompute=True``."""
     x_TD = x_TD.contiguous()
-    h_NF, pos_TK, row_slot_N, offs_E = _Up.apply(x_TD, w_up_EFD, topk_ids_TK.contiguous())
+    h_NF, a_NI, pos_TK, row_slot_N, offs_E = _Up.apply(x_TD, w_up_EFD, topk_ids_TK.contiguous(), activation)
     weights_TK = topk_weights_TK.float().contiguous()
     return _Down.apply(
-        h_NF, weights_TK, w_down_EDI, pos_TK, row_slot_N, offs_E, x_TD, w_up_EFD, activation, recompute
+        h_NF, a_NI, weights_TK, w_down_EDI, pos_TK, row_slot_N, offs_E, x_TD, w_up_EFD, activation, recompute
     )
 
 

@@ -1,11 +1,16 @@
 """Grouped GEMMs over row groups (expert-sorted rows), with no host sync and no padding.
 
-Two forms, each with a Triton kernel and ``torch._grouped_mm`` (CUTLASS on Hopper) behind one entry:
+Three forms behind one entry each, over three implementations (``path``):
 - ``grouped_mm(a [M, K], b [E, K, N], offs)``: rows ``[offs[e-1], offs[e])`` of ``a`` times ``b[e]``.
+- ``grouped_mm_act(...)``: the same plus the expert activation of the result (fused into the TMA
+  kernel's epilogue; a separate kernel on the other paths).
 - ``grouped_mm_wgrad(a [M, P], b [M, Q], offs)``: ``out[e] = a_e.T @ b_e`` over the same row groups
   (the weight gradient), ``[E, P, Q]``; an expert with no rows gets zeros.
-``torch._grouped_mm`` is used where it runs (CUDA, bf16, 16-byte aligned strides) and measured faster;
-the Triton kernels cover everything else (fp32/fp16, odd shapes, the CPU interpreter).
+Paths: ``"tma"`` (``tma_gemm.py``: persistent TMA kernels, Hopper, aligned strides), ``"torch"``
+(``torch._grouped_mm``: CUTLASS, bf16, aligned strides) and ``"triton"`` (the pointer-load kernels
+below: any GPU, fp16/fp32, odd strides, the CPU interpreter). The default picks by the H100
+measurements in docs/kernels.md: the fused activation always on TMA; plain GEMMs on TMA from
+``_TMA_MIN_FLOP`` up (CUTLASS wins the small ones); weight gradients on CUTLASS where it runs.
 
 Legend: M rows (expert-sorted), E experts (groups), K/P/Q/N matrix dims, offs int32 inclusive row ends.
 """
@@ -16,9 +21,15 @@ import torch
 import triton
 import triton.language as tl
 
+from flashfusemoe.backends.triton.activation import activation_forward
 from flashfusemoe.backends.triton.launch import cdiv, fast_launch, next_pow2
+from flashfusemoe.backends.triton.tma_gemm import tma_grouped_mm, tma_grouped_wgrad, tma_ok
 
-__all__ = ["grouped_mm", "grouped_mm_wgrad"]
+__all__ = ["grouped_mm", "grouped_mm_act", "grouped_mm_wgrad"]
+
+# H100 sweep (docs/kernels.md): the TMA kernel is 0.98-1.08x CUTLASS's speed on GEMMs of 0.4-3.8 TFLOP
+# (fine-grained, Mixtral-like) and 0.80-0.94x on the 0.14-0.27 TFLOP ones (seed-like).
+_TMA_MIN_FLOP = 3e11
 
 
 @triton.jit
@@ -163,16 +174,24 @@ def _tiles(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
     return 128, 128, 64, 8, 3
 
 
+def _mm_path(a_MK: torch.Tensor, b_EKN: torch.Tensor) -> str:
+    torch_ok = _torch_grouped_mm_ok(a_MK, b_EKN)
+    if tma_ok(a_MK, b_EKN) and (not torch_ok or 2 * a_MK.numel() * b_EKN.shape[2] >= _TMA_MIN_FLOP):
+        return "tma"
+    return "torch" if torch_ok else "triton"
+
+
 def grouped_mm(
-    a_MK: torch.Tensor, b_EKN: torch.Tensor, offs_E: torch.Tensor, use_torch: bool | None = None
+    a_MK: torch.Tensor, b_EKN: torch.Tensor, offs_E: torch.Tensor, path: str | None = None
 ) -> torch.Tensor:
     """``[M, N]``: row group e of ``a`` times ``b[e]``; rows past ``offs[-1]`` are left unwritten."""
     M, K = a_MK.shape
     E, _, N = b_EKN.shape
-    if use_torch is None:
-        use_torch = _torch_grouped_mm_ok(a_MK, b_EKN)
-    if use_torch:
+    path = path or _mm_path(a_MK, b_EKN)
+    if path == "torch":
         return torch._grouped_mm(a_MK, b_EKN, offs=offs_E)
+    if path == "tma":
+        return tma_grouped_mm(a_MK, b_EKN, offs_E)[0]
     c_MN = a_MK.new_empty((M, N))
     if M and N:
         BM, cap_n, cap_k, warps, stages = _tiles(a_MK.dtype)
@@ -201,15 +220,28 @@ def grouped_mm(
     return c_MN
 
 
+def grouped_mm_act(
+    a_MK: torch.Tensor, b_EKN: torch.Tensor, offs_E: torch.Tensor, activation: str, path: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h [M, N], act(h) [M, I])`` (I = N/2 for GLU activations); rows past ``offs[-1]`` unwritten."""
+    path = path or ("tma" if tma_ok(a_MK, b_EKN) else None)
+    if path == "tma":
+        return tma_grouped_mm(a_MK, b_EKN, offs_E, activation)
+    h_MN = grouped_mm(a_MK, b_EKN, offs_E, path)
+    return h_MN, activation_forward(h_MN, activation, offs_E[-1:])
+
+
 def grouped_mm_wgrad(
-    a_MP: torch.Tensor, b_MQ: torch.Tensor, offs_E: torch.Tensor, use_torch: bool | None = None
+    a_MP: torch.Tensor, b_MQ: torch.Tensor, offs_E: torch.Tensor, path: str | None = None
 ) -> torch.Tensor:
     """``[E, P, Q]``: ``a_e.T @ b_e`` per row group (zeros for an empty group)."""
     P, Q, E = a_MP.shape[1], b_MQ.shape[1], offs_E.shape[0]
-    if use_torch is None:
-        use_torch = _torch_grouped_mm_ok(a_MP, b_MQ)
-    if use_torch:
+    if path is None:
+        path = "torch" if _torch_grouped_mm_ok(a_MP, b_MQ) else "tma" if tma_ok(a_MP, b_MQ) else "triton"
+    if path == "torch":
         return torch._grouped_mm(a_MP.t(), b_MQ, offs=offs_E)
+    if path == "tma":
+        return tma_grouped_wgrad(a_MP, b_MQ, offs_E)
     c_EPQ = a_MP.new_empty((E, P, Q))
     if E and P and Q:
         cap_p, cap_q, BK, warps, stages = _tiles(a_MP.dtype)

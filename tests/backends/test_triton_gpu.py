@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from flashfusemoe import MoELayer
-from flashfusemoe.backends.triton.grouped_gemm import grouped_mm, grouped_mm_wgrad
+from flashfusemoe.backends.triton.grouped_gemm import grouped_mm, grouped_mm_act, grouped_mm_wgrad
+from flashfusemoe.spec import activate
 
 pytestmark = pytest.mark.gpu
 
@@ -84,8 +85,10 @@ def test_triton_fp32_matches_reference(recompute):
         torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("form", ["rows", "wgrad"])
-def test_grouped_mm_torch_and_triton_paths_agree_on_unaligned_groups(form):
+@pytest.mark.parametrize("form", ["rows", "rows-kmajor", "wgrad", "swiglu", "gelu"])
+def test_triton_grouped_gemm_paths_agree_on_unaligned_groups(form):
+    """Every path (CUTLASS, TMA, pointer loads) of each GEMM form, bf16, against fp32 math; group sizes
+    not multiples of any tile, one group empty."""
     torch.manual_seed(1)
     E, M, P, Q = 6, 1000, 256, 384
     counts = torch.bincount(torch.randint(0, E, (M,)), minlength=E)
@@ -93,17 +96,28 @@ def test_grouped_mm_torch_and_triton_paths_agree_on_unaligned_groups(form):
     counts[0] += M - counts.sum()
     offs = torch.cumsum(counts, 0).int().cuda()
     a = torch.randn(M, P, device="cuda").bfloat16()
-    b = (
-        torch.randn(E, P, Q, device="cuda").bfloat16()
-        if form == "rows"
-        else torch.randn(M, Q, device="cuda").bfloat16()
-    )
-    fn = grouped_mm if form == "rows" else grouped_mm_wgrad
-    ref = fn(a.float(), b.float(), offs)
-    for use_torch in (True, False):
-        got = fn(a, b, offs, use_torch=use_torch).float()
-        rel = ((got - ref).norm() / ref.norm()).item()
-        assert rel < 1e-2, f"use_torch={use_torch}: rel err {rel:.2e}"
+    if form == "wgrad":
+        b = torch.randn(M, Q, device="cuda").bfloat16()
+    elif form == "rows":
+        b = torch.randn(E, P, Q, device="cuda").bfloat16()
+    else:  # stored [E, Q, P] like w_up, used transposed
+        b = torch.randn(E, Q, P, device="cuda").bfloat16().transpose(1, 2)
+    paths = ["tma", "triton"] + ([] if form in ("swiglu", "gelu") else ["torch"])
+    for path in paths:
+        if form == "wgrad":
+            got, ref = (
+                grouped_mm_wgrad(a, b, offs, path),
+                grouped_mm_wgrad(a.float(), b.float(), offs, "triton"),
+            )
+        elif form.startswith("rows"):
+            got, ref = grouped_mm(a, b, offs, path), grouped_mm(a.float(), b.float(), offs, "triton")
+        else:
+            h, got = grouped_mm_act(a, b, offs, form, path)
+            h_ref = grouped_mm(a.float(), b.float(), offs, "triton")
+            assert ((h.float() - h_ref).norm() / h_ref.norm()).item() < 1e-2, path
+            ref = activate(h.float(), form)  # from the rounded h, as the backward sees it
+        rel = ((got.float() - ref).norm() / ref.norm()).item()
+        assert rel < 1e-2, f"{path}: rel err {rel:.2e}"
 
 
 def test_triton_compile_fullgraph_no_recompile_on_new_routing():

@@ -18,9 +18,10 @@ from flashfusemoe.backends.triton import experts as tri_experts
 from flashfusemoe.backends.triton import grouped_mlp as tri_grouped_mlp
 from flashfusemoe.backends.triton import route as tri_route
 from flashfusemoe.backends.triton.activation import activation_backward, activation_forward
-from flashfusemoe.backends.triton.grouped_gemm import grouped_mm, grouped_mm_wgrad
+from flashfusemoe.backends.triton.grouped_gemm import grouped_mm, grouped_mm_act, grouped_mm_wgrad
 from flashfusemoe.backends.triton.metadata import routing_metadata
 from flashfusemoe.backends.triton.permute import combine_rows, gather_rows
+from flashfusemoe.backends.triton.tma_gemm import tma_layout_ok, tma_ok
 from flashfusemoe.comm import FakeWorld
 from flashfusemoe.comm.base import sort_slots_by_expert
 from flashfusemoe.spec import ACTIVATIONS, RouterConfig, activate, is_glu
@@ -90,32 +91,90 @@ def test_triton_activation_forward_backward(activation, N, I):
         torch.testing.assert_close(gw, gw_expected, **TOL)
 
 
-@given(
-    st.integers(0, 40), st.integers(1, 20), st.integers(1, 20), st.integers(1, 6), st.integers(0, 2**31 - 1)
-)
-def test_triton_grouped_gemms_match_per_expert_matmuls(M, Kd, N, E, seed):
-    g = torch.Generator().manual_seed(seed)
+def _groups(M, E, g):
     counts = torch.bincount(torch.randint(0, E, (M,), generator=g), minlength=E)  # some groups empty
-    offs = torch.cumsum(counts, 0).int()
+    return counts, _dev(torch.cumsum(counts, 0).int())[0]
+
+
+def _paths(*operands):
+    """Our two Triton paths, the TMA one where its layout rules hold (and on a GPU, its hardware)."""
+    tma = all(map(tma_layout_ok, operands)) if DEV.type == "cpu" else tma_ok(*operands)
+    return ["triton"] + (["tma"] if tma else [])
+
+
+def _align(n, aligned):
+    """``n`` rounded up to 4 fp32 elements (16 bytes, a TMA row stride) when ``aligned``."""
+    return -(-n // 4) * 4 if aligned else n
+
+
+@given(
+    st.integers(0, 40),
+    st.integers(1, 20),
+    st.integers(1, 20),
+    st.integers(1, 6),
+    st.booleans(),
+    st.integers(0, 2**31 - 1),
+)
+def test_triton_grouped_gemms_match_per_expert_matmuls(M, Kd, N, E, aligned, seed):
+    Kd, N = _align(Kd, aligned), _align(N, aligned)
+    g = torch.Generator().manual_seed(seed)
+    counts, offs = _groups(M, E, g)
     a, b, bt, c = _dev(
         torch.randn(M, Kd, generator=g),
         torch.randn(E, Kd, N, generator=g),
         torch.randn(E, N, Kd, generator=g),
         torch.randn(M, N, generator=g),
     )
-    (offs,) = _dev(offs)
-    out, out_t, wgrad = (
-        grouped_mm(a, b, offs),
-        grouped_mm(a, bt.transpose(1, 2), offs),
-        grouped_mm_wgrad(a, c, offs),
-    )
-    start = 0
-    for e, n in enumerate(counts.tolist()):
-        rows = slice(start, start + n)
-        torch.testing.assert_close(out[rows], a[rows] @ b[e], **TOL)
-        torch.testing.assert_close(out_t[rows], a[rows] @ bt[e].t(), **TOL)
-        torch.testing.assert_close(wgrad[e], a[rows].t() @ c[rows], **TOL)
-        start += n
+    for path in _paths(a, b, bt.transpose(1, 2), c):
+        out, out_t, wgrad = (
+            grouped_mm(a, b, offs, path),
+            grouped_mm(a, bt.transpose(1, 2), offs, path),
+            grouped_mm_wgrad(a, c, offs, path),
+        )
+        start = 0
+        for e, n in enumerate(counts.tolist()):
+            rows = slice(start, start + n)
+            torch.testing.assert_close(out[rows], a[rows] @ b[e], **TOL, msg=lambda m, p=path: f"{p}: {m}")
+            torch.testing.assert_close(
+                out_t[rows], a[rows] @ bt[e].t(), **TOL, msg=lambda m, p=path: f"{p}: {m}"
+            )
+            torch.testing.assert_close(
+                wgrad[e], a[rows].t() @ c[rows], **TOL, msg=lambda m, p=path: f"{p}: {m}"
+            )
+            start += n
+
+
+@given(
+    st.sampled_from(ACTIVATIONS),
+    st.integers(0, 40),
+    st.integers(1, 20),
+    st.integers(1, 20),
+    st.integers(1, 6),
+    st.booleans(),
+    st.booleans(),
+    st.integers(0, 2**31 - 1),
+)
+def test_triton_grouped_mm_act_matches_gemm_then_reference_activation(
+    activation, M, Kd, I, E, kmajor, aligned, seed
+):
+    Kd, I = _align(Kd, aligned), _align(I, aligned)
+    g = torch.Generator().manual_seed(seed)
+    counts, offs = _groups(M, E, g)
+    F = 2 * I if is_glu(activation) else I
+    (a,) = _dev(torch.randn(M, Kd, generator=g))
+    (w,) = _dev(torch.randn(E, F, Kd, generator=g))  # w_up's layout: b = w.T per expert, K-major
+    b = w.transpose(1, 2) if kmajor else w.transpose(1, 2).contiguous()
+    for path in _paths(a, b):
+        h, act = grouped_mm_act(a, b, offs, activation, path)
+        start = 0
+        for e, n in enumerate(counts.tolist()):
+            rows = slice(start, start + n)
+            h_ref = a[rows] @ b[e]
+            torch.testing.assert_close(h[rows], h_ref, **TOL, msg=lambda m, p=path: f"{p}: {m}")
+            torch.testing.assert_close(
+                act[rows], activate(h[rows], activation), **TOL, msg=lambda m, p=path: f"{p}: {m}"
+            )
+            start += n
 
 
 def _cfg_strategy():

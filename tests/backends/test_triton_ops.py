@@ -31,11 +31,13 @@ def _check(op, args):
 
 def test_triton_expert_ops_pass_opcheck():
     x, ids, w, up, down = _inputs()
-    _check(ops.moe_up_fwd.default, (x, ids, up))
+    for activation in ("swiglu", "gelu"):  # the activation output has I or F columns
+        _check(ops.moe_up_fwd.default, (x, ids, up, activation))
     meta = routing_metadata(ids, E)
     h = torch.randn(T * K, F, device=DEV)
     _check(ops.moe_up_bwd.default, (h, x, up, meta.pos_TK, meta.row_slot_N, meta.offs_E))
-    _check(ops.moe_down_fwd.default, (h, w, down, meta.pos_TK, meta.offs_E, "swiglu"))
+    a = torch.randn(T * K, F // 2, device=DEV)
+    _check(ops.moe_down_fwd.default, (a, w, down, meta.pos_TK, meta.offs_E))
     grad_out = torch.randn(T, D, device=DEV)
     for h_saved in (h, h.new_empty(0)):  # kept activations, and recompute
         args = (grad_out, h_saved, x, up, w, down, meta.pos_TK, meta.row_slot_N, meta.offs_E, "swiglu", False)

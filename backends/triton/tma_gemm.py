@@ -1,0 +1,327 @@
+"""Persistent grouped GEMMs on Hopper's tensor-memory accelerator (TMA), optionally with the expert
+activation in the epilogue.
+
+- ``tma_grouped_mm(a [M, K], b [E, K, N], offs)``: rows ``[offs[e-1], offs[e])`` of ``a`` times ``b[e]``;
+  with ``activation`` it also returns ``act(h)`` (GLU: ``act(gate) * up`` over h's two column halves),
+  computed from the rounded ``h`` in the tile's epilogue, so ``h`` is never read back.
+- ``tma_grouped_wgrad(a [M, P], b [M, Q], offs)``: ``out[e] = a_e.T @ b_e`` (zeros for an empty group).
+
+One program per SM walks the output tiles (row tiles grouped by expert, ``GROUP_M`` row tiles per
+column sweep for L2 reuse). Operands are loaded by TMA through descriptors built on the device: ``a``
+as one ``[M, K]`` descriptor (rows past a group's end belong to the next group and are simply not
+stored), ``b`` as a 3-D ``[E, ., .]`` descriptor, so a tile never reads another expert's weights; the
+weight gradient uses one ``[end_e, .]`` descriptor per group, whose zero fill past the group's end
+masks the next group's rows. Stores are masked pointer stores (a TMA store could overwrite the next
+group's rows). Needs 16-byte aligned bases and row strides and unit column strides (``tma_ok``).
+
+Legend: M rows (expert-sorted), E experts (groups), K/P/Q/N matrix dims, I = activation columns
+(N/2 for GLU, else N), offs int32 inclusive row ends.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime import _allocation
+
+from flashfusemoe.backends.triton.activation import ACT_CODES, _act_and_grad
+from flashfusemoe.backends.triton.launch import cdiv, fast_launch, next_pow2
+
+__all__ = ["tma_grouped_mm", "tma_grouped_wgrad", "tma_layout_ok", "tma_ok"]
+
+_GLU = ("swiglu", "geglu")
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global scratch for on-device descriptors, from PyTorch's caching allocator (graph-capturable)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    # Triton's allocator is per thread context (autograd runs backward on its own threads); set ours
+    # only where none is set, so a caller's own allocator wins.
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
+
+
+_SMS: dict[int, int] = {}
+
+
+def _num_programs(device: torch.device) -> int:
+    """One program per SM (a few under the interpreter, enough to exercise the persistent loop)."""
+    if device.type != "cuda":
+        return 3
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SMS:
+        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SMS[index]
+
+
+_HOPPER: dict[int, bool] = {}
+
+
+def tma_layout_ok(t: torch.Tensor) -> bool:
+    """16-byte aligned base, one unit stride (the last; or the middle one of a 3-D ``b`` stored
+    K-major) and every other stride a multiple of 16 bytes: what a TMA descriptor can describe."""
+    strides = t.stride()
+    unit = len(strides) - 1 if strides[-1] == 1 else 1 if t.dim() == 3 and strides[1] == 1 else None
+    if unit is None or t.data_ptr() % 16:
+        return False
+    return not any((s * t.element_size()) % 16 for i, s in enumerate(strides) if i != unit)
+
+
+def tma_ok(*tensors: torch.Tensor) -> bool:
+    """Non-empty CUDA tensors on Hopper or newer, bf16/fp16/fp32, each ``tma_layout_ok``."""
+    for t in tensors:
+        if not t.is_cuda or t.dtype not in (torch.bfloat16, torch.float16, torch.float32) or t.numel() == 0:
+            return False
+        index = t.device.index
+        if index not in _HOPPER:
+            _HOPPER[index] = torch.cuda.get_device_capability(t.device) >= (9, 0)
+        if not _HOPPER[index] or not tma_layout_ok(t):
+            return False
+    return True
+
+
+@triton.jit
+def _load_b(b_desc, expert, n0, k0, B_KMAJOR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The ``[BLOCK_K, BLOCK_N]`` tile of ``b[expert]`` at (k0, n0), from either storage order."""
+    if B_KMAJOR:
+        return b_desc.load([expert, n0, k0]).reshape(BLOCK_N, BLOCK_K).T
+    return b_desc.load([expert, k0, n0]).reshape(BLOCK_K, BLOCK_N)
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    if IEEE:  # fp32 operands: exact products, as the reference computes them
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _store_tile(ptr, stride, rows, row_end, cols, col_end, val):
+    mask = (rows < row_end)[:, None] & (cols < col_end)[None, :]
+    tl.store(
+        ptr + rows[:, None].to(tl.int64) * stride + cols[None, :], val.to(ptr.dtype.element_ty), mask=mask
+    )
+
+
+@fast_launch
+@triton.jit
+def _tma_mm_kernel(
+    a_ptr,
+    b_ptr,
+    h_ptr,
+    act_ptr,
+    offs_ptr,
+    M,
+    N,
+    K,
+    E,
+    s_am,
+    s_be,
+    s_b1,
+    s_hm,
+    s_actm,
+    B_KMAJOR: tl.constexpr,
+    ACT: tl.constexpr,
+    GLU: tl.constexpr,
+    IEEE: tl.constexpr,
+    NUM_PROGS: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    # Row tiles of every expert, in expert order: loop-invariant, computed once per program.
+    es = tl.arange(0, BLOCK_E)
+    ends = tl.load(offs_ptr + es, mask=es < E, other=0)
+    starts = tl.load(offs_ptr + es - 1, mask=(es > 0) & (es < E), other=0)
+    n_tiles = tl.where(es < E, tl.cdiv(ends - starts, BLOCK_M), 0)
+    tiles_end = tl.cumsum(n_tiles, axis=0)
+    tiles_start = tiles_end - n_tiles
+    num_m = tl.sum(n_tiles, axis=0)
+    I = N // 2 if GLU else N  # GLU: a column tile pairs gate columns j with up columns I + j
+    num_n = tl.cdiv(I, BLOCK_N)
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[s_am, 1], block_shape=[BLOCK_M, BLOCK_K])
+    if B_KMAJOR:
+        b_desc = tl.make_tensor_descriptor(
+            b_ptr, shape=[E, N, K], strides=[s_be, s_b1, 1], block_shape=[1, BLOCK_N, BLOCK_K]
+        )
+    else:
+        b_desc = tl.make_tensor_descriptor(
+            b_ptr, shape=[E, K, N], strides=[s_be, s_b1, 1], block_shape=[1, BLOCK_K, BLOCK_N]
+        )
+    in_group = GROUP_M * num_n
+    for t in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGS, flatten=True):
+        first_m = (t // in_group) * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + t % size_m
+        col0 = ((t % in_group) // size_m) * BLOCK_N
+        hit = (pid_m >= tiles_start) & (pid_m < tiles_end)
+        expert = tl.max(tl.where(hit, es, -1), axis=0)
+        row0 = tl.sum(tl.where(hit, starts + (pid_m - tiles_start) * BLOCK_M, 0), axis=0)
+        row_end = tl.sum(tl.where(hit, ends, 0), axis=0)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if GLU:
+            acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            a = a_desc.load([row0, k0])
+            b = _load_b(b_desc, expert, col0, k0, B_KMAJOR, BLOCK_N, BLOCK_K)
+            acc = _dot(a, b, acc, IEEE)
+            if GLU:
+                b_up = _load_b(b_desc, expert, I + col0, k0, B_KMAJOR, BLOCK_N, BLOCK_K)
+                acc_up = _dot(a, b_up, acc_up, IEEE)
+        rows = row0 + tl.arange(0, BLOCK_M)
+        cols = col0 + tl.arange(0, BLOCK_N)
+        # The activation reads h as stored (rounded), exactly as the backward will.
+        h = acc.to(h_ptr.dtype.element_ty)
+        _store_tile(h_ptr, s_hm, rows, row_end, cols, I, h)
+        if ACT >= 0:
+            f, _ = _act_and_grad(h.to(tl.float32), ACT)
+            if GLU:
+                up = acc_up.to(h_ptr.dtype.element_ty)
+                _store_tile(h_ptr + I, s_hm, rows, row_end, cols, I, up)
+                f = f * up.to(tl.float32)
+            _store_tile(act_ptr, s_actm, rows, row_end, cols, I, f)
+
+
+@fast_launch
+@triton.jit
+def _tma_wgrad_kernel(
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    offs_ptr,
+    P,
+    Q,
+    E,
+    s_am,
+    s_bm,
+    s_ce,
+    s_cp,
+    IEEE: tl.constexpr,
+    NUM_PROGS: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    num_q = tl.cdiv(Q, BLOCK_Q)
+    per_e = tl.cdiv(P, BLOCK_P) * num_q
+    for t in tl.range(tl.program_id(0), E * per_e, NUM_PROGS):  # expert-major: tiles share a_e, b_e in L2
+        expert = t // per_e
+        p0 = ((t % per_e) // num_q) * BLOCK_P
+        q0 = (t % num_q) * BLOCK_Q
+        start = tl.load(offs_ptr + expert - 1, mask=expert > 0, other=0)
+        end = tl.load(offs_ptr + expert)
+        rows = tl.maximum(end, 1)  # a descriptor needs a non-empty shape; an empty group loads nothing
+        a_desc = tl.make_tensor_descriptor(
+            a_ptr, shape=[rows, P], strides=[s_am, 1], block_shape=[BLOCK_K, BLOCK_P]
+        )
+        b_desc = tl.make_tensor_descriptor(
+            b_ptr, shape=[rows, Q], strides=[s_bm, 1], block_shape=[BLOCK_K, BLOCK_Q]
+        )
+        acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+        for m0 in range(start, end, BLOCK_K):
+            a = a_desc.load([m0, p0])
+            b = b_desc.load([m0, q0])
+            acc = _dot(a.T, b, acc, IEEE)
+        _store_tile(
+            c_ptr + expert.to(tl.int64) * s_ce,
+            s_cp,
+            p0 + tl.arange(0, BLOCK_P),
+            P,
+            q0 + tl.arange(0, BLOCK_Q),
+            Q,
+            acc,
+        )
+
+
+def _tiles(dtype: torch.dtype, glu: bool) -> tuple[int, int, int, int, int]:
+    """(rows, cols, depth, warps, stages): 128x256x64 for 16-bit operands (a GLU tile is two 128-column
+    halves), measured best of a sweep on H100 at the benchmark shapes; small tiles for fp32 (exact dot
+    on FMA units, 4-byte shared memory)."""
+    if dtype == torch.float32:
+        return 64, 32 if glu else 64, 32, 4, 2
+    return 128, 128 if glu else 256, 64, 8, 3
+
+
+def tma_grouped_mm(
+    a_MK: torch.Tensor, b_EKN: torch.Tensor, offs_E: torch.Tensor, activation: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(h [M, N], act [M, I])``: ``h`` = row group e of ``a`` times ``b[e]``, ``act`` = its activation
+    (None without ``activation``); rows past ``offs[-1]`` are left unwritten. ``b`` may be stored
+    K-major (``b.stride(1) == 1``) or N-major (``b.stride(2) == 1``)."""
+    M, K = a_MK.shape
+    E, _, N = b_EKN.shape
+    glu = activation in _GLU
+    I = N // 2 if glu else N
+    h_MN = a_MK.new_empty((M, N))
+    act_MI = a_MK.new_empty((M, I)) if activation is not None else None
+    kmajor = b_EKN.stride(1) == 1
+    if M and N and K:
+        _ensure_allocator()
+        BM, BN, BK, warps, stages = _tiles(a_MK.dtype, glu)
+        progs = min(_num_programs(a_MK.device), (cdiv(M, BM) + E) * cdiv(I, BN))
+        _tma_mm_kernel[(progs,)](
+            a_MK,
+            b_EKN,
+            h_MN,
+            act_MI if act_MI is not None else h_MN,
+            offs_E,
+            M,
+            N,
+            K,
+            E,
+            a_MK.stride(0),
+            b_EKN.stride(0),
+            b_EKN.stride(2) if kmajor else b_EKN.stride(1),
+            h_MN.stride(0),
+            act_MI.stride(0) if act_MI is not None else 0,
+            B_KMAJOR=kmajor,
+            ACT=ACT_CODES[activation] if activation is not None else -1,
+            GLU=glu,
+            IEEE=a_MK.dtype == torch.float32,
+            NUM_PROGS=progs,
+            GROUP_M=8,
+            BLOCK_M=BM,
+            BLOCK_N=BN,
+            BLOCK_K=BK,
+            BLOCK_E=next_pow2(E),
+            num_warps=warps,
+            num_stages=stages,
+        )
+    return h_MN, act_MI
+
+
+def tma_grouped_wgrad(a_MP: torch.Tensor, b_MQ: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    """``[E, P, Q]``: ``a_e.T @ b_e`` per row group (zeros for an empty group)."""
+    P, Q, E = a_MP.shape[1], b_MQ.shape[1], offs_E.shape[0]
+    c_EPQ = a_MP.new_empty((E, P, Q))
+    if E and P and Q:
+        _ensure_allocator()
+        BP, BQ, BK, warps, stages = _tiles(a_MP.dtype, False)
+        progs = min(_num_programs(a_MP.device), E * cdiv(P, BP) * cdiv(Q, BQ))
+        _tma_wgrad_kernel[(progs,)](
+            a_MP,
+            b_MQ,
+            c_EPQ,
+            offs_E,
+            P,
+            Q,
+            E,
+            a_MP.stride(0),
+            b_MQ.stride(0),
+            c_EPQ.stride(0),
+            c_EPQ.stride(1),
+            IEEE=a_MP.dtype == torch.float32,
+            NUM_PROGS=progs,
+            BLOCK_P=BP,
+            BLOCK_Q=BQ,
+            BLOCK_K=BK,
+            num_warps=warps,
+            num_stages=stages,
+        )
+    return c_EPQ
