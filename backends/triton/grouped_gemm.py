@@ -8,9 +8,10 @@ Three forms behind one entry each, over three implementations (``path``):
   (the weight gradient), ``[E, P, Q]``; an expert with no rows gets zeros.
 Paths: ``"tma"`` (``tma_gemm.py``: persistent TMA kernels, Hopper, aligned strides), ``"torch"``
 (``torch._grouped_mm``: CUTLASS, bf16, aligned strides) and ``"triton"`` (the pointer-load kernels
-below: any GPU, fp16/fp32, odd strides, the CPU interpreter). The default picks by the H100
-measurements in docs/kernels.md: the fused activation always on TMA; plain GEMMs on TMA from
-``_TMA_MIN_FLOP`` up (CUTLASS wins the small ones); weight gradients on CUTLASS where it runs.
+below: any GPU, fp32, odd strides, the CPU interpreter). The default follows the H100 measurements in
+docs/kernels.md: the GEMM with the fused activation on TMA; plain GEMMs on CUTLASS where it runs (the
+TMA kernel ties it on the large shapes, within the power-capped clock's noise, and loses by 4-13% on
+the small ones), else on TMA (fp16: 1.4-3x faster than the pointer kernels), else pointer loads.
 
 Legend: M rows (expert-sorted), E experts (groups), K/P/Q/N matrix dims, offs int32 inclusive row ends.
 """
@@ -23,13 +24,9 @@ import triton.language as tl
 
 from flashfusemoe.backends.triton.activation import activation_forward
 from flashfusemoe.backends.triton.launch import cdiv, fast_launch, next_pow2
-from flashfusemoe.backends.triton.tma_gemm import tma_grouped_mm, tma_grouped_wgrad, tma_ok
+from flashfusemoe.backends.triton.tma_gemm import glu_halves_ok, tma_grouped_mm, tma_grouped_wgrad, tma_ok
 
 __all__ = ["grouped_mm", "grouped_mm_act", "grouped_mm_wgrad"]
-
-# H100 sweep (docs/kernels.md): the TMA kernel is 0.98-1.08x CUTLASS's speed on GEMMs of 0.4-3.8 TFLOP
-# (fine-grained, Mixtral-like) and 0.80-0.94x on the 0.14-0.27 TFLOP ones (seed-like).
-_TMA_MIN_FLOP = 3e11
 
 
 @triton.jit
@@ -174,11 +171,10 @@ def _tiles(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
     return 128, 128, 64, 8, 3
 
 
-def _mm_path(a_MK: torch.Tensor, b_EKN: torch.Tensor) -> str:
-    torch_ok = _torch_grouped_mm_ok(a_MK, b_EKN)
-    if tma_ok(a_MK, b_EKN) and (not torch_ok or 2 * a_MK.numel() * b_EKN.shape[2] >= _TMA_MIN_FLOP):
-        return "tma"
-    return "torch" if torch_ok else "triton"
+def _path(a: torch.Tensor, b: torch.Tensor) -> str:
+    if _torch_grouped_mm_ok(a, b):
+        return "torch"
+    return "tma" if tma_ok(a, b) else "triton"
 
 
 def grouped_mm(
@@ -187,7 +183,7 @@ def grouped_mm(
     """``[M, N]``: row group e of ``a`` times ``b[e]``; rows past ``offs[-1]`` are left unwritten."""
     M, K = a_MK.shape
     E, _, N = b_EKN.shape
-    path = path or _mm_path(a_MK, b_EKN)
+    path = path or _path(a_MK, b_EKN)
     if path == "torch":
         return torch._grouped_mm(a_MK, b_EKN, offs=offs_E)
     if path == "tma":
@@ -224,7 +220,8 @@ def grouped_mm_act(
     a_MK: torch.Tensor, b_EKN: torch.Tensor, offs_E: torch.Tensor, activation: str, path: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(h [M, N], act(h) [M, I])`` (I = N/2 for GLU activations); rows past ``offs[-1]`` unwritten."""
-    path = path or ("tma" if tma_ok(a_MK, b_EKN) else None)
+    if path is None and tma_ok(a_MK, b_EKN) and glu_halves_ok(b_EKN, activation):
+        path = "tma"
     if path == "tma":
         return tma_grouped_mm(a_MK, b_EKN, offs_E, activation)
     h_MN = grouped_mm(a_MK, b_EKN, offs_E, path)
@@ -236,8 +233,7 @@ def grouped_mm_wgrad(
 ) -> torch.Tensor:
     """``[E, P, Q]``: ``a_e.T @ b_e`` per row group (zeros for an empty group)."""
     P, Q, E = a_MP.shape[1], b_MQ.shape[1], offs_E.shape[0]
-    if path is None:
-        path = "torch" if _torch_grouped_mm_ok(a_MP, b_MQ) else "tma" if tma_ok(a_MP, b_MQ) else "triton"
+    path = path or _path(a_MP, b_MQ)
     if path == "torch":
         return torch._grouped_mm(a_MP.t(), b_MQ, offs=offs_E)
     if path == "tma":

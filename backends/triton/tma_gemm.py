@@ -28,7 +28,7 @@ from triton.runtime import _allocation
 from flashfusemoe.backends.triton.activation import ACT_CODES, _act_and_grad
 from flashfusemoe.backends.triton.launch import cdiv, fast_launch, next_pow2
 
-__all__ = ["tma_grouped_mm", "tma_grouped_wgrad", "tma_layout_ok", "tma_ok"]
+__all__ = ["glu_halves_ok", "tma_grouped_mm", "tma_grouped_wgrad", "tma_layout_ok", "tma_ok"]
 
 _GLU = ("swiglu", "geglu")
 
@@ -71,10 +71,20 @@ def tma_layout_ok(t: torch.Tensor) -> bool:
     return not any((s * t.element_size()) % 16 for i, s in enumerate(strides) if i != unit)
 
 
+def glu_halves_ok(b_EKN: torch.Tensor, activation: str | None) -> bool:
+    """A GLU epilogue views b's N columns as two halves: with N contiguous, the half's offset must be a
+    multiple of 16 bytes too."""
+    if activation not in _GLU or b_EKN.stride(1) == 1:
+        return True
+    return (b_EKN.shape[2] // 2 * b_EKN.element_size()) % 16 == 0
+
+
 def tma_ok(*tensors: torch.Tensor) -> bool:
-    """Non-empty CUDA tensors on Hopper or newer, bf16/fp16/fp32, each ``tma_layout_ok``."""
+    """Non-empty CUDA tensors on Hopper or newer, 16-bit, each ``tma_layout_ok``. (fp32 runs these
+    kernels only under the interpreter's tests: its exact dot is 8-18x slower here than on the
+    pointer-load kernels, measured on H100.)"""
     for t in tensors:
-        if not t.is_cuda or t.dtype not in (torch.bfloat16, torch.float16, torch.float32) or t.numel() == 0:
+        if not t.is_cuda or t.dtype not in (torch.bfloat16, torch.float16) or t.numel() == 0:
             return False
         index = t.device.index
         if index not in _HOPPER:
@@ -90,6 +100,16 @@ def _load_b(b_desc, expert, n0, k0, B_KMAJOR: tl.constexpr, BLOCK_N: tl.constexp
     if B_KMAJOR:
         return b_desc.load([expert, n0, k0]).reshape(BLOCK_N, BLOCK_K).T
     return b_desc.load([expert, k0, n0]).reshape(BLOCK_K, BLOCK_N)
+
+
+@triton.jit
+def _load_b_glu(b_desc, expert, j0, k0, B_KMAJOR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``[BLOCK_K, 2 * BLOCK_N]``: gate columns ``j0 + [0, BLOCK_N)`` then the same up columns, one
+    TMA box over b viewed with the halves as their own dimension, so one dot computes both (two dots
+    per step pipelined poorly: 1.3-1.5x slower on H100)."""
+    if B_KMAJOR:
+        return b_desc.load([expert, 0, j0, k0]).reshape(2 * BLOCK_N, BLOCK_K).T
+    return b_desc.load([expert, k0, 0, j0]).reshape(BLOCK_K, 2 * BLOCK_N)
 
 
 @triton.jit
@@ -146,7 +166,15 @@ def _tma_mm_kernel(
     I = N // 2 if GLU else N  # GLU: a column tile pairs gate columns j with up columns I + j
     num_n = tl.cdiv(I, BLOCK_N)
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[s_am, 1], block_shape=[BLOCK_M, BLOCK_K])
-    if B_KMAJOR:
+    if GLU and B_KMAJOR:  # [E, 2, I, K]
+        b_desc = tl.make_tensor_descriptor(
+            b_ptr, shape=[E, 2, I, K], strides=[s_be, I * s_b1, s_b1, 1], block_shape=[1, 2, BLOCK_N, BLOCK_K]
+        )
+    elif GLU:  # [E, K, 2, I]
+        b_desc = tl.make_tensor_descriptor(
+            b_ptr, shape=[E, K, 2, I], strides=[s_be, s_b1, I, 1], block_shape=[1, BLOCK_K, 2, BLOCK_N]
+        )
+    elif B_KMAJOR:
         b_desc = tl.make_tensor_descriptor(
             b_ptr, shape=[E, N, K], strides=[s_be, s_b1, 1], block_shape=[1, BLOCK_N, BLOCK_K]
         )
@@ -154,6 +182,7 @@ def _tma_mm_kernel(
         b_desc = tl.make_tensor_descriptor(
             b_ptr, shape=[E, K, N], strides=[s_be, s_b1, 1], block_shape=[1, BLOCK_K, BLOCK_N]
         )
+    HALVES: tl.constexpr = 2 if GLU else 1
     in_group = GROUP_M * num_n
     for t in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGS, flatten=True):
         first_m = (t // in_group) * GROUP_M
@@ -164,28 +193,34 @@ def _tma_mm_kernel(
         expert = tl.max(tl.where(hit, es, -1), axis=0)
         row0 = tl.sum(tl.where(hit, starts + (pid_m - tiles_start) * BLOCK_M, 0), axis=0)
         row_end = tl.sum(tl.where(hit, ends, 0), axis=0)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if GLU:
-            acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, HALVES * BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             a = a_desc.load([row0, k0])
-            b = _load_b(b_desc, expert, col0, k0, B_KMAJOR, BLOCK_N, BLOCK_K)
-            acc = _dot(a, b, acc, IEEE)
             if GLU:
-                b_up = _load_b(b_desc, expert, I + col0, k0, B_KMAJOR, BLOCK_N, BLOCK_K)
-                acc_up = _dot(a, b_up, acc_up, IEEE)
+                b = _load_b_glu(b_desc, expert, col0, k0, B_KMAJOR, BLOCK_N, BLOCK_K)
+            else:
+                b = _load_b(b_desc, expert, col0, k0, B_KMAJOR, BLOCK_N, BLOCK_K)
+            acc = _dot(a, b, acc, IEEE)
         rows = row0 + tl.arange(0, BLOCK_M)
         cols = col0 + tl.arange(0, BLOCK_N)
         # The activation reads h as stored (rounded), exactly as the backward will.
         h = acc.to(h_ptr.dtype.element_ty)
-        _store_tile(h_ptr, s_hm, rows, row_end, cols, I, h)
-        if ACT >= 0:
-            f, _ = _act_and_grad(h.to(tl.float32), ACT)
-            if GLU:
-                up = acc_up.to(h_ptr.dtype.element_ty)
-                _store_tile(h_ptr + I, s_hm, rows, row_end, cols, I, up)
-                f = f * up.to(tl.float32)
-            _store_tile(act_ptr, s_actm, rows, row_end, cols, I, f)
+        if GLU:
+            h3 = h.reshape(BLOCK_M, 2, BLOCK_N)
+            halves = tl.arange(0, 2) * I
+            ptrs = (
+                h_ptr + rows[:, None, None].to(tl.int64) * s_hm + halves[None, :, None] + cols[None, None, :]
+            )
+            mask = (rows < row_end)[:, None, None] & (cols < I)[None, None, :]
+            tl.store(ptrs, h3, mask=mask)
+            gate, up = tl.split(h3.permute(0, 2, 1))
+            f, _ = _act_and_grad(gate.to(tl.float32), ACT)
+            _store_tile(act_ptr, s_actm, rows, row_end, cols, I, f * up.to(tl.float32))
+        else:
+            _store_tile(h_ptr, s_hm, rows, row_end, cols, N, h)
+            if ACT >= 0:
+                f, _ = _act_and_grad(h.to(tl.float32), ACT)
+                _store_tile(act_ptr, s_actm, rows, row_end, cols, N, f)
 
 
 @fast_launch
@@ -240,9 +275,9 @@ def _tma_wgrad_kernel(
 
 
 def _tiles(dtype: torch.dtype, glu: bool) -> tuple[int, int, int, int, int]:
-    """(rows, cols, depth, warps, stages): 128x256x64 for 16-bit operands (a GLU tile is two 128-column
-    halves), measured best of a sweep on H100 at the benchmark shapes; small tiles for fp32 (exact dot
-    on FMA units, 4-byte shared memory)."""
+    """(rows, cols, depth, warps, stages): 128x256x64 for 16-bit operands (a GLU tile: 128 gate and the
+    same 128 up columns), the best of a sweep on H100 at the benchmark shapes; small tiles for fp32
+    (exact dot on FMA units, 4-byte shared memory; the interpreter's tests)."""
     if dtype == torch.float32:
         return 64, 32 if glu else 64, 32, 4, 2
     return 128, 128 if glu else 256, 64, 8, 3
