@@ -35,8 +35,6 @@ def next_pow2(n: int) -> int:
 
 
 def _arg_key(a):
-    if a.__class__ is int:  # the common case first: sizes and strides
-        return a == 1, a % 16 == 0, a in _INT32
     if isinstance(a, torch.Tensor):
         return a.dtype, a.data_ptr() % 16 == 0
     if isinstance(a, bool):
@@ -48,6 +46,20 @@ def _arg_key(a):
     if a is None:
         return None
     raise TypeError(f"fast_launch: unsupported kernel argument of type {type(a).__name__}")
+
+
+def _args_key(args) -> tuple:
+    """``_arg_key`` of every argument, with the two common cases inlined (a per-launch host cost)."""
+    key = []
+    for a in args:
+        cls = a.__class__
+        if cls is int:
+            key.append((a == 1, a % 16 == 0, a in _INT32))
+        elif cls is torch.Tensor:
+            key.append((a.dtype, a.data_ptr() % 16 == 0))
+        else:
+            key.append(_arg_key(a))
+    return tuple(key)
 
 
 _RUNTIME = getattr(getattr(triton, "knobs", None), "runtime", None)
@@ -78,7 +90,7 @@ class _FastKernel:
         if not self.fast or _hooks_installed():
             return self.fn[grid](*args, **kwargs)
         device = torch.cuda.current_device()
-        key = (device, tuple(kwargs.items()), *map(_arg_key, args))
+        key = (device, tuple(kwargs.items()), _args_key(args))
         kernel = self.compiled.get(key)
         if kernel is None:  # first call: Triton compiles (or finds) and launches it
             kernel = self.fn[grid](*args, **kwargs)

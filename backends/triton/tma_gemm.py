@@ -23,7 +23,13 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.runtime import _allocation
+
+try:  # on-device TMA descriptors and the scratch allocator they need: Triton >= 3.4
+    from triton.runtime import _allocation
+
+    _HAVE_TMA = hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
+except ImportError:
+    _HAVE_TMA = False
 
 from flashfusemoe.backends.triton.activation import ACT_CODES, _act_and_grad
 from flashfusemoe.backends.triton.launch import cdiv, fast_launch, next_pow2
@@ -80,9 +86,11 @@ def glu_halves_ok(b_EKN: torch.Tensor, activation: str | None) -> bool:
 
 
 def tma_ok(*tensors: torch.Tensor) -> bool:
-    """Non-empty CUDA tensors on Hopper or newer, 16-bit, each ``tma_layout_ok``. (fp32 runs these
-    kernels only under the interpreter's tests: its exact dot is 8-18x slower here than on the
-    pointer-load kernels, measured on H100.)"""
+    """A Triton with TMA descriptors; non-empty CUDA tensors on Hopper or newer, 16-bit, each
+    ``tma_layout_ok``. (fp32 runs these kernels only in the interpreter's tests: its exact dot is
+    1.5-18x slower here than in the pointer-load kernels, measured on H100.)"""
+    if not _HAVE_TMA:
+        return False
     for t in tensors:
         if not t.is_cuda or t.dtype not in (torch.bfloat16, torch.float16) or t.numel() == 0:
             return False
