@@ -45,8 +45,8 @@ def _up_fwd(
     x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, w_up: torch.Tensor, activation: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     meta = routing_metadata(topk_ids_TK, w_up.shape[0])
-    x_ND = gather_rows(x_TD, meta.row_slot_N, meta.live, topk_ids_TK.shape[1])
-    h_NF, a_NI = grouped_mm_act(x_ND, w_up.transpose(1, 2), meta.offs_E, activation)
+    gather = (meta.row_slot_N, topk_ids_TK.shape[1])  # expert-order row r is token row_slot[r] // K
+    h_NF, a_NI = grouped_mm_act(x_TD, w_up.transpose(1, 2), meta.offs_E, activation, gather=gather)
     return h_NF, a_NI, meta.pos_TK, meta.row_slot_N, meta.offs_E
 
 

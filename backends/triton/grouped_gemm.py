@@ -24,6 +24,7 @@ import triton.language as tl
 
 from flashfusemoe.backends.triton.activation import activation_forward
 from flashfusemoe.backends.triton.launch import cdiv, fast_launch, next_pow2
+from flashfusemoe.backends.triton.permute import gather_rows
 from flashfusemoe.backends.triton.tma_gemm import glu_halves_ok, tma_grouped_mm, tma_grouped_wgrad, tma_ok
 
 __all__ = ["grouped_mm", "grouped_mm_act", "grouped_mm_wgrad"]
@@ -217,13 +218,22 @@ def grouped_mm(
 
 
 def grouped_mm_act(
-    a_MK: torch.Tensor, b_EKN: torch.Tensor, offs_E: torch.Tensor, activation: str, path: str | None = None
+    a_MK: torch.Tensor,
+    b_EKN: torch.Tensor,
+    offs_E: torch.Tensor,
+    activation: str,
+    path: str | None = None,
+    gather: tuple[torch.Tensor, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(h [M, N], act(h) [M, I])`` (I = N/2 for GLU activations); rows past ``offs[-1]`` unwritten."""
+    """``(h [M, N], act(h) [M, I])`` (I = N/2 for GLU activations); rows past ``offs[-1]`` unwritten.
+    With ``gather = (idx_M, div)`` the GEMM's row r is row ``idx[r] // div`` of ``a`` (``gather_rows``):
+    read in place by the TMA kernel, permuted first on the other paths."""
     if path is None and tma_ok(a_MK, b_EKN) and glu_halves_ok(b_EKN, activation):
         path = "tma"
     if path == "tma":
-        return tma_grouped_mm(a_MK, b_EKN, offs_E, activation)
+        return tma_grouped_mm(a_MK, b_EKN, offs_E, activation, gather)
+    if gather is not None:
+        a_MK = gather_rows(a_MK, gather[0], offs_E[-1:], gather[1])
     h_MN = grouped_mm(a_MK, b_EKN, offs_E, path)
     return h_MN, activation_forward(h_MN, activation, offs_E[-1:])
 

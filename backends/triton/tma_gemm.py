@@ -143,6 +143,7 @@ def _tma_mm_kernel(
     h_ptr,
     act_ptr,
     offs_ptr,
+    idx_ptr,
     M,
     N,
     K,
@@ -153,6 +154,7 @@ def _tma_mm_kernel(
     s_hm,
     s_actm,
     B_KMAJOR: tl.constexpr,
+    GATHER: tl.constexpr,
     ACT: tl.constexpr,
     GLU: tl.constexpr,
     IEEE: tl.constexpr,
@@ -173,7 +175,10 @@ def _tma_mm_kernel(
     num_m = tl.sum(n_tiles, axis=0)
     I = N // 2 if GLU else N  # GLU: a column tile pairs gate columns j with up columns I + j
     num_n = tl.cdiv(I, BLOCK_N)
-    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[s_am, 1], block_shape=[BLOCK_M, BLOCK_K])
+    if GATHER == 0:
+        a_desc = tl.make_tensor_descriptor(
+            a_ptr, shape=[M, K], strides=[s_am, 1], block_shape=[BLOCK_M, BLOCK_K]
+        )
     if GLU and B_KMAJOR:  # [E, 2, I, K]
         b_desc = tl.make_tensor_descriptor(
             b_ptr, shape=[E, 2, I, K], strides=[s_be, I * s_b1, s_b1, 1], block_shape=[1, 2, BLOCK_N, BLOCK_K]
@@ -201,15 +206,23 @@ def _tma_mm_kernel(
         expert = tl.max(tl.where(hit, es, -1), axis=0)
         row0 = tl.sum(tl.where(hit, starts + (pid_m - tiles_start) * BLOCK_M, 0), axis=0)
         row_end = tl.sum(tl.where(hit, ends, 0), axis=0)
+        rows = row0 + tl.arange(0, BLOCK_M)
+        if GATHER:  # row r reads a's row idx[r] // GATHER (TMA has no row gather on Hopper)
+            src = tl.load(idx_ptr + rows, mask=rows < row_end, other=0) // GATHER
+            a_rows = a_ptr + src[:, None].to(tl.int64) * s_am
+            ks = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_M, HALVES * BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            a = a_desc.load([row0, k0])
+            if GATHER:
+                a_mask = (rows < row_end)[:, None] & (k0 + ks < K)[None, :]
+                a = tl.load(a_rows + (k0 + ks)[None, :], mask=a_mask, other=0.0)
+            else:
+                a = a_desc.load([row0, k0])
             if GLU:
                 b = _load_b_glu(b_desc, expert, col0, k0, B_KMAJOR, BLOCK_N, BLOCK_K)
             else:
                 b = _load_b(b_desc, expert, col0, k0, B_KMAJOR, BLOCK_N, BLOCK_K)
             acc = _dot(a, b, acc, IEEE)
-        rows = row0 + tl.arange(0, BLOCK_M)
         cols = col0 + tl.arange(0, BLOCK_N)
         # The activation reads h as stored (rounded), exactly as the backward will.
         h = acc.to(h_ptr.dtype.element_ty)
@@ -292,12 +305,18 @@ def _tiles(dtype: torch.dtype, glu: bool) -> tuple[int, int, int, int, int]:
 
 
 def tma_grouped_mm(
-    a_MK: torch.Tensor, b_EKN: torch.Tensor, offs_E: torch.Tensor, activation: str | None = None
+    a_MK: torch.Tensor,
+    b_EKN: torch.Tensor,
+    offs_E: torch.Tensor,
+    activation: str | None = None,
+    gather: tuple[torch.Tensor, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(h [M, N], act [M, I])``: ``h`` = row group e of ``a`` times ``b[e]``, ``act`` = its activation
     (None without ``activation``); rows past ``offs[-1]`` are left unwritten. ``b`` may be stored
-    K-major (``b.stride(1) == 1``) or N-major (``b.stride(2) == 1``)."""
-    M, K = a_MK.shape
+    K-major (``b.stride(1) == 1``) or N-major (``b.stride(2) == 1``). With ``gather = (idx_M, div)``
+    row r of the product reads row ``idx[r] // div`` of ``a`` (``[*, K]``), which is never permuted in
+    memory, and the result has ``len(idx)`` rows."""
+    M, K = a_MK.shape if gather is None else (gather[0].shape[0], a_MK.shape[1])
     E, _, N = b_EKN.shape
     glu = activation in _GLU
     I = N // 2 if glu else N
@@ -314,6 +333,7 @@ def tma_grouped_mm(
             h_MN,
             act_MI if act_MI is not None else h_MN,
             offs_E,
+            gather[0] if gather is not None else offs_E,
             M,
             N,
             K,
@@ -324,6 +344,7 @@ def tma_grouped_mm(
             h_MN.stride(0),
             act_MI.stride(0) if act_MI is not None else 0,
             B_KMAJOR=kmajor,
+            GATHER=gather[1] if gather is not None else 0,
             ACT=ACT_CODES[activation] if activation is not None else -1,
             GLU=glu,
             IEEE=a_MK.dtype == torch.float32,

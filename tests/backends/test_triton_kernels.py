@@ -152,20 +152,27 @@ def test_triton_grouped_gemms_match_per_expert_matmuls(M, Kd, N, E, aligned, see
     st.integers(1, 6),
     st.booleans(),
     st.booleans(),
+    st.sampled_from([0, 1, 3]),
     st.integers(0, 2**31 - 1),
 )
 def test_triton_grouped_mm_act_matches_gemm_then_reference_activation(
-    activation, M, Kd, I, E, kmajor, aligned, seed
+    activation, M, Kd, I, E, kmajor, aligned, div, seed
 ):
+    """GEMM + activation epilogue; with ``div`` > 0 the rows are gathered (``src[idx // div]``)."""
     Kd, I = _align(Kd, aligned), _align(I, aligned)
     g = torch.Generator().manual_seed(seed)
     counts, offs = _groups(M, E, g)
     F = 2 * I if is_glu(activation) else I
-    (a,) = _dev(torch.randn(M, Kd, generator=g))
+    (src,) = _dev(torch.randn(M + 2, Kd, generator=g))
     (w,) = _dev(torch.randn(E, F, Kd, generator=g))  # w_up's layout: b = w.T per expert, K-major
     b = w.transpose(1, 2) if kmajor else w.transpose(1, 2).contiguous()
-    for path in _paths(a, b) if glu_halves_ok(b, activation) else ["triton"]:
-        h, act = grouped_mm_act(a, b, offs, activation, path)
+    if div:
+        (idx,) = _dev(torch.randint(0, (M + 2) * div, (M,), generator=g, dtype=torch.int32))
+        a, gather = src[idx.long() // div], (idx, div)
+    else:
+        a, gather = src[:M], None
+    for path in _paths(src, b) if glu_halves_ok(b, activation) else ["triton"]:
+        h, act = grouped_mm_act(src if div else a, b, offs, activation, path, gather)
         start = 0
         for e, n in enumerate(counts.tolist()):
             rows = slice(start, start + n)
