@@ -1,5 +1,6 @@
-"""Fused expert computation: routing metadata -> gather -> grouped GEMM up -> activation -> grouped GEMM
-down -> weighted combine, and its backward; ``grouped_mlp`` for rows that arrive already grouped (EP).
+"""Fused expert computation: routing metadata -> grouped GEMM up over gathered rows, with the activation
+(one TMA kernel on Hopper) -> grouped GEMM down -> weighted combine, and its backward; ``grouped_mlp``
+for rows that arrive already grouped (EP).
 
 Each step is a ``torch.library.custom_op`` (opaque to torch.compile, no host sync) under an
 autograd.Function that saves only ``h`` (the up-projection, or nothing with ``recompute``) beside what
