@@ -14,12 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from flashfusemoe.backends.triton.grouped_gemm import (
-    grouped_mm,
-    grouped_mm_act,
-    grouped_mm_act_backward,
-    grouped_mm_wgrad,
-)
+from flashfusemoe.backends.triton.activation import activation_backward
+from flashfusemoe.backends.triton.grouped_gemm import grouped_mm, grouped_mm_act, grouped_mm_wgrad
 from flashfusemoe.backends.triton.metadata import routing_metadata
 from flashfusemoe.backends.triton.ops import custom_op
 from flashfusemoe.backends.triton.permute import combine_rows, gather_rows
@@ -122,10 +118,11 @@ def _down_bwd(
     else:
         h_NF = h_saved
     grad_y_ND = gather_rows(grad_out_TD.contiguous(), row_slot_N, live, K)
-    grad_h_NF, wa_NI, grad_w_S = grouped_mm_act_backward(
-        grad_y_ND, w_down, offs_E, h_NF, activation, weights_TK.reshape(-1), row_slot_N, recomputed or reuse_h
+    grad_a_NI = grouped_mm(grad_y_ND, w_down, offs_E)
+    grad_h_NF, wa_NI, grad_w_S = activation_backward(
+        h_NF, grad_a_NI, activation, live, weights_TK.reshape(-1), row_slot_N, recomputed or reuse_h
     )
-    del h_NF
+    del grad_a_NI, h_NF
     grad_w_down = grouped_mm_wgrad(grad_y_ND, wa_NI, offs_E)
     return grad_h_NF, grad_w_S.view(pos_TK.shape), grad_w_down
 

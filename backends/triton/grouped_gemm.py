@@ -22,18 +22,12 @@ import torch
 import triton
 import triton.language as tl
 
-from flashfusemoe.backends.triton.activation import activation_backward, activation_forward
+from flashfusemoe.backends.triton.activation import activation_forward
 from flashfusemoe.backends.triton.launch import cdiv, fast_launch, next_pow2
 from flashfusemoe.backends.triton.permute import gather_rows
-from flashfusemoe.backends.triton.tma_gemm import (
-    glu_halves_ok,
-    tma_grouped_mm,
-    tma_grouped_mm_act_backward,
-    tma_grouped_wgrad,
-    tma_ok,
-)
+from flashfusemoe.backends.triton.tma_gemm import glu_halves_ok, tma_grouped_mm, tma_grouped_wgrad, tma_ok
 
-__all__ = ["grouped_mm", "grouped_mm_act", "grouped_mm_act_backward", "grouped_mm_wgrad"]
+__all__ = ["grouped_mm", "grouped_mm_act", "grouped_mm_wgrad"]
 
 
 @triton.jit
@@ -242,30 +236,6 @@ def grouped_mm_act(
         a_MK = gather_rows(a_MK, gather[0], offs_E[-1:], gather[1])
     h_MN = grouped_mm(a_MK, b_EKN, offs_E, path)
     return h_MN, activation_forward(h_MN, activation, offs_E[-1:])
-
-
-def grouped_mm_act_backward(
-    grad_y_MK: torch.Tensor,
-    b_EKI: torch.Tensor,
-    offs_E: torch.Tensor,
-    h_MF: torch.Tensor,
-    activation: str,
-    weights_S: torch.Tensor,
-    row_slot_M: torch.Tensor,
-    overwrite_h: bool = False,
-    path: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``activation_backward`` of ``g_a = grad_y @ b[e]`` (per row group): ``(grad_h [M, F], w*a [M, I],
-    grad_w_S)``, the routing weights ``weights_S`` read through ``row_slot``. On the TMA path ``g_a`` is
-    consumed in the GEMM's epilogue instead of going through memory."""
-    if path is None and b_EKI.stride(2) == 1 and tma_ok(grad_y_MK, b_EKI, h_MF):
-        path = "tma"
-    if path == "tma":
-        return tma_grouped_mm_act_backward(
-            grad_y_MK, b_EKI, offs_E, h_MF, activation, weights_S, row_slot_M, overwrite_h
-        )
-    grad_a_MI = grouped_mm(grad_y_MK, b_EKI, offs_E, path)
-    return activation_backward(h_MF, grad_a_MI, activation, offs_E[-1:], weights_S, row_slot_M, overwrite_h)
 
 
 def grouped_mm_wgrad(

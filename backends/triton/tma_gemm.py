@@ -34,14 +34,7 @@ except ImportError:
 from flashfusemoe.backends.triton.activation import ACT_CODES, _act_and_grad
 from flashfusemoe.backends.triton.launch import cdiv, fast_launch, next_pow2
 
-__all__ = [
-    "glu_halves_ok",
-    "tma_grouped_mm",
-    "tma_grouped_mm_act_backward",
-    "tma_grouped_wgrad",
-    "tma_layout_ok",
-    "tma_ok",
-]
+__all__ = ["glu_halves_ok", "tma_grouped_mm", "tma_grouped_wgrad", "tma_layout_ok", "tma_ok"]
 
 _GLU = ("swiglu", "geglu")
 
@@ -142,46 +135,6 @@ def _store_tile(ptr, stride, rows, row_end, cols, col_end, val):
     )
 
 
-@triton.jit
-def _row_tiles(offs_ptr, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
-    """Every expert's row tiles in expert order, computed once per program: (group starts, group ends,
-    first tile, end tile, per expert; total tiles)."""
-    es = tl.arange(0, BLOCK_E)
-    ends = tl.load(offs_ptr + es, mask=es < E, other=0)
-    starts = tl.load(offs_ptr + es - 1, mask=(es > 0) & (es < E), other=0)
-    n_tiles = tl.where(es < E, tl.cdiv(ends - starts, BLOCK_M), 0)
-    tiles_end = tl.cumsum(n_tiles, axis=0)
-    return starts, ends, tiles_end - n_tiles, tiles_end, tl.sum(n_tiles, axis=0)
-
-
-@triton.jit
-def _tile(
-    t,
-    num_m,
-    num_n,
-    starts,
-    ends,
-    tiles_start,
-    tiles_end,
-    GROUP_M: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-):
-    """Output tile ``t`` -> (expert, first row, group end, first column, column tile): ``GROUP_M`` row
-    tiles sweep the columns together (their ``b`` tiles stay in L2)."""
-    in_group = GROUP_M * num_n
-    first_m = (t // in_group) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + t % size_m
-    pid_n = (t % in_group) // size_m
-    hit = (pid_m >= tiles_start) & (pid_m < tiles_end)
-    expert = tl.max(tl.where(hit, tl.arange(0, BLOCK_E), -1), axis=0)
-    row0 = tl.sum(tl.where(hit, starts + (pid_m - tiles_start) * BLOCK_M, 0), axis=0)
-    row_end = tl.sum(tl.where(hit, ends, 0), axis=0)
-    return expert, row0, row_end, pid_n * BLOCK_N, pid_n
-
-
 @fast_launch
 @triton.jit
 def _tma_mm_kernel(
@@ -212,7 +165,14 @@ def _tma_mm_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
-    starts, ends, tiles_start, tiles_end, num_m = _row_tiles(offs_ptr, E, BLOCK_M, BLOCK_E)
+    # Row tiles of every expert, in expert order: loop-invariant, computed once per program.
+    es = tl.arange(0, BLOCK_E)
+    ends = tl.load(offs_ptr + es, mask=es < E, other=0)
+    starts = tl.load(offs_ptr + es - 1, mask=(es > 0) & (es < E), other=0)
+    n_tiles = tl.where(es < E, tl.cdiv(ends - starts, BLOCK_M), 0)
+    tiles_end = tl.cumsum(n_tiles, axis=0)
+    tiles_start = tiles_end - n_tiles
+    num_m = tl.sum(n_tiles, axis=0)
     I = N // 2 if GLU else N  # GLU: a column tile pairs gate columns j with up columns I + j
     num_n = tl.cdiv(I, BLOCK_N)
     if GATHER == 0:
@@ -236,10 +196,16 @@ def _tma_mm_kernel(
             b_ptr, shape=[E, K, N], strides=[s_be, s_b1, 1], block_shape=[1, BLOCK_K, BLOCK_N]
         )
     HALVES: tl.constexpr = 2 if GLU else 1
+    in_group = GROUP_M * num_n
     for t in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGS, flatten=True):
-        expert, row0, row_end, col0, _ = _tile(
-            t, num_m, num_n, starts, ends, tiles_start, tiles_end, GROUP_M, BLOCK_M, BLOCK_N, BLOCK_E
-        )
+        first_m = (t // in_group) * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + t % size_m
+        col0 = ((t % in_group) // size_m) * BLOCK_N
+        hit = (pid_m >= tiles_start) & (pid_m < tiles_end)
+        expert = tl.max(tl.where(hit, es, -1), axis=0)
+        row0 = tl.sum(tl.where(hit, starts + (pid_m - tiles_start) * BLOCK_M, 0), axis=0)
+        row_end = tl.sum(tl.where(hit, ends, 0), axis=0)
         rows = row0 + tl.arange(0, BLOCK_M)
         if GATHER:  # row r reads a's row idx[r] // GATHER (TMA has no row gather on Hopper)
             src = tl.load(idx_ptr + rows, mask=rows < row_end, other=0) // GATHER
@@ -276,95 +242,6 @@ def _tma_mm_kernel(
             if ACT >= 0:
                 f, _ = _act_and_grad(h.to(tl.float32), ACT)
                 _store_tile(act_ptr, s_actm, rows, row_end, cols, N, f)
-
-
-@fast_launch
-@triton.jit
-def _tma_mm_act_bwd_kernel(
-    a_ptr,
-    b_ptr,
-    h_ptr,
-    gh_ptr,
-    wa_ptr,
-    part_ptr,
-    w_ptr,
-    row_slot_ptr,
-    offs_ptr,
-    M,
-    I,
-    K,
-    E,
-    s_am,
-    s_be,
-    s_bk,
-    s_hm,
-    s_ghm,
-    s_wam,
-    ACT: tl.constexpr,
-    GLU: tl.constexpr,
-    NUM_PROGS: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-):
-    """``g_a = a @ b[e]`` per row group, then in the epilogue what ``activation.py``'s backward computes
-    from it (``g_a`` never goes to memory): ``grad_h``, ``w*a`` and, per column tile, the partial
-    ``<g_a, a>`` of each row, summed in tile order by ``_sum_parts_kernel`` (no atomics)."""
-    starts, ends, tiles_start, tiles_end, num_m = _row_tiles(offs_ptr, E, BLOCK_M, BLOCK_E)
-    num_n = tl.cdiv(I, BLOCK_N)
-    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[s_am, 1], block_shape=[BLOCK_M, BLOCK_K])
-    b_desc = tl.make_tensor_descriptor(
-        b_ptr, shape=[E, K, I], strides=[s_be, s_bk, 1], block_shape=[1, BLOCK_K, BLOCK_N]
-    )
-    for t in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGS, flatten=True):
-        expert, row0, row_end, col0, pid_n = _tile(
-            t, num_m, num_n, starts, ends, tiles_start, tiles_end, GROUP_M, BLOCK_M, BLOCK_N, BLOCK_E
-        )
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            a = a_desc.load([row0, k0])
-            b = b_desc.load([expert, k0, col0]).reshape(BLOCK_K, BLOCK_N)
-            acc = tl.dot(a, b, acc)
-        rows = row0 + tl.arange(0, BLOCK_M)
-        cols = col0 + tl.arange(0, BLOCK_N)
-        row_ok = rows < row_end
-        mask = row_ok[:, None] & (cols < I)[None, :]
-        ga = acc.to(h_ptr.dtype.element_ty).to(tl.float32)  # rounded, as a stored g_a would be
-        slots = tl.load(row_slot_ptr + rows, mask=row_ok, other=0)
-        w = tl.load(w_ptr + slots, mask=row_ok, other=0.0)[:, None]
-        h_rows = h_ptr + rows[:, None].to(tl.int64) * s_hm + cols[None, :]
-        gh_rows = gh_ptr + rows[:, None].to(tl.int64) * s_ghm + cols[None, :]
-        f, df = _act_and_grad(tl.load(h_rows, mask=mask, other=0.0).to(tl.float32), ACT)
-        if GLU:
-            up = tl.load(h_rows + I, mask=mask, other=0.0).to(tl.float32)
-            act = f * up
-            tl.store(gh_rows, (w * ga * up * df).to(gh_ptr.dtype.element_ty), mask=mask)
-            tl.store(gh_rows + I, (w * ga * f).to(gh_ptr.dtype.element_ty), mask=mask)
-        else:
-            act = f
-            tl.store(gh_rows, (w * ga * df).to(gh_ptr.dtype.element_ty), mask=mask)
-        _store_tile(wa_ptr, s_wam, rows, row_end, cols, I, w * act)
-        tl.store(part_ptr + rows.to(tl.int64) * num_n + pid_n, tl.sum(ga * act, axis=1), mask=row_ok)
-
-
-@fast_launch
-@triton.jit
-def _sum_parts_kernel(
-    part_ptr, row_slot_ptr, gw_ptr, live_ptr, P, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr
-):
-    """``gw[slot(r)] = sum of row r's column-tile partials``, rows below ``live``."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < tl.load(live_ptr)
-    ps = tl.arange(0, BLOCK_P)
-    parts = tl.load(
-        part_ptr + rows[:, None].to(tl.int64) * P + ps[None, :],
-        mask=row_ok[:, None] & (ps < P)[None, :],
-        other=0.0,
-    )
-    slots = tl.load(row_slot_ptr + rows, mask=row_ok, other=0)
-    tl.store(gw_ptr + slots, tl.sum(parts, axis=1), mask=row_ok)
 
 
 @fast_launch
@@ -481,67 +358,6 @@ def tma_grouped_mm(
             num_stages=stages,
         )
     return h_MN, act_MI
-
-
-def tma_grouped_mm_act_backward(
-    grad_y_MK: torch.Tensor,
-    b_EKI: torch.Tensor,
-    offs_E: torch.Tensor,
-    h_MF: torch.Tensor,
-    activation: str,
-    weights_S: torch.Tensor,
-    row_slot_M: torch.Tensor,
-    overwrite_h: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``activation_backward(h, grad_y @ b[e] per row group, ...)`` with the GEMM's result consumed in
-    its epilogue: same outputs (``grad_h [M, F]``, ``w*a [M, I]``, ``grad_w_S``) and the same rules
-    (``grad_h`` over ``h`` with ``overwrite_h``; rows past ``offs[-1]`` untouched). ``b`` N-major."""
-    M, K = grad_y_MK.shape
-    E, _, I = b_EKI.shape
-    grad_h_MF = h_MF if overwrite_h else torch.empty_like(h_MF)
-    wa_MI = h_MF.new_empty((M, I))
-    grad_w_S = torch.zeros(weights_S.shape[0], dtype=torch.float32, device=h_MF.device)
-    if M and I and K:
-        _ensure_allocator()
-        BM, BN, BK, warps, stages = _tiles(grad_y_MK.dtype, False)
-        n_parts = cdiv(I, BN)
-        parts_MP = torch.empty((M, n_parts), dtype=torch.float32, device=h_MF.device)
-        progs = min(_num_programs(grad_y_MK.device), (cdiv(M, BM) + E) * n_parts)
-        _tma_mm_act_bwd_kernel[(progs,)](
-            grad_y_MK,
-            b_EKI,
-            h_MF,
-            grad_h_MF,
-            wa_MI,
-            parts_MP,
-            weights_S,
-            row_slot_M,
-            offs_E,
-            M,
-            I,
-            K,
-            E,
-            grad_y_MK.stride(0),
-            b_EKI.stride(0),
-            b_EKI.stride(1),
-            h_MF.stride(0),
-            grad_h_MF.stride(0),
-            wa_MI.stride(0),
-            ACT=ACT_CODES[activation],
-            GLU=activation in _GLU,
-            NUM_PROGS=progs,
-            GROUP_M=8,
-            BLOCK_M=BM,
-            BLOCK_N=BN,
-            BLOCK_K=BK,
-            BLOCK_E=next_pow2(E),
-            num_warps=warps,
-            num_stages=stages,
-        )
-        _sum_parts_kernel[(cdiv(M, 16),)](
-            parts_MP, row_slot_M, grad_w_S, offs_E[-1:], n_parts, BLOCK_R=16, BLOCK_P=next_pow2(n_parts)
-        )
-    return grad_h_MF, wa_MI, grad_w_S
 
 
 def tma_grouped_wgrad(a_MP: torch.Tensor, b_MQ: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
