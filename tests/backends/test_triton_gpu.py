@@ -136,6 +136,37 @@ def test_triton_compile_fullgraph_no_recompile_on_new_routing():
             torch.testing.assert_close(out, ref_out, rtol=2e-2, atol=2e-2)
 
 
+def test_triton_compile_reduce_overhead_matches_eager():
+    """What the README recommends for small shapes: torch.compile with CUDA graphs (cudagraph trees),
+    forward and backward, against the same layer run eagerly; new routing every step."""
+    layer = _layer(128, 256, 8, 2, False, torch.bfloat16)
+    layer.backend = "triton"
+    eager = copy.deepcopy(layer)
+    compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+
+    def close(
+        got, ref, name
+    ):  # bf16 rounding differs where inductor fuses (2 ulps seen); stale data would not
+        rel = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+        assert rel < 1e-2, f"step {seed} {name}: rel err {rel:.2e}"
+
+    for seed in range(4):  # the first calls warm up and record; the later ones replay the graphs
+        torch.manual_seed(seed)
+        x = torch.randn(256, 128, device="cuda", dtype=torch.bfloat16)
+        torch.compiler.cudagraph_mark_step_begin()
+        layer.zero_grad(set_to_none=True)
+        eager.zero_grad(set_to_none=True)
+        x_c, x_e = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out, losses = compiled(x_c)
+        (out.float().square().sum() + losses["aux_loss"]).backward()
+        ref, ref_losses = eager(x_e)
+        (ref.float().square().sum() + ref_losses["aux_loss"]).backward()
+        close(out, ref, "out")
+        close(x_c.grad, x_e.grad, "x.grad")
+        for (name, p), q in zip(layer.named_parameters(), eager.parameters(), strict=True):
+            close(p.grad, q.grad, name + ".grad")
+
+
 def test_triton_cuda_graph_capture_and_replay():
     layer = _layer(128, 256, 8, 2, False, torch.bfloat16)
     layer.backend = "triton"
