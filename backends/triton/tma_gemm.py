@@ -3,7 +3,9 @@ activation in the epilogue.
 
 - ``tma_grouped_mm(a [M, K], b [E, K, N], offs)``: rows ``[offs[e-1], offs[e])`` of ``a`` times ``b[e]``;
   with ``activation`` it also returns ``act(h)`` (GLU: ``act(gate) * up`` over h's two column halves),
-  computed from the rounded ``h`` in the tile's epilogue, so ``h`` is never read back.
+  computed from the rounded ``h`` in the tile's epilogue, so ``h`` is never read back; with
+  ``gather = (idx, div)`` row r reads ``a[idx[r] // div]`` (pointer loads: Hopper's TMA has no row
+  gather), so token rows need no permuted copy.
 - ``tma_grouped_wgrad(a [M, P], b [M, Q], offs)``: ``out[e] = a_e.T @ b_e`` (zeros for an empty group).
 
 One program per SM walks the output tiles (row tiles grouped by expert, ``GROUP_M`` row tiles per
@@ -11,7 +13,8 @@ column sweep for L2 reuse). Operands are loaded by TMA through descriptors built
 as one ``[M, K]`` descriptor (rows past a group's end belong to the next group and are simply not
 stored), ``b`` as a 3-D ``[E, ., .]`` descriptor, so a tile never reads another expert's weights; the
 weight gradient uses one ``[end_e, .]`` descriptor per group, whose zero fill past the group's end
-masks the next group's rows. Stores are masked pointer stores (a TMA store could overwrite the next
+masks the next group's rows. GLU tiles load gate and up rows as one box of ``b`` viewed
+``[E, 2, I, K]``. Stores are masked pointer stores (a TMA store could overwrite the next
 group's rows). Needs 16-byte aligned bases and row strides and unit column strides (``tma_ok``).
 
 Legend: M rows (expert-sorted), E experts (groups), K/P/Q/N matrix dims, I = activation columns
