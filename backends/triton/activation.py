@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from flashfusemoe.backends.triton.launch import cdiv, fast_launch, next_pow2
+from flashfusemoe.spec import is_glu
 
 __all__ = ["ACT_CODES", "activation_backward", "activation_forward"]
 
@@ -70,7 +71,7 @@ def _act_fwd_kernel(
 
 def activation_forward(h_NF: torch.Tensor, activation: str, live: torch.Tensor) -> torch.Tensor:
     """``a [N, I]`` in h's dtype; rows at or past ``live`` are left unwritten."""
-    glu = activation in ("swiglu", "geglu")
+    glu = is_glu(activation)
     N, F = h_NF.shape
     I = F // 2 if glu else F
     a_NI = h_NF.new_empty((N, I))
@@ -173,7 +174,7 @@ def activation_backward(
     ``w*a`` is written over ``grad_a_NI`` and, with ``overwrite_h`` (for an ``h`` the caller owns, e.g.
     recomputed), ``grad_h`` over ``h_NF``: a program reads a tile, then overwrites that same tile, so
     each consumed input saves its buffer at the backward's peak."""
-    glu = activation in ("swiglu", "geglu")
+    glu = is_glu(activation)
     N, F = h_NF.shape
     I = grad_a_NI.shape[1]
     grad_h_NF = h_NF if overwrite_h else torch.empty_like(h_NF)

@@ -19,6 +19,7 @@ from flashfusemoe.backends.triton.grouped_gemm import grouped_mm, grouped_mm_act
 from flashfusemoe.backends.triton.metadata import routing_metadata
 from flashfusemoe.backends.triton.ops import custom_op
 from flashfusemoe.backends.triton.permute import combine_rows, gather_rows
+from flashfusemoe.spec import is_glu
 
 __all__ = ["experts", "grouped_mlp"]
 
@@ -34,7 +35,7 @@ def _up_fwd_fake(x_TD, topk_ids_TK, w_up, activation):
     i32 = dict(dtype=torch.int32)
     return (
         x_TD.new_empty((T * K, F)),
-        x_TD.new_empty((T * K, F // 2 if activation in ("swiglu", "geglu") else F)),
+        x_TD.new_empty((T * K, F // 2 if is_glu(activation) else F)),
         x_TD.new_empty((T, K), **i32),
         x_TD.new_empty((T * K,), **i32),
         x_TD.new_empty((w_up.shape[0],), **i32),

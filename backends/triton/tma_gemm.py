@@ -36,10 +36,9 @@ except ImportError:
 
 from flashfusemoe.backends.triton.activation import ACT_CODES, _act_and_grad
 from flashfusemoe.backends.triton.launch import cdiv, fast_launch, next_pow2
+from flashfusemoe.spec import is_glu
 
 __all__ = ["glu_halves_ok", "tma_grouped_mm", "tma_grouped_wgrad", "tma_layout_ok", "tma_ok"]
-
-_GLU = ("swiglu", "geglu")
 
 
 def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
@@ -83,7 +82,7 @@ def tma_layout_ok(t: torch.Tensor) -> bool:
 def glu_halves_ok(b_EKN: torch.Tensor, activation: str | None) -> bool:
     """A GLU epilogue views b's N columns as two halves: with N contiguous, the half's offset must be a
     multiple of 16 bytes too."""
-    if activation not in _GLU or b_EKN.stride(1) == 1:
+    if activation is None or not is_glu(activation) or b_EKN.stride(1) == 1:
         return True
     return (b_EKN.shape[2] // 2 * b_EKN.element_size()) % 16 == 0
 
@@ -321,7 +320,7 @@ def tma_grouped_mm(
     memory, and the result has ``len(idx)`` rows."""
     M, K = a_MK.shape if gather is None else (gather[0].shape[0], a_MK.shape[1])
     E, _, N = b_EKN.shape
-    glu = activation in _GLU
+    glu = activation is not None and is_glu(activation)
     I = N // 2 if glu else N
     h_MN = a_MK.new_empty((M, N))
     act_MI = a_MK.new_empty((M, I)) if activation is not None else None
