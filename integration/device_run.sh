@@ -8,7 +8,7 @@ python3 -c 'import torch, triton; print(torch.__version__, triton.__version__, t
 ln -sfn ../backends flashfusemoe/backends; ln -sfn ../comm flashfusemoe/comm
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if [ "${RUN_TESTS:-1}" = 1 ]; then
-  timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/backends/test_triton_gpu.py} 2>&1 | tee "$OUT/tests.log" | tail -40
+  timeout ${TEST_TIMEOUT:-420} python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/backends/test_triton_gpu.py} 2>&1 | tee "$OUT/tests.log" | tail -40
 fi
 if [ "${RUN_BENCH:-1}" = 1 ]; then
   timeout ${BENCH_TIMEOUT:-400} python3 integration/bench_layer.py ${BENCH_ARGS:-} --json "$OUT/bench.json" --write "$OUT/benchmarks.md" 2>&1 | tee "$OUT/bench.log" | tail -60
