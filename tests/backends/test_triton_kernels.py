@@ -5,6 +5,8 @@ on it. Edge cases: empty experts, K = E, T = 1, T = 0, odd D and I, dropped slot
 """
 
 import copy
+import dataclasses
+from unittest import mock
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from flashfusemoe import MoELayer
 from flashfusemoe.backends import get_backend
 from flashfusemoe.backends import torch as ref
 from flashfusemoe.backends.triton import experts as tri_experts
+from flashfusemoe.backends.triton import grouped_gemm
 from flashfusemoe.backends.triton import grouped_mlp as tri_grouped_mlp
 from flashfusemoe.backends.triton import route as tri_route
 from flashfusemoe.backends.triton.activation import activation_backward, activation_forward
@@ -258,8 +261,20 @@ def test_triton_router_nan_token_gets_nan_weights_and_valid_ids():
     st.sampled_from(["swiglu", "geglu", "relu2", "silu"]),
     st.booleans(),
     st.sampled_from([0.0, 0.3]),
+    st.booleans(),
 )
-def test_triton_experts_match_reference(p, activation, recompute, drop_frac):
+def test_triton_experts_match_reference(p, activation, recompute, drop_frac, tma):
+    """With ``tma`` on CPU, the TMA kernels are let in wherever their layout rules hold (as on Hopper),
+    so the interpreter runs the fused up projection (gather + GEMM + activation) end to end."""
+    if tma and DEV.type == "cpu":
+        p = dataclasses.replace(p, D=_align(p.D, True), I=_align(p.I, True))
+        with mock.patch.object(grouped_gemm, "tma_ok", lambda *ts: all(map(tma_layout_ok, ts))):
+            _experts_match_reference(p, activation, recompute, drop_frac)
+    else:
+        _experts_match_reference(p, activation, recompute, drop_frac)
+
+
+def _experts_match_reference(p, activation, recompute, drop_frac):
     F_ = 2 * p.I if is_glu(activation) else p.I
     ids = topk_ids(p, drop_frac=drop_frac).to(DEV)
     leaves = [
