@@ -6,8 +6,8 @@ Three forms behind one entry each, over three implementations (``path``):
   kernel's epilogue; a separate kernel on the other paths).
 - ``grouped_mm_wgrad(a [M, P], b [M, Q], offs)``: ``out[e] = a_e.T @ b_e`` over the same row groups
   (the weight gradient), ``[E, P, Q]``; an expert with no rows gets zeros.
-Each takes its token rows either as given or through the slot index (``gather``): read in place by the
-TMA kernels, gathered first on the other paths; ``fuse_gather`` says when the backward should.
+The first two take their token rows either as given or through the slot index (``gather``): read in
+place by the TMA kernel, gathered first on the other paths.
 Paths: ``"tma"`` (``tma_gemm.py``: persistent TMA kernels, Hopper, aligned strides), ``"torch"``
 (``torch._grouped_mm``: CUTLASS, bf16, aligned strides) and ``"triton"`` (the pointer-load kernels
 below: any GPU, fp32, odd strides, the CPU interpreter). The default follows the H100 measurements in
@@ -29,7 +29,7 @@ from flashfusemoe.backends.triton.launch import cdiv, fast_launch, next_pow2
 from flashfusemoe.backends.triton.permute import gather_rows
 from flashfusemoe.backends.triton.tma_gemm import glu_halves_ok, tma_grouped_mm, tma_grouped_wgrad, tma_ok
 
-__all__ = ["fuse_gather", "grouped_mm", "grouped_mm_act", "grouped_mm_wgrad"]
+__all__ = ["grouped_mm", "grouped_mm_act", "grouped_mm_wgrad"]
 
 
 @triton.jit
@@ -180,18 +180,6 @@ def _path(a: torch.Tensor, b: torch.Tensor) -> str:
     return "tma" if tma_ok(a, b) else "triton"
 
 
-# Per-expert weight size (elements) up to which the backward reads token rows through the slot index
-# inside TMA GEMMs rather than gathering them once for CUTLASS: measured on H100 (docs/kernels.md).
-_FUSE_GATHER_MAX_WEIGHT = 8 * 2**20
-
-
-def fuse_gather(src_SD: torch.Tensor, w_E__: torch.Tensor) -> bool:
-    """Whether GEMMs against ``w`` (an expert weight) should read ``src``'s rows through the slot index
-    (``gather=``) rather than from one permuted copy: on the TMA path, where the copy's traffic is a
-    large share of the GEMM's (small experts)."""
-    return tma_ok(src_SD, w_E__) and w_E__.shape[1] * w_E__.shape[2] <= _FUSE_GATHER_MAX_WEIGHT
-
-
 def _gathered(a: torch.Tensor, gather: tuple[torch.Tensor, int] | None, offs_E: torch.Tensor) -> torch.Tensor:
     return a if gather is None else gather_rows(a, gather[0], offs_E[-1:], gather[1])
 
@@ -264,24 +252,15 @@ def grouped_mm_act(
 
 
 def grouped_mm_wgrad(
-    a_MP: torch.Tensor,
-    b_MQ: torch.Tensor,
-    offs_E: torch.Tensor,
-    path: str | None = None,
-    gather_a: tuple[torch.Tensor, int] | None = None,
-    gather_b: tuple[torch.Tensor, int] | None = None,
+    a_MP: torch.Tensor, b_MQ: torch.Tensor, offs_E: torch.Tensor, path: str | None = None
 ) -> torch.Tensor:
-    """``[E, P, Q]``: ``a_e.T @ b_e`` per row group (zeros for an empty group). ``gather_a`` /
-    ``gather_b`` as ``grouped_mm``'s ``gather``, for either operand."""
-    if (gather_a is not None or gather_b is not None) and path is None and tma_ok(a_MP, b_MQ):
-        path = "tma"
-    if path == "tma":
-        return tma_grouped_wgrad(a_MP, b_MQ, offs_E, gather_a, gather_b)
-    a_MP, b_MQ = _gathered(a_MP, gather_a, offs_E), _gathered(b_MQ, gather_b, offs_E)
+    """``[E, P, Q]``: ``a_e.T @ b_e`` per row group (zeros for an empty group)."""
     P, Q, E = a_MP.shape[1], b_MQ.shape[1], offs_E.shape[0]
     path = path or _path(a_MP, b_MQ)
     if path == "torch":
         return torch._grouped_mm(a_MP.t(), b_MQ, offs=offs_E)
+    if path == "tma":
+        return tma_grouped_wgrad(a_MP, b_MQ, offs_E)
     c_EPQ = a_MP.new_empty((E, P, Q))
     if E and P and Q:
         cap_p, cap_q, BK, warps, stages = _tiles(a_MP.dtype)

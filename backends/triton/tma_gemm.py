@@ -6,8 +6,7 @@ activation in the epilogue.
   computed from the rounded ``h`` in the tile's epilogue, so ``h`` is never read back; with
   ``gather = (idx, div)`` row r reads ``a[idx[r] // div]`` (pointer loads: Hopper's TMA has no row
   gather), so token rows need no permuted copy.
-- ``tma_grouped_wgrad(a [M, P], b [M, Q], offs)``: ``out[e] = a_e.T @ b_e`` (zeros for an empty group);
-  either operand may be read through a slot index the same way.
+- ``tma_grouped_wgrad(a [M, P], b [M, Q], offs)``: ``out[e] = a_e.T @ b_e`` (zeros for an empty group).
 
 One program per SM walks the output tiles (row tiles grouped by expert, ``GROUP_M`` row tiles per
 column sweep for L2 reuse). Operands are loaded by TMA through descriptors built on the device: ``a``
@@ -247,31 +246,6 @@ def _tma_mm_kernel(
                 _store_tile(act_ptr, s_actm, rows, row_end, cols, N, f)
 
 
-@triton.jit
-def _load_rows(
-    desc,
-    ptr,
-    idx_ptr,
-    m0,
-    end,
-    c0,
-    C,
-    stride,
-    DIV: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    """``[BLOCK_K, BLOCK_C]`` of rows ``m0 + [0, BLOCK_K)`` (zeros from ``end`` on), columns from c0: by
-    TMA, or with ``DIV`` row r read from ``ptr``'s row ``idx[r] // DIV`` by pointer loads."""
-    if DIV == 0:
-        return desc.load([m0, c0])
-    rows = m0 + tl.arange(0, BLOCK_K)
-    cols = c0 + tl.arange(0, BLOCK_C)
-    src = tl.load(idx_ptr + rows, mask=rows < end, other=0) // DIV
-    mask = (rows < end)[:, None] & (cols < C)[None, :]
-    return tl.load(ptr + src[:, None].to(tl.int64) * stride + cols[None, :], mask=mask, other=0.0)
-
-
 @fast_launch
 @triton.jit
 def _tma_wgrad_kernel(
@@ -279,8 +253,6 @@ def _tma_wgrad_kernel(
     b_ptr,
     c_ptr,
     offs_ptr,
-    a_idx_ptr,
-    b_idx_ptr,
     P,
     Q,
     E,
@@ -288,8 +260,6 @@ def _tma_wgrad_kernel(
     s_bm,
     s_ce,
     s_cp,
-    GATHER_A: tl.constexpr,
-    GATHER_B: tl.constexpr,
     IEEE: tl.constexpr,
     NUM_PROGS: tl.constexpr,
     BLOCK_P: tl.constexpr,
@@ -305,20 +275,16 @@ def _tma_wgrad_kernel(
         start = tl.load(offs_ptr + expert - 1, mask=expert > 0, other=0)
         end = tl.load(offs_ptr + expert)
         rows = tl.maximum(end, 1)  # a descriptor needs a non-empty shape; an empty group loads nothing
-        a_desc = a_ptr  # gathered operands are read by pointer loads and need no descriptor
-        b_desc = b_ptr
-        if GATHER_A == 0:
-            a_desc = tl.make_tensor_descriptor(
-                a_ptr, shape=[rows, P], strides=[s_am, 1], block_shape=[BLOCK_K, BLOCK_P]
-            )
-        if GATHER_B == 0:
-            b_desc = tl.make_tensor_descriptor(
-                b_ptr, shape=[rows, Q], strides=[s_bm, 1], block_shape=[BLOCK_K, BLOCK_Q]
-            )
+        a_desc = tl.make_tensor_descriptor(
+            a_ptr, shape=[rows, P], strides=[s_am, 1], block_shape=[BLOCK_K, BLOCK_P]
+        )
+        b_desc = tl.make_tensor_descriptor(
+            b_ptr, shape=[rows, Q], strides=[s_bm, 1], block_shape=[BLOCK_K, BLOCK_Q]
+        )
         acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
         for m0 in range(start, end, BLOCK_K):
-            a = _load_rows(a_desc, a_ptr, a_idx_ptr, m0, end, p0, P, s_am, GATHER_A, BLOCK_K, BLOCK_P)
-            b = _load_rows(b_desc, b_ptr, b_idx_ptr, m0, end, q0, Q, s_bm, GATHER_B, BLOCK_K, BLOCK_Q)
+            a = a_desc.load([m0, p0])
+            b = b_desc.load([m0, q0])
             acc = _dot(a.T, b, acc, IEEE)
         _store_tile(
             c_ptr + expert.to(tl.int64) * s_ce,
@@ -396,15 +362,8 @@ def tma_grouped_mm(
     return h_MN, act_MI
 
 
-def tma_grouped_wgrad(
-    a_MP: torch.Tensor,
-    b_MQ: torch.Tensor,
-    offs_E: torch.Tensor,
-    gather_a: tuple[torch.Tensor, int] | None = None,
-    gather_b: tuple[torch.Tensor, int] | None = None,
-) -> torch.Tensor:
-    """``[E, P, Q]``: ``a_e.T @ b_e`` per row group (zeros for an empty group). With ``gather_a =
-    (idx_M, div)`` row r of ``a`` is read from ``a[idx[r] // div]`` in place (likewise ``gather_b``)."""
+def tma_grouped_wgrad(a_MP: torch.Tensor, b_MQ: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    """``[E, P, Q]``: ``a_e.T @ b_e`` per row group (zeros for an empty group)."""
     P, Q, E = a_MP.shape[1], b_MQ.shape[1], offs_E.shape[0]
     c_EPQ = a_MP.new_empty((E, P, Q))
     if E and P and Q:
@@ -416,8 +375,6 @@ def tma_grouped_wgrad(
             b_MQ,
             c_EPQ,
             offs_E,
-            gather_a[0] if gather_a is not None else offs_E,
-            gather_b[0] if gather_b is not None else offs_E,
             P,
             Q,
             E,
@@ -425,8 +382,6 @@ def tma_grouped_wgrad(
             b_MQ.stride(0),
             c_EPQ.stride(0),
             c_EPQ.stride(1),
-            GATHER_A=gather_a[1] if gather_a is not None else 0,
-            GATHER_B=gather_b[1] if gather_b is not None else 0,
             IEEE=a_MP.dtype == torch.float32,
             NUM_PROGS=progs,
             BLOCK_P=BP,
