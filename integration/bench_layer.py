@@ -104,8 +104,10 @@ def _bind(fn, inputs):
     return (lambda: fn(x, gate, up, down, bias)), [x, gate, up, down]
 
 
-def time_variant(fn, inputs, grad_out, graph: bool) -> tuple[float, float, float]:
-    """Median ms of forward, of forward+backward, and of forward+backward replayed from a CUDA graph."""
+def time_variant(fn, inputs, grad_out, graph: bool) -> tuple[float, float, float, float]:
+    """Median ms of forward, of forward+backward (gradients None before each), of forward+backward
+    replayed from a CUDA graph, and of forward+backward adding into existing gradient buffers (as in
+    gradient accumulation)."""
     fwd, params = _bind(fn, inputs)
 
     def fwd_bwd():
@@ -116,27 +118,33 @@ def time_variant(fn, inputs, grad_out, graph: bool) -> tuple[float, float, float
     fwd_ms, total_ms = timed(fwd), timed(fwd_bwd)
     graph_ms = graphed_ms(fwd, grad_out, params) if graph else float("nan")
     for p in params:
-        p.grad = None
-    return fwd_ms, total_ms, graph_ms
-
-
-def memory_variant(fn, inputs, grad_out) -> tuple[int, int]:
-    """Peak bytes of forward+backward above inputs, weights and persistent gradient buffers (as in
-    training), and the bytes the forward keeps for backward."""
-    fwd, params = _bind(fn, inputs)
-    for p in params:
         p.grad = torch.zeros_like(p)
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out = fwd()
-    saved = torch.cuda.memory_allocated() - base - out.numel() * out.element_size()
-    out.backward(grad_out)
-    peak = torch.cuda.max_memory_allocated() - base
-    del out
+    acc_ms = timed(lambda: fwd().backward(grad_out))
     for p in params:
         p.grad = None
-    return peak, saved
+    return fwd_ms, total_ms, graph_ms, acc_ms
+
+
+def memory_variant(fn, inputs, grad_out) -> tuple[int, int, int]:
+    """Peak bytes of forward+backward above inputs, weights and persistent gradient buffers (as in
+    training); the same above inputs and weights when the gradients are created by this backward (the
+    first micro-batch after ``zero_grad()``); and the bytes the forward keeps for backward."""
+    fwd, params = _bind(fn, inputs)
+    peaks = []
+    for existing in (True, False):
+        for p in params:
+            p.grad = torch.zeros_like(p) if existing else None
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fwd()
+        saved = torch.cuda.memory_allocated() - base - out.numel() * out.element_size()
+        out.backward(grad_out)
+        peaks.append(torch.cuda.max_memory_allocated() - base)
+        del out
+        for p in params:
+            p.grad = None
+    return peaks[0], peaks[1], saved
 
 
 def graphed_ms(fwd, grad_out, params) -> float:
@@ -201,14 +209,18 @@ def render(card: str, ceiling: float, rows: list, floors: dict) -> str:
         f"Dense bf16 GEMM ceiling measured in the same run: {ceiling:.0f} TFLOP/s. Times are medians of "
         "20 runs (CUDA events), then the median over interleaved rounds. `vs baseline` = baseline time "
         "/ ours, same shape, routing and run; `graphed` = replayed from a CUDA graph (no launch overhead). "
-        "`max load` = hottest expert's slots / mean. Memory: peak of forward+backward above the inputs, "
-        "weights and their persistent gradient buffers; `saved` = what the forward keeps for backward. "
+        "`max load` = hottest expert's slots / mean. `into .grad` = forward+backward with the gradient "
+        "buffers already there (gradient accumulation, `zero_grad(set_to_none=False)`): autograd adds "
+        "into them, our backward adds the expert weights' gradients in its GEMMs. Memory: `peak` = peak of "
+        "forward+backward above the inputs, weights and those gradient buffers; `peak, new .grad` = above "
+        "the inputs and weights when this backward creates the gradients (the first micro-batch after "
+        "`zero_grad()`: the gradients themselves count); `saved` = what the forward keeps for backward. "
         "`non-GEMM` = share of the graphed time above the GEMM floor (fastest path per GEMM, table below).",
         "",
-        "| shape (T,D,I,E,K) | routing | max load | variant | fwd ms | fwd+bwd ms | graphed ms | TFLOP/s | "
-        "% ceiling | "
-        "peak GiB | saved GiB | vs baseline | graphed vs baseline | non-GEMM |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| shape (T,D,I,E,K) | routing | max load | variant | fwd ms | fwd+bwd ms | graphed ms | "
+        "into .grad ms | TFLOP/s | % ceiling | peak GiB | peak, new .grad | saved GiB | vs baseline | "
+        "graphed vs baseline | into .grad vs baseline | peak vs baseline | non-GEMM |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         base = next(
@@ -220,10 +232,11 @@ def render(card: str, ceiling: float, rows: list, floors: dict) -> str:
         )
         lines.append(
             f"| {r['shape']} {SHAPES[r['shape']]} | {r['routing']} | {r['max_load']:.2f} | {r['variant']} | "
-            f"{r['fwd_ms']:.2f} | {r['total_ms']:.2f} | {r['graph_ms']:.2f} | {r['tflops']:.0f} | "
-            f"{100 * r['tflops'] / ceiling:.0f}% | "
-            f"{r['peak_gib']:.2f} | {r['saved_gib']:.2f} | {base['total_ms'] / r['total_ms']:.2f}x | "
-            f"{base['graph_ms'] / r['graph_ms']:.2f}x | "
+            f"{r['fwd_ms']:.2f} | {r['total_ms']:.2f} | {r['graph_ms']:.2f} | {r['acc_ms']:.2f} | "
+            f"{r['tflops']:.0f} | {100 * r['tflops'] / ceiling:.0f}% | "
+            f"{r['peak_gib']:.2f} | {r['peak_fresh_gib']:.2f} | {r['saved_gib']:.2f} | "
+            f"{base['total_ms'] / r['total_ms']:.2f}x | {base['graph_ms'] / r['graph_ms']:.2f}x | "
+            f"{base['acc_ms'] / r['acc_ms']:.2f}x | {r['peak_gib'] / base['peak_gib']:.2f}x | "
             f"{100 * (1 - sum(_best_of(floors[r['shape']]).values()) / r['graph_ms']):.0f}% |"
         )
     lines += [
@@ -280,8 +293,8 @@ def main() -> None:
                 for name, fn in chosen.items():
                     times[name].append(time_variant(fn, inputs, grad_out, graph=name != "torch reference"))
             for name, fn in chosen.items():
-                peak, saved = memory_variant(fn, inputs, grad_out)
-                fwd_ms, total_ms, graph_ms = (
+                peak, peak_fresh, saved = memory_variant(fn, inputs, grad_out)
+                fwd_ms, total_ms, graph_ms, acc_ms = (
                     statistics.median(col) for col in zip(*times[name], strict=True)
                 )
                 rows.append(
@@ -293,8 +306,10 @@ def main() -> None:
                         fwd_ms=fwd_ms,
                         total_ms=total_ms,
                         graph_ms=graph_ms,
+                        acc_ms=acc_ms,
                         tflops=3 * flops_fwd / total_ms / 1e9,
                         peak_gib=peak / 2**30,
+                        peak_fresh_gib=peak_fresh / 2**30,
                         saved_gib=saved / 2**30,
                     )
                 )

@@ -52,11 +52,15 @@ def _up_fwd(
     return h_NF, a_NI, meta.pos_TK, meta.row_slot_N, meta.offs_E
 
 
-def _up_bwd_fake(grad_h_NF, x_TD, w_up, pos_TK, row_slot_N, offs_E):
-    return x_TD.new_empty(x_TD.shape), w_up.new_empty(w_up.shape)
+def _wgrad_fake(w, grad_w_acc):
+    return w.new_empty(w.shape if grad_w_acc is None else (0,))
 
 
-@custom_op("moe_up_bwd", _up_bwd_fake)
+def _up_bwd_fake(grad_h_NF, x_TD, w_up, pos_TK, row_slot_N, offs_E, grad_w_up_acc):
+    return x_TD.new_empty(x_TD.shape), _wgrad_fake(w_up, grad_w_up_acc)
+
+
+@custom_op("moe_up_bwd", _up_bwd_fake, mutates=("grad_w_up_acc",))
 def _up_bwd(
     grad_h_NF: torch.Tensor,
     x_TD: torch.Tensor,
@@ -64,12 +68,24 @@ def _up_bwd(
     pos_TK: torch.Tensor,
     row_slot_N: torch.Tensor,
     offs_E: torch.Tensor,
+    grad_w_up_acc: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_x, grad_w_up)``; with ``grad_w_up_acc`` the weight gradient is added into it instead
+    and ``grad_w_up`` is empty."""
     x_ND = gather_rows(x_TD, row_slot_N, offs_E[-1:], pos_TK.shape[1])
-    grad_w_up = grouped_mm_wgrad(grad_h_NF, x_ND, offs_E)
+    grad_w_up = _wgrad(grad_h_NF, x_ND, offs_E, grad_w_up_acc)
     del x_ND
     grad_x_TD = combine_rows(grouped_mm(grad_h_NF, w_up, offs_E), pos_TK)
     return grad_x_TD, grad_w_up
+
+
+def _wgrad(a_NP, b_NQ, offs_E, acc_EPQ):
+    """The weight gradient, fresh; or added into ``acc`` (then an empty tensor: a custom op's output
+    may not alias its input)."""
+    if acc_EPQ is None:
+        return grouped_mm_wgrad(a_NP, b_NQ, offs_E)
+    grouped_mm_wgrad(a_NP, b_NQ, offs_E, out=acc_EPQ)
+    return acc_EPQ.new_empty(0)
 
 
 def _down_fwd_fake(a_NI, weights_TK, w_down, pos_TK, offs_E):
@@ -88,16 +104,27 @@ def _down_fwd(
 
 
 def _down_bwd_fake(
-    grad_out_TD, h_saved, x_TD, w_up, weights_TK, w_down, pos_TK, row_slot_N, offs_E, act, reuse
+    grad_out_TD,
+    h_saved,
+    x_TD,
+    w_up,
+    weights_TK,
+    w_down,
+    pos_TK,
+    row_slot_N,
+    offs_E,
+    act,
+    reuse,
+    grad_w_down_acc,
 ):
     return (
         x_TD.new_empty((row_slot_N.shape[0], w_up.shape[1])),
         weights_TK.new_empty(weights_TK.shape, dtype=torch.float32),
-        w_down.new_empty(w_down.shape),
+        _wgrad_fake(w_down, grad_w_down_acc),
     )
 
 
-@custom_op("moe_down_bwd", _down_bwd_fake)
+@custom_op("moe_down_bwd", _down_bwd_fake, mutates=("grad_w_down_acc",))
 def _down_bwd(
     grad_out_TD: torch.Tensor,
     h_saved: torch.Tensor,
@@ -110,8 +137,10 @@ def _down_bwd(
     offs_E: torch.Tensor,
     activation: str,
     reuse_h: bool,
+    grad_w_down_acc: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``grad_h`` (over ``h_saved`` itself with ``reuse_h``), the routing-weight and ``w_down`` grads."""
+    """``grad_h`` (over ``h_saved`` itself with ``reuse_h``), the routing-weight and ``w_down`` grads
+    (the last added into ``grad_w_down_acc`` if given, and then empty)."""
     live, K = offs_E[-1:], pos_TK.shape[1]
     gather = (row_slot_N, K)
     recomputed = h_saved.dim() != 2  # the forward kept no activations
@@ -124,8 +153,35 @@ def _down_bwd(
         h_NF, grad_a_NI, activation, live, weights_TK.reshape(-1), row_slot_N, recomputed or reuse_h
     )
     del grad_a_NI, h_NF
-    grad_w_down = grouped_mm_wgrad(grad_y, wa_NI, offs_E)
+    grad_w_down = _wgrad(grad_y, wa_NI, offs_E, grad_w_down_acc)
     return grad_h_NF, grad_w_S.view(pos_TK.shape), grad_w_down
+
+
+def _grad_buffer(ctx, i: int) -> torch.Tensor | None:
+    """The ``.grad`` buffer that forward input ``i``'s gradient may be added into in place, else None.
+
+    Autograd would add a returned gradient into an existing ``.grad`` anyway (gradient accumulation,
+    ``zero_grad(set_to_none=False)``); adding it in the weight-gradient GEMM's epilogue skips the
+    fresh ``[E, ., .]`` tensor (the backward's largest) and a pass over it. Only where the result is
+    the same: eager; a leaf whose AccumulateGrad node this backward runs (not ``autograd.grad``);
+    a dense ``.grad`` of the leaf's shape, dtype and device; no tensor hooks on the leaf (they would
+    be handed None). DDP's hooks on the AccumulateGrad node still run, after the buffer is updated."""
+    if torch.compiler.is_compiling():
+        return None
+    node = ctx.next_functions[i][0]
+    if type(node).__name__ != "AccumulateGrad":
+        return None
+    w = node.variable
+    grad = w.grad
+    if grad is None or w._backward_hooks or not grad.is_contiguous() or grad.is_sparse:
+        return None
+    if grad.shape != w.shape or grad.dtype != w.dtype or grad.device != w.device:
+        return None
+    try:
+        runs = torch._C._will_engine_execute_node(node)
+    except RuntimeError:  # autograd.grad() with this leaf among its inputs: .grad is not touched
+        return None
+    return grad if runs else None
 
 
 class _Up(torch.autograd.Function):
@@ -139,8 +195,9 @@ class _Up(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_h_NF, _grad_a, _pos, _row_slot, _offs):
-        grad_x, grad_w_up = _up_bwd(grad_h_NF.contiguous(), *ctx.saved_tensors)
-        return grad_x, grad_w_up, None, None
+        acc = _grad_buffer(ctx, 1)
+        grad_x, grad_w_up = _up_bwd(grad_h_NF.contiguous(), *ctx.saved_tensors, acc)
+        return grad_x, grad_w_up if acc is None else None, None, None
 
 
 class _Down(torch.autograd.Function):
@@ -172,9 +229,11 @@ class _Down(torch.autograd.Function):
         # Eager mode writes grad_h over the saved h (the backward's largest buffer) and tells autograd,
         # so a second backward fails loudly instead of reading it; compiled graphs plan their own memory.
         reuse_h = h_kept.dim() == 2 and not torch.compiler.is_compiling()
-        grad_h, grad_w, grad_w_down = _down_bwd(grad_out_TD, h_kept, *rest, ctx.activation, reuse_h)
+        acc = _grad_buffer(ctx, 3)
+        grad_h, grad_w, grad_w_down = _down_bwd(grad_out_TD, h_kept, *rest, ctx.activation, reuse_h, acc)
         if reuse_h:
             torch.autograd.graph.increment_version(h_kept)
+        grad_w_down = grad_w_down if acc is None else None
         return grad_h, None, grad_w, grad_w_down, None, None, None, None, None, None, None
 
 

@@ -5,7 +5,7 @@ Three forms behind one entry each, over three implementations (``path``):
 - ``grouped_mm_act(...)``: the same plus the expert activation of the result (fused into the TMA
   kernel's epilogue; a separate kernel on the other paths).
 - ``grouped_mm_wgrad(a [M, P], b [M, Q], offs)``: ``out[e] = a_e.T @ b_e`` over the same row groups
-  (the weight gradient), ``[E, P, Q]``; an expert with no rows gets zeros.
+  (the weight gradient), ``[E, P, Q]``; an expert with no rows gets zeros; or added into ``out``.
 The first two take their token rows either as given or through the slot index (``gather``): read in
 place by the TMA kernel, gathered first on the other paths.
 Paths: ``"tma"`` (``tma_gemm.py``: persistent TMA kernels, Hopper, aligned strides), ``"torch"``
@@ -116,6 +116,7 @@ def _grouped_wgrad_kernel(
     s_ce,
     s_cp,
     s_cq,
+    ACCUMULATE: tl.constexpr,
     IEEE: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_Q: tl.constexpr,
@@ -145,6 +146,8 @@ def _grouped_wgrad_kernel(
         else:
             acc = tl.dot(a, b, acc)
     c = c_ptr + expert.to(tl.int64) * s_ce + ps[:, None] * s_cp + qs[None, :] * s_cq
+    if ACCUMULATE:  # into a gradient buffer: one rounding
+        acc += tl.load(c, mask=p_ok[:, None] & q_ok[None, :], other=0.0).to(tl.float32)
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=p_ok[:, None] & q_ok[None, :])
 
 
@@ -252,16 +255,25 @@ def grouped_mm_act(
 
 
 def grouped_mm_wgrad(
-    a_MP: torch.Tensor, b_MQ: torch.Tensor, offs_E: torch.Tensor, path: str | None = None
+    a_MP: torch.Tensor,
+    b_MQ: torch.Tensor,
+    offs_E: torch.Tensor,
+    path: str | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``[E, P, Q]``: ``a_e.T @ b_e`` per row group (zeros for an empty group)."""
+    """``[E, P, Q]``: ``a_e.T @ b_e`` per row group (zeros for an empty group). With ``out`` (``[E, P,
+    Q]``, a's dtype, unit last stride) the product is added into ``out``, which is returned: in the
+    Triton kernels' epilogues (fp32, one rounding, no temporary), so ``out`` picks TMA over CUTLASS."""
     P, Q, E = a_MP.shape[1], b_MQ.shape[1], offs_E.shape[0]
+    if out is not None and path is None and tma_ok(a_MP, b_MQ, out):
+        path = "tma"
     path = path or _path(a_MP, b_MQ)
     if path == "torch":
-        return torch._grouped_mm(a_MP.t(), b_MQ, offs=offs_E)
+        c_EPQ = torch._grouped_mm(a_MP.t(), b_MQ, offs=offs_E)
+        return c_EPQ if out is None else out.add_(c_EPQ)
     if path == "tma":
-        return tma_grouped_wgrad(a_MP, b_MQ, offs_E)
-    c_EPQ = a_MP.new_empty((E, P, Q))
+        return tma_grouped_wgrad(a_MP, b_MQ, offs_E, out)
+    c_EPQ = a_MP.new_empty((E, P, Q)) if out is None else out
     if E and P and Q:
         cap_p, cap_q, BK, warps, stages = _tiles(a_MP.dtype)
         BP, BQ = _blocks(P, cap_p), _blocks(Q, cap_q)
@@ -276,6 +288,7 @@ def grouped_mm_wgrad(
             *a_MP.stride(),
             *b_MQ.stride(),
             *c_EPQ.stride(),
+            ACCUMULATE=out is not None,
             IEEE=a_MP.dtype == torch.float32,
             BLOCK_P=BP,
             BLOCK_Q=BQ,

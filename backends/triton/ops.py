@@ -15,12 +15,13 @@ import torch
 __all__ = ["custom_op"]
 
 
-def custom_op(name: str, fake: Callable) -> Callable[[Callable], Callable]:
-    """Decorator: register ``fn`` as ``flashfusemoe::<name>`` (no mutated args) with ``fake`` as its fake
-    implementation; the returned callable runs the op while torch.compile traces, ``fn`` otherwise."""
+def custom_op(name: str, fake: Callable, mutates: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
+    """Decorator: register ``fn`` as ``flashfusemoe::<name>`` (mutating the arguments named in
+    ``mutates``) with ``fake`` as its fake implementation; the returned callable runs the op while
+    torch.compile traces, ``fn`` otherwise."""
 
     def wrap(fn: Callable) -> Callable:
-        op = torch.library.custom_op(f"flashfusemoe::{name}", mutates_args=())(fn)
+        op = torch.library.custom_op(f"flashfusemoe::{name}", mutates_args=mutates)(fn)
         op.register_fake(fake)
 
         def call(*args):

@@ -6,7 +6,8 @@ activation in the epilogue.
   computed from the rounded ``h`` in the tile's epilogue, so ``h`` is never read back; with
   ``gather = (idx, div)`` row r reads ``a[idx[r] // div]`` (pointer loads: Hopper's TMA has no row
   gather), so token rows need no permuted copy.
-- ``tma_grouped_wgrad(a [M, P], b [M, Q], offs)``: ``out[e] = a_e.T @ b_e`` (zeros for an empty group).
+- ``tma_grouped_wgrad(a [M, P], b [M, Q], offs)``: ``out[e] = a_e.T @ b_e`` (zeros for an empty group),
+  or added into a given ``out`` (a gradient buffer) in the epilogue.
 
 One program per SM walks the output tiles (row tiles grouped by expert, ``GROUP_M`` row tiles per
 column sweep for L2 reuse). Operands are loaded by TMA through descriptors built on the device: ``a``
@@ -137,6 +138,14 @@ def _store_tile(ptr, stride, rows, row_end, cols, col_end, val):
     )
 
 
+@triton.jit
+def _plus_tile(acc, ptr, stride, rows, row_end, cols, col_end):
+    """``acc`` plus the stored tile (fp32): a gradient added into its buffer with one rounding."""
+    mask = (rows < row_end)[:, None] & (cols < col_end)[None, :]
+    old = tl.load(ptr + rows[:, None].to(tl.int64) * stride + cols[None, :], mask=mask, other=0.0)
+    return acc + old.to(tl.float32)
+
+
 @fast_launch
 @triton.jit
 def _tma_mm_kernel(
@@ -260,6 +269,7 @@ def _tma_wgrad_kernel(
     s_bm,
     s_ce,
     s_cp,
+    ACCUMULATE: tl.constexpr,
     IEEE: tl.constexpr,
     NUM_PROGS: tl.constexpr,
     BLOCK_P: tl.constexpr,
@@ -286,15 +296,11 @@ def _tma_wgrad_kernel(
             a = a_desc.load([m0, p0])
             b = b_desc.load([m0, q0])
             acc = _dot(a.T, b, acc, IEEE)
-        _store_tile(
-            c_ptr + expert.to(tl.int64) * s_ce,
-            s_cp,
-            p0 + tl.arange(0, BLOCK_P),
-            P,
-            q0 + tl.arange(0, BLOCK_Q),
-            Q,
-            acc,
-        )
+        c_e = c_ptr + expert.to(tl.int64) * s_ce
+        ps, qs = p0 + tl.arange(0, BLOCK_P), q0 + tl.arange(0, BLOCK_Q)
+        if ACCUMULATE:
+            acc = _plus_tile(acc, c_e, s_cp, ps, P, qs, Q)
+        _store_tile(c_e, s_cp, ps, P, qs, Q, acc)
 
 
 def _tiles(dtype: torch.dtype, glu: bool) -> tuple[int, int, int, int, int]:
@@ -362,10 +368,13 @@ def tma_grouped_mm(
     return h_MN, act_MI
 
 
-def tma_grouped_wgrad(a_MP: torch.Tensor, b_MQ: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
-    """``[E, P, Q]``: ``a_e.T @ b_e`` per row group (zeros for an empty group)."""
+def tma_grouped_wgrad(
+    a_MP: torch.Tensor, b_MQ: torch.Tensor, offs_E: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[E, P, Q]``: ``a_e.T @ b_e`` per row group (zeros for an empty group); with ``out`` (``[E, P,
+    Q]``, unit last stride) added into it, in fp32 with one rounding, and ``out`` returned."""
     P, Q, E = a_MP.shape[1], b_MQ.shape[1], offs_E.shape[0]
-    c_EPQ = a_MP.new_empty((E, P, Q))
+    c_EPQ = a_MP.new_empty((E, P, Q)) if out is None else out
     if E and P and Q:
         _ensure_allocator()
         BP, BQ, BK, warps, stages = _tiles(a_MP.dtype, False)
@@ -382,6 +391,7 @@ def tma_grouped_wgrad(a_MP: torch.Tensor, b_MQ: torch.Tensor, offs_E: torch.Tens
             b_MQ.stride(0),
             c_EPQ.stride(0),
             c_EPQ.stride(1),
+            ACCUMULATE=out is not None,
             IEEE=a_MP.dtype == torch.float32,
             NUM_PROGS=progs,
             BLOCK_P=BP,

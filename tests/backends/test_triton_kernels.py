@@ -128,12 +128,16 @@ def test_triton_grouped_gemms_match_per_expert_matmuls(M, Kd, N, E, aligned, see
         torch.randn(E, N, Kd, generator=g),
         torch.randn(M, N, generator=g),
     )
+    (base,) = _dev(torch.randn(E, Kd, N, generator=g))  # a gradient buffer to add into
     for path in _paths(a, b, bt.transpose(1, 2), c):
         out, out_t, wgrad = (
             grouped_mm(a, b, offs, path),
             grouped_mm(a, bt.transpose(1, 2), offs, path),
             grouped_mm_wgrad(a, c, offs, path),
         )
+        acc = base.clone()
+        assert grouped_mm_wgrad(a, c, offs, path, out=acc) is acc
+        torch.testing.assert_close(acc, base + wgrad, **TOL, msg=lambda m, p=path: f"{p}: {m}")
         start = 0
         for e, n in enumerate(counts.tolist()):
             rows = slice(start, start + n)
