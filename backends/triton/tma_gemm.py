@@ -272,16 +272,24 @@ def _tma_wgrad_kernel(
     ACCUMULATE: tl.constexpr,
     IEEE: tl.constexpr,
     NUM_PROGS: tl.constexpr,
+    GROUP_P: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
+    num_p = tl.cdiv(P, BLOCK_P)
     num_q = tl.cdiv(Q, BLOCK_Q)
-    per_e = tl.cdiv(P, BLOCK_P) * num_q
+    per_e = num_p * num_q
+    in_group = GROUP_P * num_q
     for t in tl.range(tl.program_id(0), E * per_e, NUM_PROGS):  # expert-major: tiles share a_e, b_e in L2
         expert = t // per_e
-        p0 = ((t % per_e) // num_q) * BLOCK_P
-        q0 = (t % num_q) * BLOCK_Q
+        # GROUP_P row strips sweep the columns together, so b_e's column tiles are read once per group
+        # (b_e is larger than L2 at Mixtral-like shapes)
+        local = t % per_e
+        first_p = (local // in_group) * GROUP_P
+        size_p = tl.minimum(num_p - first_p, GROUP_P)
+        p0 = (first_p + local % size_p) * BLOCK_P
+        q0 = ((local % in_group) // size_p) * BLOCK_Q
         start = tl.load(offs_ptr + expert - 1, mask=expert > 0, other=0)
         end = tl.load(offs_ptr + expert)
         rows = tl.maximum(end, 1)  # a descriptor needs a non-empty shape; an empty group loads nothing
@@ -368,6 +376,9 @@ def tma_grouped_mm(
     return h_MN, act_MI
 
 
+_WGRAD_GROUP_P = 8
+
+
 def tma_grouped_wgrad(
     a_MP: torch.Tensor, b_MQ: torch.Tensor, offs_E: torch.Tensor, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -394,6 +405,7 @@ def tma_grouped_wgrad(
             ACCUMULATE=out is not None,
             IEEE=a_MP.dtype == torch.float32,
             NUM_PROGS=progs,
+            GROUP_P=_WGRAD_GROUP_P,
             BLOCK_P=BP,
             BLOCK_Q=BQ,
             BLOCK_K=BK,

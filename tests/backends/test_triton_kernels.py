@@ -17,7 +17,7 @@ from flashfusemoe import MoELayer
 from flashfusemoe.backends import get_backend
 from flashfusemoe.backends import torch as ref
 from flashfusemoe.backends.triton import experts as tri_experts
-from flashfusemoe.backends.triton import grouped_gemm
+from flashfusemoe.backends.triton import grouped_gemm, tma_gemm
 from flashfusemoe.backends.triton import grouped_mlp as tri_grouped_mlp
 from flashfusemoe.backends.triton import route as tri_route
 from flashfusemoe.backends.triton.activation import activation_backward, activation_forward
@@ -149,6 +149,25 @@ def test_triton_grouped_gemms_match_per_expert_matmuls(M, Kd, N, E, aligned, see
                 wgrad[e], a[rows].t() @ c[rows], **TOL, msg=lambda m, p=path: f"{p}: {m}"
             )
             start += n
+
+
+@pytest.mark.skipif(
+    DEV.type == "cuda" and not tma_ok(torch.empty(1, device=DEV, dtype=torch.bfloat16)), reason="TMA"
+)
+def test_triton_tma_wgrad_tile_groups_cover_every_tile():
+    """The weight gradient's tile order (``GROUP_P`` row strips per column sweep), with a short last
+    group and a partial last column tile: every output tile written once, right, on every expert."""
+    g = torch.Generator().manual_seed(3)
+    dtype = torch.float32 if DEV.type == "cpu" else torch.bfloat16
+    BP, BQ = tma_gemm._tiles(dtype, False)[:2]
+    P, Q = 5 * BP, BQ + 8  # 5 strips: groups of 2, 2, 1
+    (offs,) = _dev(torch.tensor([7, 19], dtype=torch.int32))  # two experts: 7 and 12 rows
+    a, b = (t.to(DEV, dtype) for t in (torch.randn(19, P, generator=g), torch.randn(19, Q, generator=g)))
+    with mock.patch.object(tma_gemm, "_WGRAD_GROUP_P", 2):
+        got = tma_gemm.tma_grouped_wgrad(a, b, offs).float()
+    a, b = a.float(), b.float()
+    want = torch.stack([a[:7].t() @ b[:7], a[7:].t() @ b[7:]])
+    torch.testing.assert_close(got, want, **(TOL if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-1)))
 
 
 @given(
