@@ -39,9 +39,15 @@ def _layer(D, F, E, K, skew, dtype, **kw):
     return layer.to(dtype)
 
 
-def _run(layer, x, cot, backend):
+def _run(layer, x, cot, backend, existing_grads=None):
+    """Output and every gradient (fp32) of one forward+backward; with ``existing_grads`` (a dtype) each
+    parameter starts with the same random ``.grad`` (values of that dtype), as under accumulation."""
     layer = copy.deepcopy(layer)
     layer.backend = backend
+    if existing_grads is not None:
+        gen = torch.Generator(device="cuda").manual_seed(7)
+        for p in layer.parameters():
+            p.grad = torch.randn(p.shape, device="cuda", generator=gen).to(existing_grads).to(p.dtype)
     x = x.detach().clone().requires_grad_()
     out, losses = layer(x)
     ((out.float() * cot).sum() + losses["aux_loss"] + losses["z_loss"]).backward()
@@ -57,14 +63,18 @@ def _run(layer, x, cot, backend):
     [(512, 256, 512, 8, 2), (384, 1000, 2800, 4, 2), (256, 128, 192, 16, 16)],
     ids=["small", "odd-D1000-I1400", "K=E"],
 )
-def test_triton_low_precision_within_tolerance_rule(dtype, skew, shape):
+@pytest.mark.parametrize("grads", ["new", "existing"])
+def test_triton_low_precision_within_tolerance_rule(dtype, skew, shape, grads):
+    """With ``existing`` gradient buffers the expert weights' gradients are added into them in the
+    weight-gradient GEMM (one rounding); autograd adds a rounded gradient (two)."""
     T, D, F, E, K = shape
     low = _layer(D, F, E, K, skew, dtype)
     x = torch.randn(T, D, device="cuda").to(dtype)
     cot = torch.randn(T, D, device="cuda")
-    ref32, counts = _run(copy.deepcopy(low).float(), x.float(), cot, "torch")
-    torch_low, _ = _run(low, x, cot, "torch")
-    triton_low, counts_tri = _run(low, x, cot, "triton")
+    existing = dtype if grads == "existing" else None
+    ref32, counts = _run(copy.deepcopy(low).float(), x.float(), cot, "torch", existing)
+    torch_low, _ = _run(low, x, cot, "torch", existing)
+    triton_low, counts_tri = _run(low, x, cot, "triton", existing)
     assert torch.equal(counts, counts_tri)
     for name, ref in ref32.items():
         floor = EPS[dtype] * ref.abs().max().item()

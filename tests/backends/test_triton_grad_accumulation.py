@@ -81,6 +81,7 @@ def test_triton_weight_grads_added_into_existing_grad(tma):
         torch.testing.assert_close(g.grad, w_.grad, **TOL)
 
 
+@pytest.mark.filterwarnings("ignore:grad and param do not obey the gradient layout contract")
 @pytest.mark.parametrize(
     "case", ["no_grad_yet", "autograd_grad", "backward_inputs", "tensor_hook", "strided_grad"]
 )
