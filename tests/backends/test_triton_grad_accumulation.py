@@ -137,3 +137,24 @@ def test_triton_in_place_grads_seen_by_post_accumulate_hooks_and_shared_weights(
         results.append([x.grad, w.grad, up.grad, down.grad])
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, **TOL)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_triton_in_place_grads_under_activation_checkpointing(reentrant):
+    """torch.utils.checkpoint around the experts with gradient buffers already there: the recomputed
+    graph's backward (nested, with reentrant checkpointing) adds into the same buffers, once."""
+    ids, leaves = _leaves()
+    grads = [torch.randn_like(t) for t in leaves]
+    results = []
+    for fn in (tri_experts, ref.experts):
+        x, w, up, down = _clones(leaves, grads)
+        layer = lambda x, fn=fn, w=w, up=up, down=down: fn(x, ids, w, up, down, "swiglu")  # noqa: E731
+        out = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=reentrant)
+        seen, spy = _spy()
+        with spy:
+            out.square().sum().backward()
+        if fn is tri_experts:
+            assert seen == [True, True]
+        results.append([x.grad, w.grad, up.grad, down.grad])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, **TOL)
