@@ -11,9 +11,10 @@ place by the TMA kernel, gathered first on the other paths.
 Paths: ``"tma"`` (``tma_gemm.py``: persistent TMA kernels, Hopper, aligned strides), ``"torch"``
 (``torch._grouped_mm``: CUTLASS, bf16, aligned strides) and ``"triton"`` (the pointer-load kernels
 below: any GPU, fp32, odd strides, the CPU interpreter). The default follows the H100 measurements in
-docs/kernels.md: the GEMM with the fused activation on TMA; plain GEMMs on CUTLASS where it runs (the
-TMA kernel ties it on the large shapes, within the power-capped clock's noise, and loses by 4-13% on
-the small ones), else on TMA (fp16: 1.4-3x faster than the pointer kernels), else pointer loads.
+docs/kernels.md: a GEMM over gathered rows (with or without the activation) on TMA up to a width
+(``_fuse_rows``); plain GEMMs on CUTLASS where it runs (the TMA kernel ties it on the large shapes,
+within the power-capped clock's noise, and loses by 4-13% on the small ones), else on TMA (fp16:
+1.4-3x faster than the pointer kernels), else pointer loads.
 
 Legend: M rows (expert-sorted), E experts (groups), K/P/Q/N matrix dims, offs int32 inclusive row ends.
 """
@@ -183,6 +184,19 @@ def _path(a: torch.Tensor, b: torch.Tensor) -> str:
     return "tma" if tma_ok(a, b) else "triton"
 
 
+# The TMA kernel reads token rows through the slot index and (with an activation) activates in its
+# epilogue: it saves the permuted copy and the activation pass, traffic that shrinks next to the GEMM
+# as the output gets wider, while the kernel's own overhead does not. H100 (docs/kernels.md), fused vs
+# gather + CUTLASS + activation kernel: ahead up to N = 2I = 5120 (fine-grained, Qwen2-, DeepSeek-like
+# shapes, by up to 0.35 ms), even at seed-/OLMoE-like ones, behind from N = 14336 (Mixtral-like, 0.2-0.4 ms).
+_FUSE_MAX_N = 8192
+
+
+def _fuse_rows(a_MK: torch.Tensor, b_EKN: torch.Tensor) -> bool:
+    """Whether a GEMM over gathered rows should read them in place (TMA) rather than permute them."""
+    return tma_ok(a_MK, b_EKN) and b_EKN.shape[2] <= _FUSE_MAX_N
+
+
 def _gathered(a: torch.Tensor, gather: tuple[torch.Tensor, int] | None, offs_E: torch.Tensor) -> torch.Tensor:
     return a if gather is None else gather_rows(a, gather[0], offs_E[-1:], gather[1])
 
@@ -196,8 +210,9 @@ def grouped_mm(
 ) -> torch.Tensor:
     """``[M, N]``: row group e of ``a`` times ``b[e]``; rows past ``offs[-1]`` are left unwritten. With
     ``gather = (idx_M, div)`` row r is row ``idx[r] // div`` of ``a``: read in place on the TMA path
-    (the default for a gather wherever TMA runs), permuted first on the others."""
-    if gather is not None and path is None and tma_ok(a_MK, b_EKN):
+    (the default for a gather where TMA runs and N is at most ``_FUSE_MAX_N``), permuted first on the
+    others."""
+    if gather is not None and path is None and _fuse_rows(a_MK, b_EKN):
         path = "tma"
     if path == "tma":
         return tma_grouped_mm(a_MK, b_EKN, offs_E, gather=gather)[0]
@@ -245,8 +260,9 @@ def grouped_mm_act(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(h [M, N], act(h) [M, I])`` (I = N/2 for GLU activations); rows past ``offs[-1]`` unwritten.
     With ``gather = (idx_M, div)`` the GEMM's row r is row ``idx[r] // div`` of ``a`` (``gather_rows``):
-    read in place by the TMA kernel, permuted first on the other paths."""
-    if path is None and tma_ok(a_MK, b_EKN) and glu_halves_ok(b_EKN, activation):
+    read in place by the TMA kernel (by default where TMA runs and N <= ``_FUSE_MAX_N``), permuted
+    first on the other paths."""
+    if path is None and _fuse_rows(a_MK, b_EKN) and glu_halves_ok(b_EKN, activation):
         path = "tma"
     if path == "tma":
         return tma_grouped_mm(a_MK, b_EKN, offs_E, activation, gather)

@@ -242,6 +242,29 @@ def test_triton_grouped_mm_act_matches_gemm_then_reference_activation(
             start += n
 
 
+def test_triton_gathered_gemms_read_rows_in_place_up_to_a_width():
+    """Where TMA runs, gathered rows are read in place up to ``_FUSE_MAX_N`` output columns and
+    permuted first beyond it (CUTLASS + activation kernel were faster there); same results."""
+    g = torch.Generator().manual_seed(4)
+    counts, offs = _groups(12, 3, g)
+    src, b = _dev(torch.randn(8, 16, generator=g), torch.randn(3, 16, 24, generator=g))
+    (idx,) = _dev(torch.randint(0, 16, (12,), generator=g, dtype=torch.int32))
+    live = int(offs[-1])
+    results = []
+    for max_n, in_place in ((24, True), (23, False)):
+        with (
+            mock.patch.object(grouped_gemm, "tma_ok", lambda *ts: all(map(tma_layout_ok, ts))),
+            mock.patch.object(grouped_gemm, "_FUSE_MAX_N", max_n),
+            mock.patch.object(grouped_gemm, "gather_rows", wraps=grouped_gemm.gather_rows) as permute,
+        ):
+            h, a = grouped_mm_act(src, b, offs, "swiglu", gather=(idx, 2))
+            h_plain = grouped_mm(src, b, offs, gather=(idx, 2))
+        assert permute.called != in_place
+        results.append((h[:live], a[:live], h_plain[:live]))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, **TOL)
+
+
 def _cfg_strategy():
     return st.builds(
         dict,
