@@ -6,6 +6,7 @@ gradients autograd accumulates.
 """
 
 import contextlib
+import copy
 import importlib
 from unittest import mock
 
@@ -159,3 +160,37 @@ def test_triton_in_place_grads_under_activation_checkpointing(reentrant):
         results.append([x.grad, w.grad, up.grad, down.grad])
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, **TOL)
+
+
+@pytest.mark.parametrize("bucket_view", [False, True])
+def test_triton_in_place_grads_under_ddp_gradient_accumulation(bucket_view):
+    """DDP (gloo on CPU, NCCL on GPU; one rank) around the layer: a ``no_sync`` micro-batch creates
+    the gradients, the next one adds into them in place (DDP's own buffers with
+    ``gradient_as_bucket_view``) and DDP's reducer, whose hooks run after AccumulateGrad, still syncs
+    them: every gradient equals the torch layer's over the same two micro-batches."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from flashfusemoe import MoELayer
+
+    torch.manual_seed(0)
+    layer = MoELayer(8, 8, 3, 2, backend="torch").to(DEV)
+    xs = [randn(P, P.T, 8, salt=s).to(DEV) for s in (1, 2)]
+    pg = "nccl" if DEV.type == "cuda" else "gloo"
+    dist.init_process_group(pg, store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        tri = copy.deepcopy(layer)
+        tri.backend = "triton"
+        ddp = DDP(tri, gradient_as_bucket_view=bucket_view)
+        with ddp.no_sync():
+            ddp(xs[0])[0].sum().backward()
+        seen, spy = _spy()
+        with spy:
+            ddp(xs[1])[0].sum().backward()
+        assert seen == [True, True]
+    finally:
+        dist.destroy_process_group()
+    for x in xs:
+        layer(x)[0].sum().backward()
+    for (name, got), want in zip(tri.named_parameters(), layer.parameters(), strict=True):
+        torch.testing.assert_close(got.grad, want.grad, **TOL, msg=lambda m, n=name: f"{n}: {m}")
