@@ -110,14 +110,11 @@ def _align(n, aligned):
     return -(-n // 4) * 4 if aligned else n
 
 
-@given(
-    st.integers(0, 40),
-    st.integers(1, 20),
-    st.integers(1, 20),
-    st.integers(1, 6),
-    st.booleans(),
-    st.integers(0, 2**31 - 1),
-)
+# rows M, inner dim, output dim, experts E, 16-byte aligned dims (so TMA runs too)
+_GEMM_DIMS = (st.integers(0, 40), st.integers(1, 20), st.integers(1, 20), st.integers(1, 6), st.booleans())
+
+
+@given(*_GEMM_DIMS, st.integers(0, 2**31 - 1))
 def test_triton_grouped_gemms_match_per_expert_matmuls(M, Kd, N, E, aligned, seed):
     Kd, N = _align(Kd, aligned), _align(N, aligned)
     g = torch.Generator().manual_seed(seed)
@@ -170,15 +167,7 @@ def test_triton_tma_wgrad_tile_groups_cover_every_tile():
     torch.testing.assert_close(got, want, **(TOL if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-1)))
 
 
-@given(
-    st.integers(0, 40),
-    st.integers(1, 20),
-    st.integers(1, 20),
-    st.integers(1, 6),
-    st.booleans(),
-    st.sampled_from([1, 3]),
-    st.integers(0, 2**31 - 1),
-)
+@given(*_GEMM_DIMS, st.sampled_from([1, 3]), st.integers(0, 2**31 - 1))
 def test_triton_grouped_mm_reads_rows_through_slot_index(M, Kd, N, E, aligned, div, seed):
     """``gather = (idx, div)``: bit-identical to the same GEMM on the rows gathered first
     (``src[idx // div]``; on TMA they are read in place, never copied), and equal to the math."""
