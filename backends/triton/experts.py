@@ -164,9 +164,9 @@ def _grad_buffer(ctx, i: int) -> torch.Tensor | None:
     ``zero_grad(set_to_none=False)``); adding it in the weight-gradient GEMM's epilogue skips the
     fresh ``[E, ., .]`` tensor (the backward's largest) and a pass over it. Only where the result is
     the same: eager, without ``create_graph``; a leaf whose AccumulateGrad node this backward runs
-    (not ``autograd.grad``);
-    a dense ``.grad`` of the leaf's shape, dtype and device; no tensor hooks on the leaf (they would
-    be handed None). DDP's hooks on the AccumulateGrad node still run, after the buffer is updated."""
+    (not ``autograd.grad``); a dense ``.grad`` of the leaf's shape, dtype and device; no tensor hooks
+    on the leaf (they would be handed None). DDP's hooks on the AccumulateGrad node still run, after
+    the buffer is updated."""
     if torch.compiler.is_compiling() or torch.is_grad_enabled():  # create_graph: autograd adds out of place
         return None
     node = ctx.next_functions[i][0]

@@ -131,19 +131,23 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _store_tile(ptr, stride, rows, row_end, cols, col_end, val):
+def _tile(ptr, stride, rows, row_end, cols, col_end):
+    """Pointers and mask of a tile of a row-major matrix (unit column stride)."""
     mask = (rows < row_end)[:, None] & (cols < col_end)[None, :]
-    tl.store(
-        ptr + rows[:, None].to(tl.int64) * stride + cols[None, :], val.to(ptr.dtype.element_ty), mask=mask
-    )
+    return ptr + rows[:, None].to(tl.int64) * stride + cols[None, :], mask
+
+
+@triton.jit
+def _store_tile(ptr, stride, rows, row_end, cols, col_end, val):
+    ptrs, mask = _tile(ptr, stride, rows, row_end, cols, col_end)
+    tl.store(ptrs, val.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _plus_tile(acc, ptr, stride, rows, row_end, cols, col_end):
     """``acc`` plus the stored tile (fp32): a gradient added into its buffer with one rounding."""
-    mask = (rows < row_end)[:, None] & (cols < col_end)[None, :]
-    old = tl.load(ptr + rows[:, None].to(tl.int64) * stride + cols[None, :], mask=mask, other=0.0)
-    return acc + old.to(tl.float32)
+    ptrs, mask = _tile(ptr, stride, rows, row_end, cols, col_end)
+    return acc + tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
 
 
 @fast_launch
