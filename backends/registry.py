@@ -2,7 +2,7 @@
 would shadow the ``torch`` library).
 
 A backend is a module exposing ``NAME``, ``unavailable_reason(device) -> str | None``,
-``router_logits``, ``route``, ``experts``, ``grouped_mlp`` and ``expert_mlp`` with the contracts of
+``router_logits``, ``route``, ``experts`` and ``expert_mlp`` with the contracts of
 :mod:`flashfusemoe.backends.torch`, the reference (docs/fused_moe.md, "Backends").
 Selection: explicit name > ``FLASHFUSEMOE_BACKEND`` > auto (the fastest one that loads for the device).
 """

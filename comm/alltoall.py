@@ -1,84 +1,261 @@
-"""Packed all-to-all communicators: one counts exchange per dispatch, one payload exchange per move.
+"""Packed all-to-all communicators: one row per (token, destination rank), ids and weights beside it.
 
-Subclasses supply the transport (``all_to_all``); this module owns the row bookkeeping shared by every
-all-to-all transport (``nccl`` over torch.distributed, ``fake`` threads in one process).
+Subclasses supply the transport (``_all_to_all``, private to them); this module owns the row
+bookkeeping every all-to-all transport shares (``nccl`` over torch.distributed, ``fake`` threads).
 
-Legend: T tokens, K top-k, E experts, e = E/W local experts, W EP world size, S rows sent, R rows
-received, B packed bytes per row, X any row width.
+A dispatch, in launch order (what the host waits for, and what runs before it does):
+1. device: each slot's destination rank, rows and slots per rank; the counts all-to-all; an async copy
+   of the split sizes (and the id range) into pinned host memory, with an event.
+2. device, launched before the host waits: the send positions, and each token's row packed once into
+   one byte buffer ``[T, B]`` (x, its K global ids as int32, its K weights).
+3. host: waits on the event and reads the split sizes (the only host sync of a step; none in
+   ``sync_free`` mode).
+4. device: the rows in send order (destination rank, then token), one payload all-to-all, unpack; the
+   receiver turns global ids into local ones (-1 for experts elsewhere).
+``combine`` and both backwards reuse the handle's split sizes: one payload all-to-all each, no sync.
+
+``sync_free=True``: every token goes to every rank (worst-case buffers), so no counts are exchanged
+and the host reads nothing: capturable in a CUDA graph on a graph-safe transport. Costs W*T rows per
+dispatch instead of one per (token, destination) (bytes below), the experts' buffers sized for W*T*K
+slots, and every rank must have the same T.
+
+Legend: T tokens, K top-k, E experts, e = E/W local experts, W EP world size, D model dim, S rows sent,
+R rows received, B packed bytes per row, X any row width.
 """
 
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from flashfusemoe.comm.base import Communicator, DispatchHandle, sort_slots_by_expert
+from flashfusemoe.comm.base import Communicator, Dispatched
 
-__all__ = ["AllToAllCommunicator"]
+__all__ = ["AllToAllCommunicator", "AllToAllHandle", "dispatch_bytes"]
 
 
-def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
-    return torch.cumsum(x, 0) - x
+@dataclass(frozen=True)
+class AllToAllHandle:
+    """State that ties a combine (and both backwards) to its dispatch.
+
+    Attributes:
+        num_tokens: T, tokens on this rank.
+        experts_per_rank: e.
+        send_token_S: int64 ``[S]``, the token of each sent row, in send order (destination rank, then
+            token).
+        send_row_TW1: int64 ``[T, W+1]``, the sent row that carries token t to rank w, or S where it
+            goes nowhere; column W is always S (the target of dropped slots).
+        dest_rank_TK: int64 ``[T, K]``, the rank of each slot's expert, W for a dropped slot.
+        send_splits: rows sent to each rank (host ints), length W.
+        recv_splits: rows received from each rank (host ints), length W.
+    """
+
+    num_tokens: int
+    experts_per_rank: int
+    send_token_S: torch.Tensor
+    send_row_TW1: torch.Tensor
+    dest_rank_TK: torch.Tensor
+    send_splits: tuple[int, ...]
+    recv_splits: tuple[int, ...]
+
+    @property
+    def num_sent(self) -> int:
+        """S, rows this rank sent."""
+        return sum(self.send_splits)
+
+    @property
+    def num_recv(self) -> int:
+        """R, rows this rank received."""
+        return sum(self.recv_splits)
+
+
+def dispatch_bytes(
+    topk_ids_TK: torch.Tensor, num_experts: int, world_size: int, row_bytes: int, *, per_slot: bool = False
+) -> int:
+    """Bytes one dispatch of this routing sends to other ranks: one packed row of ``row_bytes`` per
+    (token, destination rank) (``per_slot=True``: per kept slot, as a slot-per-row transport sends)."""
+    dest_N = topk_ids_TK[topk_ids_TK >= 0].long() // (num_experts // world_size)
+    if per_slot:
+        return int(dest_N.numel()) * row_bytes
+    token_N = (topk_ids_TK >= 0).nonzero()[:, 0]
+    return int(torch.unique(token_N * world_size + dest_N).numel()) * row_bytes
 
 
 def _pack(rows: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[torch.dtype, int]]]:
-    """Several ``[S, X_i]`` tensors of any dtypes -> one ``[S, B]`` byte tensor, so a move is one exchange."""
-    if len(rows) == 1:
-        return rows[0].contiguous(), []
+    """``[N, X_i]`` tensors of any dtypes -> one ``[N, B]`` byte tensor, so that a move is one exchange."""
     layout = [(r.dtype, r.shape[1]) for r in rows]
+    N, B = rows[0].shape[0], sum(width * dtype.itemsize for dtype, width in layout)
+    if N == 0:  # an empty tensor's strides may not allow a dtype view
+        return torch.empty((0, B), dtype=torch.uint8, device=rows[0].device), layout
     return torch.cat([r.contiguous().view(torch.uint8) for r in rows], dim=1), layout
 
 
-def _unpack(packed: torch.Tensor, layout: list[tuple[torch.dtype, int]]) -> list[torch.Tensor]:
-    if not layout:
-        return [packed]
+def _unpack(packed_NB: torch.Tensor, layout: list[tuple[torch.dtype, int]]) -> list[torch.Tensor]:
     out, col = [], 0
     for dtype, width in layout:
-        nbytes = width * torch.empty((), dtype=dtype).element_size()
-        out.append(packed[:, col : col + nbytes].contiguous().view(dtype))
+        nbytes = width * dtype.itemsize
+        if packed_NB.shape[0] == 0:
+            out.append(torch.empty((0, width), dtype=dtype, device=packed_NB.device))
+        else:
+            out.append(packed_NB[:, col : col + nbytes].contiguous().view(dtype))
         col += nbytes
     return out
 
 
+def _host_read(values: torch.Tensor) -> Callable[[], list[int]]:
+    """Start copying ``values`` to the host; the returned call waits for them (pinned memory and an
+    event on CUDA, so the device work launched in between is not waited for)."""
+    if values.device.type != "cuda":
+        return values.tolist
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    host.copy_(values, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+
+    def read() -> list[int]:
+        done.synchronize()
+        return host.tolist()
+
+    return read
+
+
+def _sum_over_ranks(rows_SX: torch.Tensor, handle: AllToAllHandle) -> torch.Tensor:
+    """Send-order rows ``[S, X]`` -> ``[T, X]``: a token's rows summed in fp32 in rank order, cast back."""
+    T, X = handle.num_tokens, rows_SX.shape[1]
+    padded = torch.cat([rows_SX, rows_SX.new_zeros((1, X))])  # row S: zeros, for ranks a token skips
+    acc_TX = torch.zeros((T, X), dtype=torch.float32, device=rows_SX.device)
+    for w in range(handle.send_row_TW1.shape[1] - 1):
+        acc_TX += padded.index_select(0, handle.send_row_TW1[:, w])
+    return acc_TX.to(rows_SX.dtype)
+
+
 class AllToAllCommunicator(Communicator):
-    """Dispatch by all-to-all of rows, sorted by destination rank; received rows are reordered from
-    arrival order (source, local expert, token) into the canonical (local expert, source, token)."""
+    """Dispatch by one all-to-all of packed rows, one row per (token, destination rank).
+
+    Attributes: ``rank``, ``world_size``, ``sync_free`` (set by the subclass)."""
+
+    sync_free: bool = False
 
     @abstractmethod
-    def all_to_all(
-        self, send_SX: torch.Tensor, send_splits: tuple[int, ...], recv_splits: tuple[int, ...]
+    def _all_to_all(
+        self, send_SX: torch.Tensor, send_splits: tuple[int, ...], recv_splits: tuple[int, ...], what: str
     ) -> torch.Tensor:
         """Rows ``send_SX[sum(send_splits[:w]) : ...]`` go to rank w; returns the ``[R, X]`` rows
-        received, source rank by source rank (``recv_splits[w]`` rows from rank w)."""
+        received, source rank by source rank. ``what`` names the step, for error messages."""
 
-    def plan(self, topk_ids_TK: torch.Tensor, num_experts: int) -> DispatchHandle:
-        self.check_plan_args(topk_ids_TK, num_experts)
+    def _layout(self, topk_ids_TK: torch.Tensor, num_experts: int):
+        """Steps 1 (launched) and the host half of 3 (returned as a call): the device tensors of the
+        handle, and ``finish() -> (send_splits, recv_splits, num_recv_slots)``."""
         W, e = self.world_size, num_experts // self.world_size
         T, K = topk_ids_TK.shape
-        slots_S, counts_E = sort_slots_by_expert(topk_ids_TK, num_experts)
-        ones = (1,) * W
-        recv_counts_We = self.all_to_all(counts_E.view(W, e), ones, ones)  # [source rank, local expert]
-        send_splits = tuple(counts_E.view(W, e).sum(1).tolist())
-        recv_splits = tuple(recv_counts_We.sum(1).tolist())
-        # Arrival blocks are (source, expert)-major; canonical blocks are (expert, source)-major.
-        arrival_start_eW = _exclusive_cumsum(recv_counts_We.reshape(-1)).view(W, e).t().reshape(-1)
-        size_eW = recv_counts_We.t().reshape(-1)
-        canonical_start_eW = _exclusive_cumsum(size_eW)
-        R = sum(recv_splits)
-        canonical_to_arrival_R = torch.arange(R, device=slots_S.device) + torch.repeat_interleave(
-            arrival_start_eW - canonical_start_eW, size_eW, output_size=R
-        )
-        return DispatchHandle(
-            T, K, slots_S, send_splits, recv_splits, canonical_to_arrival_R, recv_counts_We.sum(0)
-        )
+        ids_TK = topk_ids_TK.long()
+        dest_TK = torch.where(ids_TK >= 0, ids_TK.div(e, rounding_mode="floor"), W)
+        if self.sync_free:
+            goes_TW = torch.ones((T, W), dtype=torch.bool, device=ids_TK.device)
+        else:
+            slots_TW = torch.zeros((T, W + 1), dtype=torch.int64, device=ids_TK.device)
+            slots_TW = slots_TW.scatter_add_(1, dest_TK, torch.ones_like(dest_TK))[:, :W]
+            goes_TW = slots_TW > 0
+            counts_W2 = torch.stack([goes_TW.sum(0), slots_TW.sum(0)], dim=1)
+            ones = (1,) * W
+            recv_W2 = self._all_to_all(counts_W2, ones, ones, "dispatch counts")
+            extremes = torch.stack(ids_TK.aminmax()) if ids_TK.numel() else ids_TK.new_full((2,), -1)
+            read = _host_read(torch.cat([counts_W2[:, 0], recv_W2.reshape(-1), extremes]))
+        S_dev = goes_TW.sum()
+        pos_WT = goes_TW.t().reshape(-1).cumsum(0).view(W, T) - 1
+        send_row_TW1 = torch.cat([torch.where(goes_TW, pos_WT.t(), S_dev), S_dev.expand(T, 1)], dim=1)
 
-    def send(self, rows_SX: list[torch.Tensor], handle: DispatchHandle) -> list[torch.Tensor]:
-        packed_SB, layout = _pack(rows_SX)
-        arrived_RB = self.all_to_all(packed_SB, handle.send_splits, handle.recv_splits)
-        return _unpack(arrived_RB.index_select(0, handle.canonical_to_arrival_R), layout)
+        def finish() -> tuple[tuple[int, ...], tuple[int, ...], int]:
+            if self.sync_free:
+                return (T,) * W, (T,) * W, W * T * K
+            host = read()
+            send, recv, (lo, hi) = host[:W], host[W : 3 * W], host[3 * W :]
+            if lo < -1 or hi >= num_experts:
+                raise ValueError(f"topk_ids must lie in [-1, num_experts={num_experts}), got [{lo}, {hi}]")
+            return tuple(send), tuple(recv[0::2]), sum(recv[1::2])
 
-    def send_back(self, rows_RX: list[torch.Tensor], handle: DispatchHandle) -> list[torch.Tensor]:
-        packed_RB, layout = _pack(rows_RX)
-        arrival_RB = torch.empty_like(packed_RB).index_copy_(0, handle.canonical_to_arrival_R, packed_RB)
-        return _unpack(self.all_to_all(arrival_RB, handle.recv_splits, handle.send_splits), layout)
+        return goes_TW, send_row_TW1, dest_TK, finish
+
+    def dispatch(
+        self,
+        x_TD: torch.Tensor,
+        topk_ids_TK: torch.Tensor,
+        topk_weights_TK: torch.Tensor,
+        *,
+        num_experts: int,
+    ) -> Dispatched:
+        self.check_dispatch_args(x_TD, topk_ids_TK, topk_weights_TK, num_experts)
+        layout = self._layout(topk_ids_TK, num_experts)
+        recv_x, recv_ids, recv_w, handle, num_slots = _Dispatch.apply(
+            self, layout, num_experts, x_TD, topk_ids_TK, topk_weights_TK
+        )
+        return Dispatched(recv_x, recv_ids, recv_w, handle, num_slots)
+
+    def combine(self, y_RD: torch.Tensor, handle: AllToAllHandle) -> torch.Tensor:
+        if not isinstance(handle, AllToAllHandle):
+            raise TypeError(f"handle must come from this communicator's dispatch, got {type(handle).__name__}")
+        self.check_combine_args(y_RD, handle.num_recv)
+        return _Combine.apply(self, handle, y_RD)
+
+
+class _Dispatch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, comm, layout, num_experts, x_TD, ids_TK, weights_TK):
+        goes_TW, send_row_TW1, dest_TK, finish = layout
+        T, K = ids_TK.shape
+        tokens_TB, row_layout = _pack([x_TD, ids_TK.to(torch.int32), weights_TK])  # step 2
+        send_splits, recv_splits, num_slots = finish()  # step 3
+        S = sum(send_splits)
+        send_token_S = torch.nonzero_static(goes_TW.t().reshape(-1), size=S)[:, 0] % max(T, 1)
+        handle = AllToAllHandle(
+            T, num_experts // comm.world_size, send_token_S, send_row_TW1, dest_TK, send_splits, recv_splits
+        )
+        recv_RB = comm._all_to_all(tokens_TB.index_select(0, send_token_S), send_splits, recv_splits, "dispatch")
+        recv_x_RD, ids_RK, w_RK = _unpack(recv_RB, row_layout)
+        e = handle.experts_per_rank
+        local_RK = ids_RK - comm.rank * e
+        mine_RK = (local_RK >= 0) & (local_RK < e)  # -1 (dropped) never lands in [0, e) on any rank
+        recv_ids_RK = torch.where(mine_RK, local_RK, -1).to(ids_TK.dtype)
+        recv_w_RK = torch.where(mine_RK, w_RK, 0.0)
+        ctx.comm, ctx.handle = comm, handle
+        ctx.x_meta, ctx.w_meta = (x_TD.dtype, x_TD.shape[1]), (weights_TK.dtype, K)
+        ctx.mark_non_differentiable(recv_ids_RK)
+        return recv_x_RD, recv_ids_RK, recv_w_RK, handle, num_slots
+
+    @staticmethod
+    def backward(ctx, grad_x_RD, _ids, grad_w_RK, _handle, _slots):
+        """A combine: row gradients summed per token over ranks, each weight gradient taken from the
+        one rank that holds its slot's expert."""
+        handle, R = ctx.handle, ctx.handle.num_recv
+        (x_dtype, D), (w_dtype, K) = ctx.x_meta, ctx.w_meta
+        dev = handle.send_row_TW1.device
+        if grad_x_RD is None:
+            grad_x_RD = torch.zeros((R, D), dtype=x_dtype, device=dev)
+        if grad_w_RK is None:
+            grad_w_RK = torch.zeros((R, K), dtype=w_dtype, device=dev)
+        packed_RB, layout = _pack([grad_x_RD, grad_w_RK])
+        back_SB = ctx.comm._all_to_all(packed_RB, handle.recv_splits, handle.send_splits, "dispatch backward")
+        grad_x_SD, grad_w_SK = _unpack(back_SB, layout)
+        grad_x_TD = _sum_over_ranks(grad_x_SD, handle)
+        row_TK = handle.send_row_TW1.gather(1, handle.dest_rank_TK)  # S (zeros) for dropped slots
+        padded_w = torch.cat([grad_w_SK, grad_w_SK.new_zeros((1, K))])
+        grad_w_TK = padded_w[row_TK, torch.arange(K, device=dev)]
+        return None, None, None, grad_x_TD, None, grad_w_TK
+
+
+class _Combine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, comm, handle, y_RD):
+        ctx.comm, ctx.handle = comm, handle
+        back_SD = comm._all_to_all(y_RD.contiguous(), handle.recv_splits, handle.send_splits, "combine")
+        return _sum_over_ranks(back_SD, handle)
+
+    @staticmethod
+    def backward(ctx, grad_out_TD):
+        """A dispatch of the output gradient, replayed from the handle (no counts exchange)."""
+        handle = ctx.handle
+        rows_SD = grad_out_TD.contiguous().index_select(0, handle.send_token_S)
+        grad_RD = ctx.comm._all_to_all(rows_SD, handle.send_splits, handle.recv_splits, "combine backward")
+        return None, None, grad_RD

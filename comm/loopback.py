@@ -1,32 +1,49 @@
-"""``loopback``: expert parallelism of one rank. The executable specification of dispatch order.
+"""``loopback``: the expert-parallel world of one rank, zero-copy.
 
-Legend: T tokens, K top-k, E experts, S = R kept slots, X any row width.
+Every expert is local, so ``dispatch`` returns the tokens, ids and weights themselves and ``combine``
+returns the expert output itself: the layer through ``loopback`` IS the single-GPU layer (same kernels,
+same bits, no host sync, nothing added to the autograd graph).
+
+Legend: T tokens, K top-k, D model dim.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from flashfusemoe.comm.base import Communicator, DispatchHandle, sort_slots_by_expert
+from flashfusemoe.comm.base import Communicator, Dispatched
 
-__all__ = ["LoopbackCommunicator"]
+__all__ = ["LoopbackCommunicator", "LoopbackHandle"]
+
+
+@dataclass(frozen=True)
+class LoopbackHandle:
+    """Attributes: ``num_tokens`` (T = R: each token is its own received row)."""
+
+    num_tokens: int
 
 
 class LoopbackCommunicator(Communicator):
-    """EP world of one: received rows are this rank's kept slots sorted by (expert, token, k)."""
+    """EP = 1. Ids pass through unchecked (checking their values would cost a host sync per call): they
+    must lie in ``[-1, E)``, as the router's do."""
 
     def __init__(self, group: object | None = None) -> None:
         self.rank, self.world_size = 0, 1
 
-    def plan(self, topk_ids_TK: torch.Tensor, num_experts: int) -> DispatchHandle:
-        self.check_plan_args(topk_ids_TK, num_experts)
-        slots_S, counts_E = sort_slots_by_expert(topk_ids_TK, num_experts)
+    def dispatch(
+        self,
+        x_TD: torch.Tensor,
+        topk_ids_TK: torch.Tensor,
+        topk_weights_TK: torch.Tensor,
+        *,
+        num_experts: int,
+    ) -> Dispatched:
+        self.check_dispatch_args(x_TD, topk_ids_TK, topk_weights_TK, num_experts)
         T, K = topk_ids_TK.shape
-        S = slots_S.numel()
-        return DispatchHandle(T, K, slots_S, (S,), (S,), None, counts_E)
+        return Dispatched(x_TD, topk_ids_TK, topk_weights_TK, LoopbackHandle(T), T * K)
 
-    def send(self, rows_SX: list[torch.Tensor], handle: DispatchHandle) -> list[torch.Tensor]:
-        return list(rows_SX)
-
-    def send_back(self, rows_RX: list[torch.Tensor], handle: DispatchHandle) -> list[torch.Tensor]:
-        return list(rows_RX)
+    def combine(self, y_RD: torch.Tensor, handle: LoopbackHandle) -> torch.Tensor:
+        self.check_combine_args(y_RD, handle.num_tokens)
+        return y_RD

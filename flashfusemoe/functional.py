@@ -1,7 +1,9 @@
-"""``fused_moe``: the functional MoE layer (router -> experts -> weighted combine -> + shared experts).
+"""``fused_moe``: the functional MoE layer: router -> dispatch -> experts -> combine (+ shared experts).
 
-Runs single-device through a backend's fused ``experts``, or expert-parallel when a communicator is
-given: dispatch rows to the experts' ranks, ``grouped_mlp`` there, weight, combine back.
+One compute path for every world size: the communicator (``loopback`` when none is given: zero-copy,
+so this IS the single-GPU layer) delivers rows with their local expert ids and weights, the backend's
+fused ``experts`` make one row per received row (the weighted sum over its local experts), and
+``combine`` sums a token's rows over ranks.
 
 Legend: T tokens (this rank), K top-k, E experts (global), e local experts (E under no EP),
 D model dim, I expert intermediate dim, F rows of w_up (2I for GLU), R rows received after dispatch,
@@ -14,10 +16,12 @@ import torch
 
 from flashfusemoe.backends import get_backend
 from flashfusemoe.backends.torch import router_logits
-from flashfusemoe.comm import Communicator
+from flashfusemoe.comm import Communicator, LoopbackCommunicator
 from flashfusemoe.spec import RouterConfig, check_expert_weights, check_hidden
 
 __all__ = ["fused_moe", "router_logits"]
+
+_LOOPBACK = LoopbackCommunicator()  # stateless: one for every call without a communicator
 
 
 def _check_router_args(x_TD, gate_weight_ED, expert_bias_E) -> int:
@@ -48,16 +52,10 @@ def fused_moe(
     gate_weight_ED: torch.Tensor,
     w_up: torch.Tensor,
     w_down: torch.Tensor,
+    router: RouterConfig | None = None,
     *,
-    top_k: int = 2,
     activation: str = "swiglu",
-    score_func: str = "softmax",
-    renormalize: bool = True,
     expert_bias: torch.Tensor | None = None,
-    num_groups: int | None = None,
-    topk_groups: int | None = None,
-    routed_scaling_factor: float = 1.0,
-    capacity_factor: float | None = None,
     aux_loss_coeff: float = 0.0,
     z_loss_coeff: float = 0.0,
     shared_w_up: torch.Tensor | None = None,
@@ -72,13 +70,15 @@ def fused_moe(
         hidden_states_TD: ``[T, D]`` fp32/bf16/fp16 (T may be 0).
         gate_weight_ED: router weight ``[E, D]`` (any float dtype; the router runs in fp32).
         w_up: ``[e, F, D]`` in hidden_states' dtype; GLU activations: ``F = 2I``, gate rows first.
-        w_down: ``[e, D, I]``. ``e = E``, or ``E / W`` (this rank's contiguous block) with a communicator.
+        w_down: ``[e, D, I]``. ``e = E / W``: this rank's contiguous block of experts (all E at W = 1).
+        router: the top-k routing settings (:class:`flashfusemoe.RouterConfig`), passed whole; None:
+            ``RouterConfig()`` (softmax top-2).
         expert_bias: fp32 ``[E]`` added to the scores for selection only (aux-loss-free balancing).
         shared_w_up, shared_w_down: ``[F_s, D]`` / ``[D, I_s]`` always-active expert, same activation.
         recompute_activations: keep no expert activations for backward; recompute them there. Needed
             to backpropagate twice through one graph on the ``triton`` backend (docs/moe_layer.md).
-        communicator: run expert-parallel over its group (see :mod:`flashfusemoe.comm`).
-        The router settings are those of :class:`flashfusemoe.spec.RouterConfig`.
+        backend: compute backend name (``torch``, ``triton``); None: ``FLASHFUSEMOE_BACKEND``, then auto.
+        communicator: moves tokens to their experts' ranks (:mod:`flashfusemoe.comm`); None: loopback.
 
     Returns:
         ``out_TD`` in hidden_states' dtype, and a dict with ``aux_loss`` (``aux_loss_coeff`` times the
@@ -87,14 +87,17 @@ def fused_moe(
     """
     check_hidden(hidden_states_TD)
     x_TD = hidden_states_TD
-    T, D = x_TD.shape
+    D = x_TD.shape[1]
     E = _check_router_args(x_TD, gate_weight_ED, expert_bias)
-    cfg = RouterConfig(
-        top_k, score_func, renormalize, num_groups, topk_groups, routed_scaling_factor, capacity_factor
-    )
-    cfg.check(E)
+    router = RouterConfig() if router is None else router
+    if not isinstance(router, RouterConfig):
+        raise TypeError(f"router must be a RouterConfig, got {type(router).__name__}")
+    router.check(E)
     e, _ = check_expert_weights(w_up, w_down, D, activation, x_TD.dtype)
-    W = communicator.world_size if communicator is not None else 1
+    comm = _LOOPBACK if communicator is None else communicator
+    if not isinstance(comm, Communicator):
+        raise TypeError(f"communicator must be a Communicator or None, got {type(comm).__name__}")
+    W = comm.world_size
     if e * W != E:
         raise ValueError(
             f"w_up holds {e} experts; expected num_experts / EP world size = {E} / {W} = {E / W:g}"
@@ -102,24 +105,19 @@ def fused_moe(
     _check_shared(shared_w_up, shared_w_down, D, activation, x_TD.dtype)
     be = get_backend(backend, x_TD.device)
 
-    routing = be.route(be.router_logits(x_TD, gate_weight_ED), cfg, expert_bias)
-    if communicator is None:
-        out_TD = be.experts(
-            x_TD,
-            routing.topk_ids_TK,
-            routing.topk_weights_TK,
-            w_up,
-            w_down,
-            activation,
-            recompute_activations,
-        )
-    else:
-        recv = communicator.dispatch(x_TD, routing.topk_ids_TK, routing.topk_weights_TK, num_experts=E)
-        y_RD = be.grouped_mlp(
-            recv.recv_x_RD, recv.recv_counts_e, w_up, w_down, activation, recompute_activations
-        )
-        y_RD = (y_RD.float() * recv.recv_weights_R[:, None]).to(x_TD.dtype)
-        out_TD = communicator.combine(y_RD, recv.handle)
+    routing = be.route(be.router_logits(x_TD, gate_weight_ED), router, expert_bias)
+    recv = comm.dispatch(x_TD, routing.topk_ids_TK, routing.topk_weights_TK, num_experts=E)
+    y_RD = be.experts(
+        recv.recv_x_RD,
+        recv.recv_topk_ids_RK,
+        recv.recv_topk_weights_RK,
+        w_up,
+        w_down,
+        activation,
+        recompute_activations,
+        recv.num_recv_slots,
+    )
+    out_TD = comm.combine(y_RD, recv.handle)
     if shared_w_up is not None:
         out_TD = out_TD + be.expert_mlp(x_TD, shared_w_up, shared_w_down, activation)
     losses = {

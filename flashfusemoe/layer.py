@@ -1,4 +1,5 @@
-"""``MoELayer``: parameters of a Mixture-of-Experts block; the computation is :func:`fused_moe`.
+"""``MoELayer``: parameters of a Mixture-of-Experts block and its communicator; the computation is
+:func:`fused_moe`.
 
 Legend: B batch, T tokens, D model dim, E experts (global), e local experts, F rows of w_up
 (2I for GLU activations), I expert intermediate dim, W EP world size.
@@ -14,11 +15,21 @@ from torch import nn
 from flashfusemoe import _env
 from flashfusemoe.backends import preload
 from flashfusemoe.balancing import update_expert_bias
-from flashfusemoe.comm import Communicator, get_communicator
+from flashfusemoe.comm import Communicator, LoopbackCommunicator, get_communicator
 from flashfusemoe.functional import fused_moe
 from flashfusemoe.spec import RouterConfig, is_glu
 
 __all__ = ["MoELayer"]
+
+
+def _router_config(top_k: int | None, router: RouterConfig | None) -> RouterConfig:
+    if router is None:
+        return RouterConfig(top_k=2 if top_k is None else top_k)
+    if not isinstance(router, RouterConfig):
+        raise TypeError(f"router must be a RouterConfig or None, got {type(router).__name__}")
+    if top_k is not None and top_k != router.top_k:
+        raise ValueError(f"top_k={top_k!r} disagrees with router.top_k={router.top_k!r}: give one of them")
+    return router
 
 
 class MoELayer(nn.Module):
@@ -28,18 +39,20 @@ class MoELayer(nn.Module):
         d_model: D.
         ffn_dim: rows of each expert's ``w_up`` (``F``): ``2I`` for GLU activations, ``I`` otherwise.
         num_experts: E.
-        top_k: experts per token.
+        top_k: experts per token (default 2); shorthand for ``router=RouterConfig(top_k=...)``.
         activation: ``swiglu`` | ``geglu`` | ``relu`` | ``gelu`` | ``silu`` | ``relu2``.
         num_shared_experts: always-active experts of the same shape, fused into one MLP of
             ``num_shared_experts`` times the width.
+        router: the routing settings (:class:`flashfusemoe.RouterConfig`: score function,
+            renormalization, groups, scaling, capacity), passed to :func:`fused_moe` whole.
         use_expert_bias: keep a DeepSeek-V3 selection bias buffer, updated by :meth:`update_expert_bias`.
-        Other keywords: the router settings of :class:`flashfusemoe.spec.RouterConfig`, the loss
-        coefficients, ``recompute_activations`` and ``backend`` of :func:`fused_moe`
-        (``FLASHFUSEMOE_BACKEND`` is read once, here, when ``backend`` is None).
+        Other keywords: the loss coefficients, ``recompute_activations`` and ``backend`` of
+        :func:`fused_moe` (``FLASHFUSEMOE_BACKEND`` is read once, here, when ``backend`` is None).
 
     Parameters: ``gate_weight [E, D]``, ``w_up [e, F, D]``, ``w_down [e, D, I]`` and, with shared
     experts, ``shared_w_up [S*F, D]``, ``shared_w_down [D, S*I]``. ``forward(x [..., D])`` returns
-    ``(out [..., D], losses)``.
+    ``(out [..., D], losses)``. The layer runs through ``self.communicator``: ``loopback`` (e = E)
+    until :meth:`shard_experts`.
     """
 
     def __init__(
@@ -47,17 +60,12 @@ class MoELayer(nn.Module):
         d_model: int,
         ffn_dim: int,
         num_experts: int,
-        top_k: int = 2,
+        top_k: int | None = None,
         activation: str = "swiglu",
         num_shared_experts: int = 0,
         *,
-        score_func: str = "softmax",
-        renormalize: bool = True,
+        router: RouterConfig | None = None,
         use_expert_bias: bool = False,
-        num_groups: int | None = None,
-        topk_groups: int | None = None,
-        routed_scaling_factor: float = 1.0,
-        capacity_factor: float | None = None,
         aux_loss_coeff: float = 0.0,
         z_loss_coeff: float = 0.0,
         recompute_activations: bool = False,
@@ -73,9 +81,7 @@ class MoELayer(nn.Module):
             raise ValueError(f"ffn_dim={ffn_dim} must be even (2I: gate and up rows) for {activation!r}")
         if not isinstance(num_shared_experts, int) or num_shared_experts < 0:
             raise ValueError(f"num_shared_experts={num_shared_experts!r} must be an int >= 0")
-        self.router_config = RouterConfig(
-            top_k, score_func, renormalize, num_groups, topk_groups, routed_scaling_factor, capacity_factor
-        )
+        self.router_config = _router_config(top_k, router)
         self.router_config.check(num_experts)
         self.d_model, self.ffn_dim, self.num_experts = d_model, ffn_dim, num_experts
         self.activation = activation
@@ -84,7 +90,8 @@ class MoELayer(nn.Module):
         # Resolved now, not per call: no import or environment read inside a compiled forward.
         self.recompute_activations, self.backend = recompute_activations, backend or _env.backend_from_env()
         preload()
-        self.communicator: Communicator | None = None
+        self.communicator: Communicator = LoopbackCommunicator()
+        self._sharded = False
         factory = {"device": device, "dtype": dtype}
         self.gate_weight = nn.Parameter(torch.empty(num_experts, d_model, **factory))
         self.w_up = nn.Parameter(torch.empty(num_experts, ffn_dim, d_model, **factory))
@@ -114,20 +121,35 @@ class MoELayer(nn.Module):
             if self.expert_bias is not None:
                 self.expert_bias.zero_()
 
-    def shard_experts(self, ep_group: object | None, communicator: str | None = None) -> MoELayer:
+    def expert_parameters(self) -> list[nn.Parameter]:
+        """``[w_up, w_down]``: the parameters sharded over the EP group (each rank holds its own
+        experts), never all-reduced across it. Every other parameter is replicated (dense)."""
+        return [self.w_up, self.w_down]
+
+    def shard_experts(self, ep_group: object | None, communicator: str | Communicator | None = None) -> MoELayer:
         """Keep experts ``[rank*E/W, (rank+1)*E/W)`` of this rank and run expert-parallel over
-        ``ep_group`` (a torch.distributed group, or a ``FakeGroup``). Router and shared experts stay
-        replicated: their gradients are this rank's share, to be all-reduced like any dense weight."""
-        if self.communicator is not None:
+        ``ep_group`` (a torch.distributed group, a ``FakeGroup``, or None for the default group).
+
+        ``communicator``: a name, a Communicator spanning the group, or None (``FLASHFUSEMOE_COMM``,
+        then auto). The expert Parameters stay the same objects (shrunk in place, ``requires_grad``
+        and any ``.grad`` sliced along), so an optimizer built before still holds them: call this
+        before the optimizer's first step (its state would have the unsharded shape). The router and
+        shared experts stay replicated: their gradients are this rank's share, to be all-reduced like
+        any dense weight."""
+        if self._sharded:
             raise RuntimeError("shard_experts was already called on this layer")
         comm = get_communicator(communicator, ep_group)
         W, E = comm.world_size, self.num_experts
         if E % W:
             raise ValueError(f"num_experts={E} is not divisible by the EP world size {W}")
         local = comm.local_experts(E)
-        self.w_up = nn.Parameter(self.w_up.detach()[local.start : local.stop].clone())
-        self.w_down = nn.Parameter(self.w_down.detach()[local.start : local.stop].clone())
-        self.communicator = comm
+        with torch.no_grad():
+            for p in self.expert_parameters():
+                grad, p.grad = p.grad, None
+                p.data = p.data[local.start : local.stop].clone()
+                if grad is not None:
+                    p.grad = grad[local.start : local.stop].clone()
+        self.communicator, self._sharded = comm, True
         return self
 
     @torch.no_grad()
@@ -142,21 +164,14 @@ class MoELayer(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if x.dim() < 1 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have shape [..., D={self.d_model}], got {tuple(x.shape)}")
-        cfg = self.router_config
         out_TD, losses = fused_moe(
             x.reshape(-1, self.d_model),
             self.gate_weight,
             self.w_up,
             self.w_down,
-            top_k=cfg.top_k,
+            self.router_config,
             activation=self.activation,
-            score_func=cfg.score_func,
-            renormalize=cfg.renormalize,
             expert_bias=self.expert_bias,
-            num_groups=cfg.num_groups,
-            topk_groups=cfg.topk_groups,
-            routed_scaling_factor=cfg.routed_scaling_factor,
-            capacity_factor=cfg.capacity_factor,
             aux_loss_coeff=self.aux_loss_coeff,
             z_loss_coeff=self.z_loss_coeff,
             shared_w_up=self.shared_w_up,
@@ -170,5 +185,6 @@ class MoELayer(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, ffn_dim={self.ffn_dim}, num_experts={self.num_experts}, "
-            f"top_k={self.router_config.top_k}, activation={self.activation!r}"
+            f"activation={self.activation!r}, router={self.router_config}, "
+            f"ep_world_size={self.communicator.world_size}"
         )

@@ -25,6 +25,7 @@ __all__ = [
     "check_hidden",
     "check_topk",
     "is_glu",
+    "sort_slots_by_expert",
 ]
 
 GLU_ACTIVATIONS = ("swiglu", "geglu")
@@ -182,3 +183,17 @@ class Routing:
     load_balance_loss: torch.Tensor
     z_loss: torch.Tensor
     dropped_slots: torch.Tensor
+
+
+def sort_slots_by_expert(topk_ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference slot order of the grouped GEMMs: kept slots in (expert, token, k) order.
+
+    Returns ``slots_S`` (int64 flat slot ids ``t*K + k``; slots with an id outside ``[0, E)`` left out)
+    and ``counts_E`` (kept slots per expert).
+    """
+    E = num_experts
+    ids_N = topk_ids_TK.reshape(-1).long()
+    key_N = torch.where((ids_N >= 0) & (ids_N < E), ids_N, E)  # slots of no expert here sort last
+    order_N = torch.sort(key_N, stable=True).indices
+    counts_E = torch.bincount(key_N, minlength=E + 1)[:E]
+    return order_N[: int(counts_E.sum())], counts_E

@@ -46,6 +46,29 @@ def problems(draw, max_world: int = 4, max_tokens: int = 12, allow_empty: bool =
     )
 
 
+@st.composite
+def ep_problems(draw, max_world: int = 4, max_local: int = 16, max_tokens: int = 40) -> Problem:
+    """Expert-parallel problems: W in 1..max_world dividing E <= W*max_local (64 by default), K in
+    1..E, T in 0..max_tokens (T*K beyond the metadata kernel's 64-slot block)."""
+    W = draw(st.integers(1, max_world))
+    E = W * draw(st.integers(1, max_local))
+    return Problem(
+        T=draw(st.integers(0, max_tokens)),
+        D=draw(st.integers(1, 12)),
+        E=E,
+        K=draw(st.integers(1, E)),
+        I=draw(st.integers(1, 8)),
+        W=W,
+        skew=draw(st.sampled_from(SKEWS)),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def rank_tokens(p: Problem, rank: int) -> int:
+    """Tokens of rank ``rank``: rank 0 has p.T (0 allowed), the others differ from it and each other."""
+    return p.T if rank == 0 else (p.T + 7 * rank) % 41
+
+
 def skew_bias(p: Problem) -> torch.Tensor:
     """A selection bias ``[E]`` that realizes the problem's skew (zeros for uniform routing)."""
     bias_E = torch.zeros(p.E)

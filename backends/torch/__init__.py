@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from flashfusemoe.backends.torch.dense import dense_experts
-from flashfusemoe.backends.torch.experts import expert_mlp, experts, grouped_mlp
+from flashfusemoe.backends.torch.experts import expert_mlp, experts
 from flashfusemoe.backends.torch.routing import route, router_logits
 
 NAME = "torch"
@@ -16,7 +16,6 @@ __all__ = [
     "dense_experts",
     "expert_mlp",
     "experts",
-    "grouped_mlp",
     "route",
     "router_logits",
     "unavailable_reason",

@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from flashfusemoe.spec import activate
 
-__all__ = ["expert_mlp", "experts", "grouped_mlp"]
+__all__ = ["expert_mlp", "experts"]
 
 
 def expert_mlp(
@@ -39,8 +39,13 @@ def experts(
     w_down_EDI: torch.Tensor,
     activation: str,
     recompute: bool = False,
+    num_slots: int | None = None,
 ) -> torch.Tensor:
-    """``out[t] = sum_k w[t,k] * expert_{ids[t,k]}(x[t])`` over slots with ``ids >= 0``; ``[T, D]``."""
+    """``out[t] = sum_k w[t,k] * expert_{ids[t,k]}(x[t])`` over slots whose id is in ``[0, E)``; ``[T, D]``.
+
+    Under expert parallelism the T "tokens" are the rows a communicator delivered and E the local
+    experts; an id of -1 marks an expert elsewhere (or a dropped slot). ``num_slots`` is an upper bound
+    on the slots with an id in ``[0, E)``, which fused backends size their buffers by (unused here)."""
     out_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
     for e in range(w_up_EFD.shape[0]):
         token_R, slot_R = torch.where(topk_ids_TK == e)
@@ -48,17 +53,3 @@ def experts(
         y_RD = _mlp(x_TD[token_R], w_up_EFD[e], w_down_EDI[e], activation, recompute)
         out_TD = out_TD.index_add(0, token_R, y_RD.float() * topk_weights_TK[token_R, slot_R, None])
     return out_TD.to(x_TD.dtype)
-
-
-def grouped_mlp(
-    x_RD: torch.Tensor,
-    counts_e: torch.Tensor,
-    w_up_eFD: torch.Tensor,
-    w_down_eDI: torch.Tensor,
-    activation: str,
-    recompute: bool = False,
-) -> torch.Tensor:
-    """Rows already grouped by expert (``counts_e[i]`` rows for local expert i, in order) -> ``[R, D]``."""
-    chunks = torch.split(x_RD, counts_e.tolist())
-    outs = [_mlp(chunk, w_up_eFD[i], w_down_eDI[i], activation, recompute) for i, chunk in enumerate(chunks)]
-    return torch.cat(outs) if outs else x_RD.new_zeros(x_RD.shape)

@@ -10,13 +10,13 @@ import torch
 
 from flashfusemoe import _env
 from flashfusemoe.backends.torch.experts import expert_mlp
-from flashfusemoe.backends.triton.experts import experts, grouped_mlp
+from flashfusemoe.backends.triton.experts import experts
 from flashfusemoe.backends.triton.router_gemm import router_logits
 from flashfusemoe.backends.triton.routing import route
 
 NAME = "triton"
 
-__all__ = ["NAME", "expert_mlp", "experts", "grouped_mlp", "route", "router_logits", "unavailable_reason"]
+__all__ = ["NAME", "expert_mlp", "experts", "route", "router_logits", "unavailable_reason"]
 
 
 def unavailable_reason(device: torch.device) -> str | None:

@@ -1,13 +1,14 @@
 """Fused expert computation: routing metadata -> grouped GEMM up over gathered rows, with the activation
-(one TMA kernel on Hopper) -> grouped GEMM down -> weighted combine, and its backward; ``grouped_mlp``
-for rows that arrive already grouped (EP).
+(one TMA kernel on Hopper) -> grouped GEMM down -> weighted combine, and its backward. The same code for
+every world size: under expert parallelism the "tokens" are the rows a communicator delivered, with
+their local expert ids (-1 for experts elsewhere) and weights.
 
 Each step is a ``torch.library.custom_op`` (opaque to torch.compile, no host sync) under an
 autograd.Function that saves only ``h`` (the up-projection, or nothing with ``recompute``) beside what
 the caller already holds (x, weights, routing).
 
-Legend: T tokens, K top-k, N = T*K rows in expert order, E experts, D model dim, F = rows of w_up
-(2I for GLU), I intermediate dim, R rows received (EP).
+Legend: T tokens (or received rows), K top-k, N rows in expert order (T*K, or the caller's bound on the
+kept slots), E experts (local), D model dim, F = rows of w_up (2I for GLU), I intermediate dim.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from flashfusemoe.backends.triton.ops import custom_op
 from flashfusemoe.backends.triton.permute import combine_rows, gather_rows
 from flashfusemoe.spec import is_glu
 
-__all__ = ["experts", "grouped_mlp"]
+__all__ = ["experts"]
 
 
 # ----------------------------------------------------------------- single device: tokens in, tokens out
@@ -29,27 +30,27 @@ __all__ = ["experts", "grouped_mlp"]
 # so that autograd accumulates and frees each weight gradient before the other is computed.
 
 
-def _up_fwd_fake(x_TD, topk_ids_TK, w_up, activation):
+def _up_fwd_fake(x_TD, topk_ids_TK, w_up, activation, num_rows):
     T, K = topk_ids_TK.shape
     F = w_up.shape[1]
     i32 = dict(dtype=torch.int32)
     return (
-        x_TD.new_empty((T * K, F)),
-        x_TD.new_empty((T * K, F // 2 if is_glu(activation) else F)),
+        x_TD.new_empty((num_rows, F)),
+        x_TD.new_empty((num_rows, F // 2 if is_glu(activation) else F)),
         x_TD.new_empty((T, K), **i32),
-        x_TD.new_empty((T * K,), **i32),
+        x_TD.new_empty((num_rows,), **i32),
         x_TD.new_empty((w_up.shape[0],), **i32),
     )
 
 
 @custom_op("moe_up_fwd", _up_fwd_fake)
 def _up_fwd(
-    x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, w_up: torch.Tensor, activation: str
+    x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, w_up: torch.Tensor, activation: str, num_rows: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    meta = routing_metadata(topk_ids_TK, w_up.shape[0])
-    gather = (meta.row_slot_N, topk_ids_TK.shape[1])  # expert-order row r is token row_slot[r] // K
+    meta = routing_metadata(topk_ids_TK, w_up.shape[0], num_rows)
+    gather = (meta.row_slot_M, topk_ids_TK.shape[1])  # expert-order row r is token row_slot[r] // K
     h_NF, a_NI = grouped_mm_act(x_TD, w_up.transpose(1, 2), meta.offs_E, activation, gather=gather)
-    return h_NF, a_NI, meta.pos_TK, meta.row_slot_N, meta.offs_E
+    return h_NF, a_NI, meta.pos_TK, meta.row_slot_M, meta.offs_E
 
 
 def _wgrad_fake(w, grad_w_acc):
@@ -187,8 +188,8 @@ def _grad_buffer(ctx, i: int) -> torch.Tensor | None:
 
 class _Up(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_TD, w_up, topk_ids_TK, activation):
-        h_NF, a_NI, pos_TK, row_slot_N, offs_E = _up_fwd(x_TD, topk_ids_TK, w_up, activation)
+    def forward(ctx, x_TD, w_up, topk_ids_TK, activation, num_rows):
+        h_NF, a_NI, pos_TK, row_slot_N, offs_E = _up_fwd(x_TD, topk_ids_TK, w_up, activation, num_rows)
         ctx.save_for_backward(x_TD, w_up, pos_TK, row_slot_N, offs_E)
         ctx.mark_non_differentiable(pos_TK, row_slot_N, offs_E)
         ctx.set_materialize_grads(False)  # a's gradient never comes: _Down's backward goes through h
@@ -198,7 +199,7 @@ class _Up(torch.autograd.Function):
     def backward(ctx, grad_h_NF, _grad_a, _pos, _row_slot, _offs):
         acc = _grad_buffer(ctx, 1)
         grad_x, grad_w_up = _up_bwd(grad_h_NF.contiguous(), *ctx.saved_tensors, acc)
-        return grad_x, grad_w_up if acc is None else None, None, None
+        return grad_x, grad_w_up if acc is None else None, None, None, None
 
 
 class _Down(torch.autograd.Function):
@@ -246,31 +247,21 @@ def experts(
     w_down_EDI: torch.Tensor,
     activation: str,
     recompute: bool = False,
+    num_slots: int | None = None,
 ) -> torch.Tensor:
-    """Same contract as the reference ``experts``: ``[T, D]`` in x's dtype, slots with id -1 ignored.
-    Saves the up-projection ``h`` for backward, or nothing with ``recompute=True`` (backward then
-    recomputes ``h`` from x). In eager mode the backward writes ``h``'s gradient over the saved ``h``,
-    so backpropagating twice through one graph (``retain_graph=True``) needs ``recompute=True``."""
+    """Same contract as the reference ``experts``: ``[T, D]`` in x's dtype; slots whose id is not in
+    ``[0, E)`` are ignored. ``num_slots`` bounds the slots with an id in ``[0, E)`` (default T*K): the
+    expert-order buffers get that many rows. Saves the up-projection ``h`` for backward, or nothing
+    with ``recompute=True`` (backward then recomputes ``h`` from x). In eager mode the backward writes
+    ``h``'s gradient over the saved ``h``, so backpropagating twice through one graph
+    (``retain_graph=True``) needs ``recompute=True``."""
     x_TD = x_TD.contiguous()
-    h_NF, a_NI, pos_TK, row_slot_N, offs_E = _Up.apply(x_TD, w_up_EFD, topk_ids_TK.contiguous(), activation)
+    T, K = topk_ids_TK.shape
+    num_rows = T * K if num_slots is None else num_slots
+    h_NF, a_NI, pos_TK, row_slot_N, offs_E = _Up.apply(
+        x_TD, w_up_EFD, topk_ids_TK.contiguous(), activation, num_rows
+    )
     weights_TK = topk_weights_TK.float().contiguous()
     return _Down.apply(
         h_NF, a_NI, weights_TK, w_down_EDI, pos_TK, row_slot_N, offs_E, x_TD, w_up_EFD, activation, recompute
     )
-
-
-def grouped_mlp(
-    x_RD: torch.Tensor,
-    counts_e: torch.Tensor,
-    w_up_eFD: torch.Tensor,
-    w_down_eDI: torch.Tensor,
-    activation: str,
-    recompute: bool = False,
-) -> torch.Tensor:
-    """Rows grouped by local expert (``counts_e`` rows each, in order) -> ``[R, D]``: the same kernels,
-    each row a token routed to its own expert with weight 1 (the permutation is the identity)."""
-    R = x_RD.shape[0]
-    experts_e = torch.arange(counts_e.shape[0], device=x_RD.device)
-    ids_R1 = torch.repeat_interleave(experts_e, counts_e, output_size=R)[:, None]
-    ones_R1 = torch.ones((R, 1), dtype=torch.float32, device=x_RD.device)
-    return experts(x_RD, ids_R1, ones_R1, w_up_eFD, w_down_eDI, activation, recompute)

@@ -2,9 +2,11 @@
 
 Three kernels: a per-block expert histogram, its running sum over blocks per expert, then each slot's row
 ``expert_start[e] + (earlier blocks' slots of e) + (earlier slots of e in this block)``: a stable
-(expert, token, k) order, the same as the reference's stable sort.
+(expert, token, k) order, the same as the reference's stable sort. Ids outside ``[0, E)`` (-1: dropped,
+or an expert of another rank) get no row.
 
-Legend: T tokens, K top-k, N = T*K slots, E experts, B slot blocks of BLOCK_N.
+Legend: T tokens (or received rows), K top-k, N = T*K slots, E experts, B slot blocks of BLOCK_N,
+M rows of the expert-order buffers (N, or a smaller bound on the kept slots).
 """
 
 from __future__ import annotations
@@ -23,11 +25,11 @@ BLOCK_N = 64
 
 
 class RoutingMeta(NamedTuple):
-    """``pos_TK`` int32 row of each slot (-1 dropped); ``row_slot_N`` int32 slot of each row (rows past
+    """``pos_TK`` int32 row of each slot (-1: no row); ``row_slot_M`` int32 slot of each row (rows past
     ``live`` unset); ``offs_E`` int32 inclusive row ends per expert; ``live`` = ``offs_E[-1:]``."""
 
     pos_TK: torch.Tensor
-    row_slot_N: torch.Tensor
+    row_slot_M: torch.Tensor
     offs_E: torch.Tensor
     live: torch.Tensor
 
@@ -65,6 +67,7 @@ def _positions_kernel(
     row_slot_ptr,
     offs_ptr,
     N,
+    M,
     B,
     E: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -83,23 +86,27 @@ def _positions_kernel(
     onehot = (ids[:, None] == cols[None, :]).to(tl.int32)
     rank = tl.cumsum(onehot, axis=0) - onehot  # earlier slots of the same expert in this block
     pos = tl.sum(onehot * (base[None, :] + rank), axis=1)
-    pos = tl.where(ids >= 0, pos, -1)
+    # A row past M (a wrong bound) is dropped rather than written out of bounds.
+    has_row = (ids >= 0) & (ids < E) & (pos < M)
+    pos = tl.where(has_row, pos, -1)
     tl.store(pos_ptr + slots, pos, mask=slots < N)
-    tl.store(row_slot_ptr + pos, slots, mask=(slots < N) & (ids >= 0))
+    tl.store(row_slot_ptr + pos, slots, mask=(slots < N) & has_row)
     if pid == 0:
-        tl.store(offs_ptr + cols, expert_end, mask=col_ok)
+        tl.store(offs_ptr + cols, tl.minimum(expert_end, M), mask=col_ok)
 
 
-def routing_metadata(topk_ids_TK: torch.Tensor, num_experts: int) -> RoutingMeta:
-    """Expert-order layout of the kept slots of ``topk_ids_TK`` (ids in ``[0, E)`` or -1)."""
+def routing_metadata(topk_ids_TK: torch.Tensor, num_experts: int, num_rows: int | None = None) -> RoutingMeta:
+    """Expert-order layout of the slots of ``topk_ids_TK`` whose id lies in ``[0, E)``, in buffers of
+    ``num_rows`` rows (default T*K): at least the number of such slots."""
     T, K = topk_ids_TK.shape
     N, E = T * K, num_experts
+    M = N if num_rows is None else num_rows
     dev = topk_ids_TK.device
     ids_N = topk_ids_TK.reshape(-1).to(torch.int32)
     B = max(cdiv(N, BLOCK_N), 1)
     BLOCK_E = next_pow2(E)
     pos = torch.empty((N,), dtype=torch.int32, device=dev)
-    row_slot = torch.empty((N,), dtype=torch.int32, device=dev)
+    row_slot = torch.empty((M,), dtype=torch.int32, device=dev)
     if not N:
         offs = torch.zeros((E,), dtype=torch.int32, device=dev)
     else:  # every kernel writes all of its output: no zero-fill launches
@@ -108,6 +115,6 @@ def routing_metadata(topk_ids_TK: torch.Tensor, num_experts: int) -> RoutingMeta
         _histogram_kernel[(B,)](ids_N, counts_BE, N, E=E, BLOCK_N=BLOCK_N, BLOCK_E=BLOCK_E)
         _block_prefix_kernel[(E,)](counts_BE, cum_BE, B, E=E, BLOCK_B=min(next_pow2(B), 1024))
         _positions_kernel[(B,)](
-            ids_N, cum_BE, pos, row_slot, offs, N, B, E=E, BLOCK_N=BLOCK_N, BLOCK_E=BLOCK_E
+            ids_N, cum_BE, pos, row_slot, offs, N, M, B, E=E, BLOCK_N=BLOCK_N, BLOCK_E=BLOCK_E
         )
     return RoutingMeta(pos.view(T, K), row_slot, offs, offs[-1:])

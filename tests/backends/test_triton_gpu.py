@@ -304,7 +304,7 @@ def test_triton_routing_at_fine_grained_scale():
     from flashfusemoe.backends import torch as ref
     from flashfusemoe.backends.triton import route as tri_route
     from flashfusemoe.backends.triton.metadata import routing_metadata
-    from flashfusemoe.comm.base import sort_slots_by_expert
+    from flashfusemoe.spec import sort_slots_by_expert
     from flashfusemoe.spec import RouterConfig
 
     T, E, K = 16384, 128, 8
@@ -317,5 +317,5 @@ def test_triton_routing_at_fine_grained_scale():
     torch.testing.assert_close(got.z_loss, want.z_loss, rtol=1e-5, atol=1e-6)
     meta = routing_metadata(got.topk_ids_TK, E)
     slots, counts = sort_slots_by_expert(want.topk_ids_TK, E)
-    assert torch.equal(meta.row_slot_N.long(), slots)
+    assert torch.equal(meta.row_slot_M.long(), slots)
     assert torch.equal(meta.offs_E.long(), torch.cumsum(counts, 0))

@@ -26,7 +26,7 @@ from flashfusemoe.backends.triton.metadata import routing_metadata
 from flashfusemoe.backends.triton.permute import combine_rows, gather_rows
 from flashfusemoe.backends.triton.tma_gemm import glu_halves_ok, tma_layout_ok, tma_ok
 from flashfusemoe.comm import FakeWorld
-from flashfusemoe.comm.base import sort_slots_by_expert
+from flashfusemoe.spec import sort_slots_by_expert
 from flashfusemoe.spec import ACTIVATIONS, RouterConfig, activate, is_glu
 from tests.strategies import Problem, problems, randn, skew_bias, topk_ids
 
@@ -44,7 +44,7 @@ def test_triton_metadata_equals_stable_sort(p, drop_frac):
     meta = routing_metadata(ids, p.E)
     slots, counts = sort_slots_by_expert(ids, p.E)
     S = slots.numel()
-    assert torch.equal(meta.row_slot_N[:S].long(), slots)
+    assert torch.equal(meta.row_slot_M[:S].long(), slots)
     assert torch.equal(meta.offs_E.long(), torch.cumsum(counts, 0))
     pos = meta.pos_TK.reshape(-1).long()
     assert torch.equal(pos[slots], torch.arange(S, device=DEV))
@@ -57,7 +57,7 @@ def test_triton_gather_is_bit_exact_and_combine_matches(p, drop_frac):
         randn(p, p.T, p.D), topk_ids(p, drop_frac=drop_frac), torch.rand(p.T, p.K, generator=p.gen(3))
     )
     meta = routing_metadata(ids, p.E)
-    x_rows = gather_rows(x, meta.row_slot_N, meta.live, p.K)
+    x_rows = gather_rows(x, meta.row_slot_M, meta.live, p.K)
     slots, _ = sort_slots_by_expert(ids, p.E)
     S = slots.numel()
     assert torch.equal(x_rows[:S], x[slots // p.K])

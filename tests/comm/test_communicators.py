@@ -1,4 +1,9 @@
-"""Every communicator against the loopback specification, on simulated ranks (``fake``)."""
+"""Every communicator against one routing semantics (the loopback normal form), on simulated ranks.
+
+``fake`` (default and sync-free) is checked against ``loopback`` for the normal form, the roundtrip,
+row counts and the autograd duality; the real-process transports run the same checks in
+tests/comm/test_gloo.py.
+"""
 
 import pytest
 import torch
@@ -6,118 +11,108 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from flashfusemoe.comm import (
+    AllToAllHandle,
     Communicator,
+    FakeCommunicator,
     FakeWorld,
+    LoopbackCommunicator,
     available_communicators,
     get_communicator,
     register_communicator,
 )
-from flashfusemoe.comm.fake import FakeCommunicator
-from flashfusemoe.comm.loopback import LoopbackCommunicator
-from tests.strategies import Problem, problems, randn, topk_ids
+from flashfusemoe.comm.alltoall import dispatch_bytes
+from flashfusemoe.comm.testing import expected_normal_form, normal_form
+from tests.strategies import Problem, ep_problems, randn, rank_tokens, topk_ids
 
 
-def _rank_inputs(p: Problem, rank: int, drop_frac: float = 0.0):
-    """Rank-specific tokens (T varies by rank; rank 0 keeps p.T, which may be 0)."""
-    T = p.T if rank == 0 else (p.T + 3 * rank) % 9
+def _rank_inputs(p: Problem, rank: int, drop_frac: float = 0.0, same_tokens: bool = False):
+    """Rank ``rank``'s tokens, ids and weights; ``same_tokens``: T on every rank (sync-free mode)."""
+    T = p.T if same_tokens else rank_tokens(p, rank)
     ids = topk_ids(p, T=T, salt=rank, drop_frac=drop_frac)
     x = randn(p, T, p.D, salt=10 + rank)
     w = torch.rand(T, p.K, generator=p.gen(20 + rank))
     return x, ids, w
 
 
-def expected_canonical(p: Problem, rank: int, drop_frac: float):
-    """What rank ``rank`` must receive: for each local expert, for each source rank, that source's
-    loopback rows of that expert (token-major) -- the canonical order, built from the spec."""
+def _fake(world, rank, sync_free):
+    return FakeCommunicator(world.group(rank), sync_free=sync_free)
+
+
+@given(ep_problems(), st.sampled_from([0.0, 0.25]), st.booleans())
+def test_fake_normal_form_equals_loopback_bit_exact(p, drop_frac, sync_free):
+    """Rank r receives exactly the loopback slots of its experts over all sources, every row with at
+    least one local id (sync-free: plus padding rows of none), one row per (token, destination)."""
+    world = FakeWorld(p.W)
+    inputs = [_rank_inputs(p, r, drop_frac, sync_free) for r in range(p.W)]
+
+    def rank_fn(rank):
+        return _fake(world, rank, sync_free).dispatch(*inputs[rank], num_experts=p.E)
+
     e = p.E // p.W
-    xs, ws, counts = [], [], []
-    per_source = []
-    for src in range(p.W):
-        x, ids, w = _rank_inputs(p, src, drop_frac)
-        d = LoopbackCommunicator().dispatch(x, ids, w, num_experts=p.E)
-        per_source.append((d, torch.cumsum(d.recv_counts_e, 0) - d.recv_counts_e))
-    for expert in range(rank * e, (rank + 1) * e):
-        n = 0
-        for d, start in per_source:
-            lo, c = int(start[expert]), int(d.recv_counts_e[expert])
-            xs.append(d.recv_x_RD[lo : lo + c])
-            ws.append(d.recv_weights_R[lo : lo + c])
-            n += c
-        counts.append(n)
-    return torch.cat(xs), torch.cat(ws), torch.tensor(counts)
+    for rank, d in enumerate(world.run(rank_fn)):
+        assert normal_form(d, rank=rank, world_size=p.W, num_experts=p.E) == expected_normal_form(
+            inputs, rank, p.W, p.E
+        )
+        local = d.recv_topk_ids_RK >= 0
+        assert bool(((d.recv_topk_ids_RK >= -1) & (d.recv_topk_ids_RK < e)).all())
+        assert bool((d.recv_topk_weights_RK[~local] == 0).all())
+        assert d.recv_topk_ids_RK.dtype == inputs[rank][1].dtype
+        if sync_free:
+            assert d.recv_x_RD.shape[0] == sum(x.shape[0] for x, _, _ in inputs)
+            assert d.num_recv_slots == d.recv_x_RD.shape[0] * p.K
+        else:
+            assert bool(local.any(1).all())
+            pairs = sum(
+                int(((ids >= rank * e) & (ids < (rank + 1) * e)).any(1).sum()) for _, ids, _ in inputs
+            )
+            assert d.recv_x_RD.shape[0] == pairs
+            assert d.num_recv_slots == int(local.sum())
 
 
-@given(problems(), st.sampled_from([0.0, 0.25]))
-def test_fake_dispatch_equals_loopback_canonical_order_bit_exact(p, drop_frac):
+@given(ep_problems(), st.sampled_from([0.0, 0.3]), st.booleans())
+def test_roundtrip_with_identity_experts_returns_input(p, drop_frac, sync_free):
+    """dispatch -> identity experts (a row times its local weights' sum) -> combine, with weights 1/K:
+    the input itself (times the kept fraction where slots were dropped)."""
     world = FakeWorld(p.W)
 
     def rank_fn(rank):
-        x, ids, w = _rank_inputs(p, rank, drop_frac)
-        return FakeCommunicator(world.group(rank)).dispatch(x, ids, w, num_experts=p.E)
-
-    for rank, got in enumerate(world.run(rank_fn)):
-        x_exp, w_exp, c_exp = expected_canonical(p, rank, drop_frac)
-        assert torch.equal(got.recv_x_RD, x_exp)
-        assert torch.equal(got.recv_weights_R, w_exp)
-        assert torch.equal(got.recv_counts_e, c_exp)
-
-
-@given(problems())
-def test_rows_received_over_all_ranks_equal_kept_slots(p):
-    world = FakeWorld(p.W)
-
-    def rank_fn(rank):
-        x, ids, _ = _rank_inputs(p, rank)
-        d = FakeCommunicator(world.group(rank)).dispatch(x, ids, num_experts=p.E)
-        return d.recv_x_RD.shape[0], ids.numel(), d.recv_weights_R
-
-    out = world.run(rank_fn)
-    assert sum(r for r, _, _ in out) == sum(n for _, n, _ in out)
-    assert all(w is None for _, _, w in out)
-
-
-@given(problems(), st.sampled_from([0.0, 0.3]))
-def test_roundtrip_returns_input_times_weight_sum(p, drop_frac):
-    world = FakeWorld(p.W)
-
-    def rank_fn(rank):
-        x, ids, w = _rank_inputs(p, rank, drop_frac)
-        comm = FakeCommunicator(world.group(rank))
+        x, ids, _ = _rank_inputs(p, rank, drop_frac, sync_free)
+        w = torch.full(ids.shape, 1.0 / p.K)
+        comm = _fake(world, rank, sync_free)
         d = comm.dispatch(x, ids, w, num_experts=p.E)
-        y = comm.combine(d.recv_x_RD * d.recv_weights_R[:, None], d.handle)  # identity experts
-        kept_w = torch.where(ids >= 0, w, 0.0).sum(-1, keepdim=True)
-        return y, x * kept_w
+        y = comm.combine(d.recv_x_RD * d.recv_topk_weights_RK.sum(1, keepdim=True), d.handle)
+        return y, x * ((ids >= 0).sum(1, keepdim=True) / p.K)
 
     for y, expected in world.run(rank_fn):
         torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6)
 
 
-@given(problems(max_world=3))
-def test_autograd_duality(p):
-    """dispatch's backward == combine of the upstream gradient; combine's backward == dispatch of it."""
+@given(ep_problems(max_world=3, max_local=4), st.booleans())
+def test_autograd_duality(p, sync_free):
+    """dispatch's backward == combine of the row gradients and, per slot, the weight gradient of the
+    rank that holds its expert; combine's backward == dispatch of the output gradient."""
     world = FakeWorld(p.W)
 
     def rank_fn(rank):
-        x, ids, w = _rank_inputs(p, rank)
-        comm = FakeCommunicator(world.group(rank))
+        x, ids, w = _rank_inputs(p, rank, 0.2, sync_free)
+        comm = _fake(world, rank, sync_free)
         x, w = x.requires_grad_(), w.requires_grad_()
         d = comm.dispatch(x, ids, w, num_experts=p.E)
-        g_x_R = torch.randn(d.recv_x_RD.shape, generator=p.gen(30 + rank))
-        g_w_R = torch.randn(d.recv_weights_R.shape, generator=p.gen(40 + rank))
-        torch.autograd.backward([d.recv_x_RD, d.recv_weights_R], [g_x_R, g_w_R])
-        expect_gx = comm.combine(g_x_R, d.handle)
-        # weight grads return slot by slot: combine a one-hot-in-k embedding of g_w
-        k_of_row = d.handle.send_slots_S % p.K
-        onehot_SK = torch.nn.functional.one_hot(k_of_row, p.K).float()
-        (onehot_RK,) = comm.send([onehot_SK], d.handle)
-        expect_gw = comm.combine(onehot_RK * g_w_R[:, None], d.handle)
-
-        y_R = randn(p, d.recv_x_RD.shape[0], p.D, salt=50 + rank).requires_grad_()
-        out = comm.combine(y_R, d.handle)
+        g_x = torch.randn(d.recv_x_RD.shape, generator=p.gen(30 + rank))
+        g_w = torch.randn(d.recv_topk_weights_RK.shape, generator=p.gen(40 + rank))
+        g_w = torch.where(d.recv_topk_ids_RK >= 0, g_w, 0.0)  # what experts give non-local slots
+        torch.autograd.backward([d.recv_x_RD, d.recv_topk_weights_RK], [g_x, g_w])
+        expect_gx = comm.combine(g_x, d.handle)
+        # each slot's weight gradient travels back with its row: combine a one-hot-in-k embedding
+        expect_gw = torch.stack(
+            [comm.combine(g_w[:, k : k + 1], d.handle)[:, 0] for k in range(p.K)], dim=1
+        )
+        y = randn(p, d.recv_x_RD.shape[0], p.D, salt=50 + rank).requires_grad_()
+        out = comm.combine(y, d.handle)
         g_out = torch.randn(out.shape, generator=p.gen(60 + rank))
         out.backward(g_out)
-        expect_gy = comm.dispatch(g_out, ids, num_experts=p.E).recv_x_RD
-        return x.grad, expect_gx, w.grad, expect_gw, y_R.grad, expect_gy
+        expect_gy = comm.dispatch(g_out, ids, w.detach(), num_experts=p.E).recv_x_RD
+        return x.grad, expect_gx, w.grad, expect_gw, y.grad, expect_gy
 
     for gx, ex, gw, ew, gy, ey in world.run(rank_fn):
         torch.testing.assert_close(gx, ex, rtol=0, atol=0)
@@ -125,34 +120,39 @@ def test_autograd_duality(p):
         torch.testing.assert_close(gy, ey, rtol=0, atol=0)
 
 
-def test_loopback_is_expert_major_then_token():
-    ids = torch.tensor([[2, 0], [0, 1], [2, 1]])
-    x = torch.arange(3.0).view(3, 1)
-    d = LoopbackCommunicator().dispatch(x, ids, num_experts=3)
-    assert d.recv_x_RD.view(-1).tolist() == [0.0, 1.0, 1.0, 2.0, 0.0, 2.0]
-    assert d.recv_counts_e.tolist() == [2, 2, 2]
+def test_loopback_is_zero_copy():
+    """The very tensors come back: the EP = 1 path is the single-GPU path."""
+    comm = LoopbackCommunicator()
+    x, ids, w = torch.randn(3, 4), torch.tensor([[2, 0], [0, -1], [1, 2]]), torch.rand(3, 2)
+    d = comm.dispatch(x, ids, w, num_experts=3)
+    assert d.recv_x_RD is x and d.recv_topk_ids_RK is ids and d.recv_topk_weights_RK is w
+    assert d.num_recv_slots == 6
+    y = torch.randn(3, 4)
+    assert comm.combine(y, d.handle) is y
 
 
-def test_expert_per_rank_and_empty_rank():
-    """E = W (one expert per rank), rank 1 has no tokens, everything routed to expert 0."""
+def test_one_expert_per_rank_empty_rank_and_all_to_one_expert():
+    """E = W = K = 3, rank 1 has no tokens; then every slot to expert 0 (K = 1)."""
     world = FakeWorld(3)
 
     def rank_fn(rank):
         T = 0 if rank == 1 else 4
-        ids = torch.zeros(T, 1, dtype=torch.long)
-        x = torch.randn(T, 2)
         comm = FakeCommunicator(world.group(rank))
-        d = comm.dispatch(x, ids, num_experts=3)
-        return d.recv_x_RD.shape[0], comm.combine(d.recv_x_RD, d.handle), x
+        ids = torch.tensor([0, 1, 2]).repeat(T, 1)
+        x = torch.randn(T, 2)
+        d = comm.dispatch(x, ids, torch.full((T, 3), 0.5), num_experts=3)
+        y = comm.combine(d.recv_x_RD * d.recv_topk_weights_RK.sum(1, keepdim=True), d.handle)
+        d1 = comm.dispatch(x, torch.zeros(T, 1, dtype=torch.long), torch.ones(T, 1), num_experts=3)
+        return d.recv_x_RD.shape[0], y, x, d1.recv_x_RD.shape[0], comm.combine(d1.recv_x_RD, d1.handle)
 
-    (r0, y0, x0), (r1, y1, _), (r2, y2, x2) = world.run(rank_fn)
-    assert (r0, r1, r2) == (8, 0, 0)
-    assert torch.equal(y0, x0) and y1.shape == (0, 2) and torch.equal(y2, x2)
+    out = world.run(rank_fn)
+    assert [r for r, *_ in out] == [8, 8, 8] and [r1 for *_, r1, _ in out] == [8, 0, 0]
+    for _, y, x, _, y1 in out:
+        torch.testing.assert_close(y, 1.5 * x, rtol=1e-6, atol=1e-6)
+        assert torch.equal(y1, x)
 
 
 def test_bf16_rows_and_fp32_weights_travel_together_exactly():
-    """E = W = 2 and every token picks both experts: each rank receives every token of every source,
-    source by source, with the weight of the slot that chose it."""
     world = FakeWorld(2)
     ids = torch.tensor([[0, 1], [1, 0], [1, 0], [0, 1], [1, 0]])
 
@@ -163,9 +163,30 @@ def test_bf16_rows_and_fp32_weights_travel_together_exactly():
 
     out = world.run(rank_fn)
     for rank, (_, _, d) in enumerate(out):
-        assert d.recv_x_RD.dtype == torch.bfloat16 and d.recv_weights_R.dtype == torch.float32
-        assert torch.equal(d.recv_x_RD, torch.cat([x for x, _, _ in out]))
-        assert torch.equal(d.recv_weights_R, torch.cat([w[ids == rank] for _, w, _ in out]))
+        assert d.recv_x_RD.dtype == torch.bfloat16 and d.recv_topk_weights_RK.dtype == torch.float32
+        assert torch.equal(d.recv_x_RD, torch.cat([x for x, _, _ in out]))  # source rank, then token
+        assert torch.equal(d.recv_topk_weights_RK, torch.cat([torch.where(ids == rank, w, 0) for _, w, _ in out]))
+        assert torch.equal(d.recv_topk_ids_RK, torch.where(ids == rank, 0, -1).repeat(2, 1))
+
+
+def test_communicators_keep_no_per_call_state():
+    world = FakeWorld(2)
+
+    def rank_fn(rank):
+        comm = FakeCommunicator(world.group(rank))
+        before = dict(vars(comm))
+        d = comm.dispatch(torch.randn(4, 3), torch.tensor([[0, 1]] * 4), torch.rand(4, 2), num_experts=2)
+        comm.combine(d.recv_x_RD, d.handle)
+        return before == vars(comm), isinstance(d.handle, AllToAllHandle)
+
+    assert world.run(rank_fn) == [(True, True)] * 2
+
+
+def test_dispatch_bytes_per_token_rank_pair_vs_per_slot():
+    """A token that picks two experts of one rank sends one row there, not two."""
+    ids = torch.tensor([[0, 1], [0, 2], [3, -1]])  # E = 4, W = 2: experts {0, 1} on rank 0
+    assert dispatch_bytes(ids, 4, 2, row_bytes=10, per_slot=True) == 50
+    assert dispatch_bytes(ids, 4, 2, row_bytes=10) == 40  # (0,r0) (1,r0) (1,r1) (2,r1)
 
 
 # ---------------------------------------------------------------- errors
@@ -174,25 +195,44 @@ def test_bf16_rows_and_fp32_weights_travel_together_exactly():
 @pytest.mark.parametrize(
     "ids, match",
     [
-        (torch.tensor([[0, 4]]), r"topk_ids must lie in \[-1, num_experts=4\)"),
+        (torch.tensor([[0, 4]]), r"topk_ids must lie in \[-1, num_experts=4\), got \[0, 4\]"),
         (torch.tensor([[0, -2]]), r"topk_ids must lie in"),
-        (torch.tensor([[0.0, 1.0]]), r"topk_ids must be int32 or int64"),
-        (torch.tensor([0, 1]), r"topk_ids must have shape \[T=1, K\]"),
     ],
 )
-def test_dispatch_rejects_bad_ids(ids, match):
-    with pytest.raises((ValueError, TypeError), match=match):
-        LoopbackCommunicator().dispatch(torch.randn(1, 3), ids, num_experts=4)
+def test_all_to_all_dispatch_rejects_out_of_range_ids(ids, match):
+    world = FakeWorld(2)
+    with pytest.raises(ValueError, match=match):
+        world.run(lambda r: FakeCommunicator(world.group(r)).dispatch(torch.randn(1, 3), ids, torch.rand(1, 2), num_experts=4))
 
 
-def test_dispatch_rejects_mismatched_weights_and_combine_rows():
+@pytest.mark.parametrize(
+    "args, exc, match",
+    [
+        (dict(ids=torch.tensor([[0.0, 1.0]])), TypeError, "topk_ids must be int32 or int64"),
+        (dict(ids=torch.tensor([0, 1])), ValueError, r"topk_ids must have shape \[T=1, K\]"),
+        (dict(w=torch.rand(1, 3)), ValueError, r"topk_weights must be a tensor of topk_ids' shape \(1, 2\)"),
+        (dict(w=torch.ones(1, 2, dtype=torch.long)), TypeError, "topk_weights must be a floating tensor"),
+        (dict(x=torch.randn(1, 2, 3)), ValueError, r"x must have shape \[T, D\]"),
+        (dict(E=0), ValueError, "num_experts=0 must be a positive int"),
+        (dict(x=torch.randn(1, 3, device="meta")), ValueError, "topk_ids is on cpu, x on meta"),
+    ],
+)
+def test_dispatch_rejects_bad_arguments(args, exc, match):
+    x, ids, w, E = args.get("x", torch.randn(1, 3)), args.get("ids", torch.tensor([[0, 1]])), args.get(
+        "w", torch.rand(1, 2)
+    ), args.get("E", 2)
+    with pytest.raises(exc, match=match):
+        LoopbackCommunicator().dispatch(x, ids, w, num_experts=E)
+
+
+def test_combine_rejects_wrong_rows_and_foreign_handles():
     comm = LoopbackCommunicator()
-    ids = torch.tensor([[0, 1]])
-    with pytest.raises(ValueError, match="topk_weights must have topk_ids' shape"):
-        comm.dispatch(torch.randn(1, 3), ids, torch.rand(1, 3), num_experts=2)
-    d = comm.dispatch(torch.randn(1, 3), ids, num_experts=2)
+    d = comm.dispatch(torch.randn(2, 3), torch.tensor([[0, 1], [1, 0]]), torch.rand(2, 2), num_experts=2)
     with pytest.raises(ValueError, match=r"y must have shape \[R=2, D\]"):
         comm.combine(torch.randn(3, 3), d.handle)
+    world = FakeWorld(1)
+    with pytest.raises(TypeError, match="handle must come from this communicator's dispatch"):
+        world.run(lambda r: FakeCommunicator(world.group(r)).combine(torch.randn(2, 3), d.handle))
 
 
 def test_experts_not_divisible_by_world_is_an_error():
@@ -200,18 +240,90 @@ def test_experts_not_divisible_by_world_is_an_error():
     with pytest.raises(ValueError, match="num_experts=3 is not divisible by the EP world size 2"):
         world.run(
             lambda r: FakeCommunicator(world.group(r)).dispatch(
-                torch.randn(2, 2), torch.zeros(2, 1, dtype=torch.long), num_experts=3
+                torch.randn(2, 2), torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1), num_experts=3
             )
         )
 
 
-def test_dispatch_does_not_modify_inputs():
-    x, ids, w = torch.randn(4, 3), torch.tensor([[1, 0], [0, -1], [1, 0], [0, 1]]), torch.rand(4, 2)
-    copies = [t.clone() for t in (x, ids, w)]
-    comm = LoopbackCommunicator()
-    d = comm.dispatch(x, ids, w, num_experts=2)
-    comm.combine(d.recv_x_RD, d.handle)
-    assert all(torch.equal(a, b) for a, b in zip((x, ids, w), copies, strict=True))
+def test_dispatch_and_combine_do_not_modify_inputs():
+    world = FakeWorld(2)
+
+    def rank_fn(rank):
+        x, ids, w = torch.randn(4, 3), torch.tensor([[1, 0], [0, -1], [1, 0], [0, 1]]), torch.rand(4, 2)
+        copies = [t.clone() for t in (x, ids, w)]
+        comm = FakeCommunicator(world.group(rank))
+        d = comm.dispatch(x, ids, w, num_experts=2)
+        y = d.recv_x_RD.clone()
+        comm.combine(y, d.handle)
+        return all(torch.equal(a, b) for a, b in zip((x, ids, w), copies, strict=True)) and torch.equal(
+            y, d.recv_x_RD
+        )
+
+    assert world.run(rank_fn) == [True, True]
+
+
+# ---------------------------------------------------------------- FakeWorld misuse
+
+
+def test_fake_group_rank_must_lie_in_world():
+    world = FakeWorld(2)
+    for bad in (2, -1, True, 0.5):
+        with pytest.raises(ValueError, match=r"must be an int in \[0, world_size=2\)"):
+            world.group(bad)
+    with pytest.raises(ValueError, match="world_size=0 must be an int >= 1"):
+        FakeWorld(0)
+
+
+def _one_dispatch(world, rank):
+    comm = FakeCommunicator(world.group(rank))
+    return comm.dispatch(torch.randn(2, 3), torch.tensor([[0], [1]]), torch.ones(2, 1), num_experts=6)
+
+
+def test_fake_communicator_outside_run_is_a_clear_error():
+    world = FakeWorld(2)
+    with pytest.raises(RuntimeError, match="rank 0 called 'dispatch counts' outside FakeWorld.run"):
+        _one_dispatch(world, 0)
+
+
+def test_rank_that_skips_a_collective_is_named_at_once():
+    world = FakeWorld(3, timeout_s=600)
+    with pytest.raises(RuntimeError, match=r"rank\(s\) \[2\] returned from fn without joining exchange #0 "):
+        world.run(lambda r: None if r == 2 else _one_dispatch(world, r))
+
+
+def test_ranks_in_different_collectives_are_named():
+    world = FakeWorld(2, timeout_s=600)
+
+    def rank_fn(rank):
+        comm = FakeCommunicator(world.group(rank), sync_free=rank == 1)  # rank 1 skips the counts exchange
+        comm.dispatch(torch.randn(2, 3), torch.tensor([[0], [1]]), torch.ones(2, 1), num_experts=2)
+
+    with pytest.raises(RuntimeError, match="entered .* as exchange #0, where other ranks are in"):
+        world.run(rank_fn)
+
+
+def test_failing_rank_is_reported_not_its_waiting_peers():
+    world = FakeWorld(2, timeout_s=600)
+
+    def rank_fn(rank):
+        if rank == 1:
+            raise KeyError("boom")
+        return _one_dispatch(world, rank)
+
+    with pytest.raises(KeyError, match="boom"):
+        world.run(rank_fn)
+
+
+def test_fake_refuses_non_cpu_tensors():
+    world = FakeWorld(1)
+
+    def rank_fn(rank):
+        x = torch.randn(2, 3, device="meta")
+        ids = torch.zeros(2, 1, dtype=torch.long, device="meta")
+        FakeCommunicator(world.group(rank)).dispatch(x, ids, torch.ones(2, 1, device="meta"), num_experts=1)
+
+    with pytest.raises(ValueError, match="communicator 'fake' moves CPU tensors only, got meta"):
+        world.run(rank_fn)
 
 
 # ---------------------------------------------------------------- registry
@@ -223,7 +335,20 @@ def test_registry_auto_and_explicit(monkeypatch):
     world = FakeWorld(2)
     assert isinstance(get_communicator(group=world.group(1)), FakeCommunicator)
     assert get_communicator("fake", world.group(1)).rank == 1
+    comm = FakeCommunicator(world.group(0), sync_free=True)
+    assert get_communicator(comm, world.group(0)) is comm
     assert {"loopback", "fake", "nccl"} <= set(available_communicators())
+
+
+def test_registry_refuses_a_communicator_that_does_not_span_the_group(monkeypatch):
+    world = FakeWorld(2)
+    with pytest.raises(ValueError, match="LoopbackCommunicator spans 1 rank.* the EP group has 2"):
+        get_communicator("loopback", world.group(0))
+    monkeypatch.setenv("FLASHFUSEMOE_COMM", "loopback")
+    with pytest.raises(ValueError, match="spans 1 rank"):
+        get_communicator(None, world.group(0))
+    with pytest.raises(TypeError, match="ep_group must be a torch.distributed ProcessGroup, a FakeGroup or None"):
+        get_communicator("loopback", "not a group")
 
 
 def test_registry_env_var_and_module_class(monkeypatch):
@@ -232,8 +357,7 @@ def test_registry_env_var_and_module_class(monkeypatch):
     monkeypatch.setenv("FLASHFUSEMOE_COMM", "fake")
     with pytest.raises(TypeError, match="communicator 'fake' needs group=FakeWorld"):
         get_communicator()
-    # explicit argument beats the environment
-    assert isinstance(get_communicator("loopback"), LoopbackCommunicator)
+    assert isinstance(get_communicator("loopback"), LoopbackCommunicator)  # the argument beats the env
 
 
 def test_registry_unknown_name_lists_available(monkeypatch):
@@ -244,7 +368,7 @@ def test_registry_unknown_name_lists_available(monkeypatch):
         get_communicator("no_such_module_xyz:Comm")
 
 
-def test_register_user_communicator():
+def test_register_user_communicator_and_bad_registrations():
     class Tagged(LoopbackCommunicator):
         pass
 
@@ -254,8 +378,13 @@ def test_register_user_communicator():
     register_communicator("bogus", lambda group: object())
     with pytest.raises(TypeError, match="not a Communicator"):
         get_communicator("bogus")
-    with pytest.raises(ValueError, match="must be non-empty"):
-        register_communicator("a:b", Tagged)
+    for bad in ("a:b", "", 3):
+        with pytest.raises(ValueError, match="must be a non-empty str without ':'"):
+            register_communicator(bad, Tagged)
+    with pytest.raises(TypeError, match="factory must be callable"):
+        register_communicator("x", "not callable")
+    with pytest.raises(TypeError, match="communicator must be a name, a Communicator or None, got int"):
+        get_communicator(3)
 
 
 def test_nccl_needs_initialized_process_group():
