@@ -72,15 +72,26 @@ class AllToAllHandle:
 
 
 def dispatch_bytes(
-    topk_ids_TK: torch.Tensor, num_experts: int, world_size: int, row_bytes: int, *, per_slot: bool = False
+    topk_ids_TK: torch.Tensor,
+    num_experts: int,
+    world_size: int,
+    row_bytes: int,
+    *,
+    rank: int | None = None,
+    per_slot: bool = False,
 ) -> int:
-    """Bytes one dispatch of this routing sends to other ranks: one packed row of ``row_bytes`` per
-    (token, destination rank) (``per_slot=True``: per kept slot, as a slot-per-row transport sends)."""
-    dest_N = topk_ids_TK[topk_ids_TK >= 0].long() // (num_experts // world_size)
-    if per_slot:
-        return int(dest_N.numel()) * row_bytes
-    token_N = (topk_ids_TK >= 0).nonzero()[:, 0]
-    return int(torch.unique(token_N * world_size + dest_N).numel()) * row_bytes
+    """Bytes one dispatch of this routing sends: one packed row of ``row_bytes`` per (token,
+    destination rank), or per kept slot with ``per_slot`` (a slot-per-row transport). With ``rank``
+    (the sender), rows to itself do not count: only what crosses to other ranks."""
+    kept_TK = topk_ids_TK >= 0
+    dest_N = topk_ids_TK[kept_TK].long() // (num_experts // world_size)
+    token_N = kept_TK.nonzero()[:, 0]
+    if not per_slot:
+        pair_N = torch.unique(token_N * world_size + dest_N)
+        dest_N = pair_N % world_size
+    if rank is not None:
+        dest_N = dest_N[dest_N != rank]
+    return int(dest_N.numel()) * row_bytes
 
 
 def _pack(rows: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[torch.dtype, int]]]:
@@ -195,7 +206,9 @@ class AllToAllCommunicator(Communicator):
 
     def combine(self, y_RD: torch.Tensor, handle: AllToAllHandle) -> torch.Tensor:
         if not isinstance(handle, AllToAllHandle):
-            raise TypeError(f"handle must come from this communicator's dispatch, got {type(handle).__name__}")
+            raise TypeError(
+                f"handle must come from this communicator's dispatch, got {type(handle).__name__}"
+            )
         self.check_combine_args(y_RD, handle.num_recv)
         return _Combine.apply(self, handle, y_RD)
 
@@ -212,7 +225,9 @@ class _Dispatch(torch.autograd.Function):
         handle = AllToAllHandle(
             T, num_experts // comm.world_size, send_token_S, send_row_TW1, dest_TK, send_splits, recv_splits
         )
-        recv_RB = comm._all_to_all(tokens_TB.index_select(0, send_token_S), send_splits, recv_splits, "dispatch")
+        recv_RB = comm._all_to_all(
+            tokens_TB.index_select(0, send_token_S), send_splits, recv_splits, "dispatch"
+        )
         recv_x_RD, ids_RK, w_RK = _unpack(recv_RB, row_layout)
         e = handle.experts_per_rank
         local_RK = ids_RK - comm.rank * e

@@ -103,7 +103,9 @@ class FakeWorld:
     def run(self, fn: Callable[[int], R_]) -> list[R_]:
         """``[fn(0), ..., fn(W-1)]``, each on its own thread."""
         if self._running:
-            raise RuntimeError("FakeWorld.run is already running (nested or concurrent runs are not supported)")
+            raise RuntimeError(
+                "FakeWorld.run is already running (nested or concurrent runs are not supported)"
+            )
         W = self.world_size
         self._running, self._failed = True, False
         self._rounds: dict[int, _Round] = {}

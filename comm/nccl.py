@@ -28,7 +28,9 @@ class NcclCommunicator(AllToAllCommunicator):
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("communicator 'nccl' needs torch.distributed initialized (init_process_group)")
         if group is not None and not isinstance(group, dist.ProcessGroup):
-            raise TypeError(f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
+            raise TypeError(
+                f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}"
+            )
         if not isinstance(sync_free, bool):
             raise TypeError(f"sync_free must be a bool, got {type(sync_free).__name__}")
         self.group, self.sync_free = group, sync_free

@@ -38,7 +38,10 @@ def normal_form(d: Dispatched, *, rank: int, world_size: int, num_experts: int) 
 
 
 def expected_normal_form(
-    inputs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], rank: int, world_size: int, num_experts: int
+    inputs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    rank: int,
+    world_size: int,
+    num_experts: int,
 ) -> list[Entry]:
     """What rank ``rank`` must receive, from every source's ``(x_TD, topk_ids_TK, topk_weights_TK)``:
     the loopback dispatch's entries whose expert ``rank`` owns."""
@@ -46,6 +49,9 @@ def expected_normal_form(
     out = []
     for x_TD, ids_TK, w_TK in inputs:
         d = LoopbackCommunicator().dispatch(x_TD, ids_TK, w_TK, num_experts=num_experts)
-        out += [en for en in _entries(d.recv_x_RD, d.recv_topk_ids_RK, d.recv_topk_weights_RK, 0)
-                if rank * e <= en[1] < (rank + 1) * e]
+        out += [
+            en
+            for en in _entries(d.recv_x_RD, d.recv_topk_ids_RK, d.recv_topk_weights_RK, 0)
+            if rank * e <= en[1] < (rank + 1) * e
+        ]
     return sorted(out)

@@ -126,7 +126,9 @@ class MoELayer(nn.Module):
         experts), never all-reduced across it. Every other parameter is replicated (dense)."""
         return [self.w_up, self.w_down]
 
-    def shard_experts(self, ep_group: object | None, communicator: str | Communicator | None = None) -> MoELayer:
+    def shard_experts(
+        self, ep_group: object | None, communicator: str | Communicator | None = None
+    ) -> MoELayer:
         """Keep experts ``[rank*E/W, (rank+1)*E/W)`` of this rank and run expert-parallel over
         ``ep_group`` (a torch.distributed group, a ``FakeGroup``, or None for the default group).
 

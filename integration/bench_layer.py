@@ -16,7 +16,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from flashfusemoe import fused_moe
+from flashfusemoe import RouterConfig, fused_moe
 from flashfusemoe.backends.triton.grouped_gemm import grouped_mm, grouped_mm_wgrad
 
 SHAPES = {  # T, D, I, E, K
@@ -86,7 +86,14 @@ def variants(shape):
 
     def ours(backend, recompute=False):
         return lambda x, gate, up, down, bias: fused_moe(
-            x, gate, up, down, top_k=K, expert_bias=bias, backend=backend, recompute_activations=recompute
+            x,
+            gate,
+            up,
+            down,
+            RouterConfig(top_k=K),
+            expert_bias=bias,
+            backend=backend,
+            recompute_activations=recompute,
         )[0]
 
     return {

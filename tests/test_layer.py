@@ -10,40 +10,51 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flashfusemoe import MoELayer, fused_moe, router_logits, update_expert_bias
+from flashfusemoe import MoELayer, RouterConfig, fused_moe, router_logits, update_expert_bias
 from flashfusemoe.backends import available_backends, get_backend
 from flashfusemoe.backends.torch import dense_experts, expert_mlp, route
-from flashfusemoe.comm import FakeWorld
-from tests.strategies import problems, randn, skew_bias
+from flashfusemoe.comm import FakeCommunicator, FakeWorld, LoopbackCommunicator
+from tests.strategies import ep_problems, problems, randn, rank_tokens, skew_bias
 
 
 def _layer(p, activation="swiglu", shared=1, **kw):
     torch.manual_seed(p.seed % 1000)
     F_ = 2 * p.I if activation in ("swiglu", "geglu") else p.I
+    top_k = None if "router" in kw else p.K
     layer = MoELayer(
-        max(p.D, 1), F_, p.E, p.K, activation, num_shared_experts=shared, use_expert_bias=True, **kw
+        max(p.D, 1), F_, p.E, top_k, activation, num_shared_experts=shared, use_expert_bias=True, **kw
     )
     layer.expert_bias.copy_(skew_bias(p))
     return layer
 
 
-@given(problems(), st.sampled_from(["swiglu", "relu2", "gelu"]))
-def test_fake_ep_layer_equals_unsharded(p, activation):
-    """Output and every gradient of the EP layer on W simulated ranks equal the unsharded layer's."""
-    ref = _layer(p, activation)
-    xs = [randn(p, p.T if r == 0 else (p.T + 2 * r) % 7, p.D, salt=r).requires_grad_() for r in range(p.W)]
+def check_ep_layer_equals_unsharded(p, activation="swiglu", backend=None, sync_free=False, drop=False):
+    """Output, losses, counts and every gradient (x, router, w_up, w_down, shared experts) of the EP
+    layer on W simulated ranks equal the unsharded layer's on the same global tokens; the routing goes
+    through the expert bias (the problem's skew) and, with ``drop``, a capacity limit."""
+    router = RouterConfig(top_k=p.K, capacity_factor=0.7 if drop else None)
+    ref = _layer(p, activation, router=router, aux_loss_coeff=0.1, z_loss_coeff=0.01)
+    ref.backend = backend
+    T_r = [p.T if sync_free else rank_tokens(p, r) for r in range(p.W)]
+    xs = [randn(p, T, p.D, salt=r).requires_grad_() for r, T in enumerate(T_r)]
     cots = [randn(p, *x.shape, salt=50 + r) for r, x in enumerate(xs)]
-    ref_out, _ = ref(torch.cat(xs))
-    (ref_out * torch.cat(cots)).sum().backward()
+    if drop:  # capacity counts a rank's own tokens: the unsharded reference runs rank by rank
+        refs = [ref(x) for x in xs]
+        ref_out = torch.cat([o for o, _ in refs])
+        aux = sum(loss["aux_loss"] + loss["z_loss"] for _, loss in refs)
+    else:
+        ref_out, loss = ref(torch.cat(xs))
+        aux = 0.0
+    ((ref_out * torch.cat(cots)).sum() + aux).backward()
     world = FakeWorld(p.W)
 
     def rank_fn(rank):
         layer = copy.deepcopy(ref)
         layer.zero_grad(set_to_none=True)
-        layer.shard_experts(world.group(rank))
+        layer.shard_experts(world.group(rank), FakeCommunicator(world.group(rank), sync_free=sync_free))
         x = xs[rank].detach().clone().requires_grad_()
-        out, _ = layer(x)
-        (out * cots[rank]).sum().backward()
+        out, losses = layer(x)
+        ((out * cots[rank]).sum() + (losses["aux_loss"] + losses["z_loss"] if drop else 0.0)).backward()
         return out, x.grad, layer
 
     results = world.run(rank_fn)
@@ -62,9 +73,86 @@ def test_fake_ep_layer_equals_unsharded(p, activation):
         torch.testing.assert_close(total, getattr(ref, name).grad, **tol)
 
 
+@given(ep_problems(), st.sampled_from(["swiglu", "relu2", "gelu"]), st.booleans(), st.booleans())
+def test_fake_ep_layer_equals_unsharded(p, activation, sync_free, drop):
+    check_ep_layer_equals_unsharded(p, activation, sync_free=sync_free, drop=drop)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_loopback_layer_is_the_single_device_computation_bit_for_bit(backend):
+    """fused_moe through loopback equals route + the backend's experts called directly (the
+    single-GPU computation), output and every gradient, bit for bit."""
+    torch.manual_seed(4)
+    layer = MoELayer(8, 12, 6, 3, num_shared_experts=1, aux_loss_coeff=0.1, backend=backend)
+    assert isinstance(layer.communicator, LoopbackCommunicator)
+    be = get_backend(backend)
+    x0 = torch.randn(40, 8)
+    results = []
+    for direct in (False, True):
+        x = x0.clone().requires_grad_()
+        layer.zero_grad(set_to_none=True)
+        if direct:
+            r = be.route(be.router_logits(x, layer.gate_weight), layer.router_config)
+            out = be.experts(x, r.topk_ids_TK, r.topk_weights_TK, layer.w_up, layer.w_down, "swiglu")
+            out = out + be.expert_mlp(x, layer.shared_w_up, layer.shared_w_down, "swiglu")
+            aux = 0.1 * r.load_balance_loss
+        else:
+            out, losses = layer(x)
+            aux = losses["aux_loss"]
+        (out.square().sum() + aux).backward()
+        results.append([out, x.grad] + [q.grad for q in layer.parameters()])
+    for got, want in zip(*results, strict=True):
+        assert torch.equal(got, want)
+
+
+def test_shard_experts_keeps_parameter_objects_flags_and_grads():
+    torch.manual_seed(5)
+    layer = MoELayer(4, 8, 4, 1)
+    layer.w_down.requires_grad_(False)  # frozen experts stay frozen
+    layer(torch.randn(6, 4))[0].sum().backward()
+    up, down, up_grad = layer.w_up, layer.w_down, layer.w_up.grad.clone()
+    full_up, full_down = up.detach().clone(), down.detach().clone()
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    world = FakeWorld(2)
+    layer.shard_experts(world.group(1))
+    assert layer.w_up is up and layer.w_down is down
+    assert up.requires_grad and not down.requires_grad
+    assert torch.equal(up, full_up[2:]) and torch.equal(down, full_down[2:])
+    assert torch.equal(up.grad, up_grad[2:])
+    assert any(q is up for g in optimizer.param_groups for q in g["params"])
+    assert layer.expert_parameters() == [up, down]
+    with pytest.raises(RuntimeError, match="shard_experts was already called"):
+        layer.shard_experts(world.group(1))
+
+
+def test_shard_experts_refuses_groups_and_communicators_that_do_not_fit(monkeypatch):
+    world = FakeWorld(2)
+    with pytest.raises(ValueError, match="LoopbackCommunicator spans 1 rank.* EP group has 2"):
+        MoELayer(4, 8, 4, 1).shard_experts(world.group(0), communicator="loopback")
+    monkeypatch.setenv("FLASHFUSEMOE_COMM", "loopback")
+    with pytest.raises(ValueError, match="spans 1 rank"):
+        MoELayer(4, 8, 4, 1).shard_experts(world.group(0))
+    with pytest.raises(
+        TypeError, match="ep_group must be a torch.distributed ProcessGroup, a FakeGroup or None"
+    ):
+        MoELayer(4, 8, 4, 1).shard_experts("not a group")
+    other = FakeWorld(4)
+    with pytest.raises(ValueError, match="FakeCommunicator spans 4 rank.* EP group has 2"):
+        MoELayer(4, 8, 4, 1).shard_experts(world.group(0), communicator=FakeCommunicator(other.group(0)))
+
+
+def test_fake_ep_layer_on_the_triton_backend():
+    """The interpreter runs one rank at a time (FakeWorld serializes ranks): no thread races."""
+    from tests.strategies import Problem
+
+    for seed in range(3):
+        p = Problem(T=13, D=6, E=8, K=3, I=4, W=4, skew="few_experts", seed=seed)
+        check_ep_layer_equals_unsharded(p, backend="triton", sync_free=seed == 2)
+
+
 @given(problems(max_world=1, allow_empty=False), st.sampled_from(["softmax", "sigmoid"]), st.booleans())
 def test_layer_equals_dense_formulation(p, score_func, renormalize):
-    layer = _layer(p, shared=0, score_func=score_func, renormalize=renormalize)
+    layer = _layer(p, shared=0, router=RouterConfig(p.K, score_func, renormalize))
     x = randn(p, p.T, p.D)
     out, losses = layer(x)
     r = route(router_logits(x, layer.gate_weight), layer.router_config, layer.expert_bias)
@@ -80,7 +168,7 @@ def test_shared_experts_are_added():
     assert layer.shared_w_up.shape == (24, 8) and layer.shared_w_down.shape == (8, 12)
     x = torch.randn(5, 8)
     out, _ = layer(x)
-    routed, _ = fused_moe(x, layer.gate_weight, layer.w_up, layer.w_down)
+    routed, _ = fused_moe(x, layer.gate_weight, layer.w_up, layer.w_down, RouterConfig(top_k=2))
     torch.testing.assert_close(out, routed + expert_mlp(x, layer.shared_w_up, layer.shared_w_down, "swiglu"))
 
 
@@ -99,7 +187,7 @@ def test_losses_are_weighted_and_backprop():
 
 def test_capacity_factor_drops_and_counts():
     torch.manual_seed(2)
-    layer = MoELayer(4, 8, 2, 1, capacity_factor=0.5, use_expert_bias=True)
+    layer = MoELayer(4, 8, 2, router=RouterConfig(top_k=1, capacity_factor=0.5), use_expert_bias=True)
     layer.expert_bias[0] = 100.0  # everything to expert 0; capacity ceil(0.5*8/2) = 2
     x = torch.randn(8, 4)
     out, losses = layer(x)
@@ -160,14 +248,20 @@ BAD_CALLS = [
     (dict(w_down=torch.randn(4, 8, 5)), ValueError, r"w_down must have shape \[E=4, D=8, I=6\]"),
     (dict(w_up=torch.randn(3, 12, 8), w_down=torch.randn(3, 8, 6)), ValueError, "w_up holds 3 experts"),
     (dict(w_down=torch.randn(4, 8, 6, dtype=torch.float64)), TypeError, "w_down dtype torch.float64"),
-    (dict(top_k=0), ValueError, r"top_k=0 must be an int in \[1, num_experts=4\]"),
-    (dict(top_k=5), ValueError, r"top_k=5 must be an int"),
+    (dict(router=RouterConfig(top_k=0)), ValueError, r"top_k=0 must be an int in \[1, num_experts=4\]"),
+    (dict(router=RouterConfig(top_k=5)), ValueError, r"top_k=5 must be an int"),
+    (dict(router=dict(top_k=2)), TypeError, "router must be a RouterConfig, got dict"),
     (dict(activation="tanh"), ValueError, "activation='tanh' is not supported"),
-    (dict(score_func="sparsemax"), ValueError, "score_func='sparsemax' is not supported"),
-    (dict(num_groups=3, topk_groups=1), ValueError, "num_groups=3 must be a positive divisor"),
-    (dict(num_groups=2), ValueError, "must be given together"),
-    (dict(num_groups=2, topk_groups=1, top_k=3), ValueError, "top_k=3 exceeds the experts"),
-    (dict(capacity_factor=0.0), ValueError, "capacity_factor=0.0 must be > 0"),
+    (
+        dict(router=RouterConfig(score_func="sparsemax")),
+        ValueError,
+        "score_func='sparsemax' is not supported",
+    ),
+    (dict(router=RouterConfig(num_groups=3, topk_groups=1)), ValueError, "num_groups=3 must be a positive"),
+    (dict(router=RouterConfig(num_groups=2)), ValueError, "must be given together"),
+    (dict(router=RouterConfig(3, num_groups=2, topk_groups=1)), ValueError, "top_k=3 exceeds the experts"),
+    (dict(router=RouterConfig(capacity_factor=0.0)), ValueError, "capacity_factor=0.0 must be > 0"),
+    (dict(communicator="fake"), TypeError, "communicator must be a Communicator or None, got str"),
     (dict(expert_bias=torch.zeros(5)), ValueError, r"expert_bias must have shape \[E=4\]"),
     (dict(shared_w_up=torch.randn(12, 8)), ValueError, "must be given together"),
     (dict(backend="cuda-magic"), ValueError, r"backend='cuda-magic' is unknown; available: \['torch'"),
@@ -195,6 +289,10 @@ def test_layer_constructor_errors():
     world = FakeWorld(2)
     with pytest.raises(ValueError, match="num_experts=3 is not divisible by the EP world size 2"):
         MoELayer(4, 8, 3, 1).shard_experts(world.group(0))
+    with pytest.raises(ValueError, match="top_k=3 disagrees with router.top_k=2"):
+        MoELayer(4, 8, 4, 3, router=RouterConfig(top_k=2))
+    with pytest.raises(TypeError, match="router must be a RouterConfig or None, got int"):
+        MoELayer(4, 8, 4, router=2)
 
 
 def test_backend_selection(monkeypatch):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flashfusemoe.backends.torch import dense_experts, expert_mlp, experts, grouped_mlp, route
+from flashfusemoe.backends.torch import dense_experts, expert_mlp, experts, route
 from flashfusemoe.spec import ACTIVATIONS, RouterConfig, activate, is_glu
 from tests.strategies import Problem, problems, randn, topk_ids
 
@@ -45,19 +45,23 @@ def test_activation_formulas(activation):
     torch.testing.assert_close(activate(h, activation), expected)
 
 
-@given(problems(max_world=3))
-def test_grouped_mlp_equals_per_expert_mlp(p):
-    counts_e = torch.bincount(topk_ids(p).reshape(-1), minlength=p.E)
-    x_RD = randn(p, int(counts_e.sum()), p.D)
+def test_reference_experts_ignore_ids_of_other_ranks():
+    """Under EP a received row's ids outside [0, e) (-1: another rank's expert) contribute nothing."""
+    p = Problem(T=6, D=5, E=3, K=2, I=4, W=1, skew="uniform", seed=1)
     w_up, w_down = _weights(p, "swiglu")
-    y = grouped_mlp(x_RD, counts_e, w_up, w_down, "swiglu")
-    start = 0
-    for e, c in enumerate(counts_e.tolist()):
-        torch.testing.assert_close(
-            y[start : start + c], expert_mlp(x_RD[start : start + c], w_up[e], w_down[e], "swiglu")
+    x, w = randn(p, 6, 5), torch.rand(6, 2, generator=p.gen(2))
+    ids = torch.tensor([[0, -1], [-1, 2], [1, 0], [-1, -1], [2, -1], [0, 1]])
+    out = experts(x, ids, w, w_up, w_down, "swiglu")
+    for t in range(6):
+        want = sum(
+            (
+                w[t, k] * expert_mlp(x[t : t + 1], w_up[i], w_down[i], "swiglu")
+                for k, i in enumerate(ids[t].tolist())
+                if i >= 0
+            ),
+            torch.zeros(1, 5),
         )
-        start += c
-    assert y.shape == x_RD.shape
+        torch.testing.assert_close(out[t : t + 1], want)
 
 
 def test_recompute_gives_identical_gradients():

@@ -304,8 +304,7 @@ def test_triton_routing_at_fine_grained_scale():
     from flashfusemoe.backends import torch as ref
     from flashfusemoe.backends.triton import route as tri_route
     from flashfusemoe.backends.triton.metadata import routing_metadata
-    from flashfusemoe.spec import sort_slots_by_expert
-    from flashfusemoe.spec import RouterConfig
+    from flashfusemoe.spec import RouterConfig, sort_slots_by_expert
 
     T, E, K = 16384, 128, 8
     logits = torch.randn(T, E, device="cuda", generator=torch.Generator("cuda").manual_seed(0))

@@ -18,16 +18,13 @@ from flashfusemoe.backends import get_backend
 from flashfusemoe.backends import torch as ref
 from flashfusemoe.backends.triton import experts as tri_experts
 from flashfusemoe.backends.triton import grouped_gemm, tma_gemm
-from flashfusemoe.backends.triton import grouped_mlp as tri_grouped_mlp
 from flashfusemoe.backends.triton import route as tri_route
 from flashfusemoe.backends.triton.activation import activation_backward, activation_forward
 from flashfusemoe.backends.triton.grouped_gemm import grouped_mm, grouped_mm_act, grouped_mm_wgrad
 from flashfusemoe.backends.triton.metadata import routing_metadata
 from flashfusemoe.backends.triton.permute import combine_rows, gather_rows
 from flashfusemoe.backends.triton.tma_gemm import glu_halves_ok, tma_layout_ok, tma_ok
-from flashfusemoe.comm import FakeWorld
-from flashfusemoe.spec import sort_slots_by_expert
-from flashfusemoe.spec import ACTIVATIONS, RouterConfig, activate, is_glu
+from flashfusemoe.spec import ACTIVATIONS, RouterConfig, activate, is_glu, sort_slots_by_expert
 from tests.strategies import Problem, problems, randn, skew_bias, topk_ids
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -422,47 +419,42 @@ def test_triton_experts_under_activation_checkpointing(reentrant):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@given(problems(max_world=3, allow_empty=True))
-def test_triton_grouped_mlp_matches_reference(p):
-    counts = torch.bincount(topk_ids(p).reshape(-1), minlength=p.E).to(DEV)
-    leaves = [
-        t.to(DEV).requires_grad_()
-        for t in (
-            randn(p, int(counts.sum()), p.D),
-            randn(p, p.E, 2 * p.I, p.D, salt=1),
-            randn(p, p.E, p.D, p.I, salt=2),
-        )
-    ]
+@given(problems(max_world=1), st.sampled_from([0.0, 0.3]))
+def test_triton_metadata_sized_by_a_slot_bound_ignores_other_ranks_ids(p, drop_frac):
+    """EP rows: ids -1 (another rank's expert) and beyond E get no row; buffers of ``num_rows`` = the
+    kept slots hold the same layout as the full-size ones."""
+    ids = topk_ids(p, drop_frac=drop_frac)
+    ids = torch.where(torch.rand(ids.shape, generator=p.gen(5)) < 0.2, p.E + 3, ids).to(DEV)
+    kept = int(((ids >= 0) & (ids < p.E)).sum())
+    full, bounded = routing_metadata(ids, p.E), routing_metadata(ids, p.E, kept)
+    assert bounded.row_slot_M.shape == (kept,)
+    assert torch.equal(bounded.row_slot_M, full.row_slot_M[:kept])
+    assert torch.equal(bounded.pos_TK, full.pos_TK) and torch.equal(bounded.offs_E, full.offs_E)
+    slots, _ = sort_slots_by_expert(ids, p.E)
+    assert torch.equal(full.row_slot_M[:kept].long(), slots)
+
+
+def test_triton_metadata_never_writes_past_a_too_small_bound():
+    ids = torch.tensor([[0, 1], [1, 0], [0, 0]], device=DEV)
+    meta = routing_metadata(ids, 2, 4)
+    assert int(meta.offs_E[-1]) == 4 and int((meta.pos_TK >= 0).sum()) == 4
+
+
+@given(problems(max_world=1, allow_empty=False))
+def test_triton_experts_with_a_slot_bound_equal_the_unbounded_ones(p):
+    ids = topk_ids(p, drop_frac=0.3).to(DEV)
+    kept = int((ids >= 0).sum())
+    x = randn(p, p.T, p.D).to(DEV)
+    w = torch.rand(p.T, p.K, generator=p.gen(7)).to(DEV)
+    up, down = randn(p, p.E, 2 * p.I, p.D, salt=1).to(DEV), randn(p, p.E, p.D, p.I, salt=2).to(DEV)
     results = []
-    for fn in (tri_grouped_mlp, ref.grouped_mlp):
-        x, up, down = (t.detach().clone().requires_grad_() for t in leaves)
-        y = fn(x, counts, up, down, "swiglu")
-        (y * torch.arange(y.numel(), device=DEV).view(y.shape).sin()).sum().backward()
-        results.append((y, x.grad, up.grad, down.grad))
+    for bound in (None, kept):
+        leaves = [t.clone().requires_grad_() for t in (x, w, up, down)]
+        out = tri_experts(leaves[0], ids, leaves[1], leaves[2], leaves[3], "swiglu", num_slots=bound)
+        out.sum().backward()
+        results.append([out] + [t.grad for t in leaves])
     for got, want in zip(*results, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.gpu  # the Triton interpreter is not thread-safe; on CPU tests/comm/test_gloo.py covers this path
-@given(problems(max_world=2, allow_empty=False))
-def test_triton_layer_ep_on_fake_equals_unsharded_reference(p):
-    """The whole layer on the triton backend, EP over simulated ranks, vs the unsharded torch layer."""
-    torch.manual_seed(p.seed % 1000)
-    layer = MoELayer(p.D, 2 * p.I, p.E, p.K, num_shared_experts=1, use_expert_bias=True, backend="torch").to(
-        DEV
-    )
-    layer.expert_bias.copy_(skew_bias(p))
-    xs = [randn(p, p.T, p.D, salt=r).to(DEV) for r in range(p.W)]
-    want, _ = layer(torch.cat(xs))
-    world = FakeWorld(p.W)
-
-    def rank_fn(rank):
-        ep = copy.deepcopy(layer)
-        ep.backend = "triton"
-        ep.shard_experts(world.group(rank))
-        return ep(xs[rank])[0]
-
-    torch.testing.assert_close(torch.cat(world.run(rank_fn)), want, rtol=1e-4, atol=1e-4)
+        assert torch.equal(got, want)
 
 
 def test_triton_backend_needs_cuda_or_interpreter(monkeypatch):
@@ -498,10 +490,8 @@ def test_triton_layer_matches_torch_layer(p, score_func, capacity_factor):
         p.D,
         2 * p.I,
         p.E,
-        p.K,
         num_shared_experts=1,
-        score_func=score_func,
-        capacity_factor=capacity_factor,
+        router=RouterConfig(top_k=p.K, score_func=score_func, capacity_factor=capacity_factor),
         aux_loss_coeff=0.1,
         z_loss_coeff=0.01,
         use_expert_bias=True,

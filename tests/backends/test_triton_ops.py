@@ -31,8 +31,11 @@ def _check(op, args):
 
 def test_triton_expert_ops_pass_opcheck():
     x, ids, w, up, down = _inputs()
+    other_rank = ids.clone()
+    other_rank[:3, 0] = -1  # EP: slots whose expert lives elsewhere; buffers sized by the kept slots
     for activation in ("swiglu", "gelu"):  # the activation output has I or F columns
-        _check(ops.moe_up_fwd.default, (x, ids, up, activation))
+        _check(ops.moe_up_fwd.default, (x, ids, up, activation, T * K))
+        _check(ops.moe_up_fwd.default, (x, other_rank, up, activation, T * K - 3))
     meta = routing_metadata(ids, E)
     h = torch.randn(T * K, F, device=DEV)
     for acc in (None, torch.randn_like(up)):  # weight gradient returned, or added into a buffer

@@ -104,9 +104,7 @@ def test_autograd_duality(p, sync_free):
         torch.autograd.backward([d.recv_x_RD, d.recv_topk_weights_RK], [g_x, g_w])
         expect_gx = comm.combine(g_x, d.handle)
         # each slot's weight gradient travels back with its row: combine a one-hot-in-k embedding
-        expect_gw = torch.stack(
-            [comm.combine(g_w[:, k : k + 1], d.handle)[:, 0] for k in range(p.K)], dim=1
-        )
+        expect_gw = torch.stack([comm.combine(g_w[:, k : k + 1], d.handle)[:, 0] for k in range(p.K)], dim=1)
         y = randn(p, d.recv_x_RD.shape[0], p.D, salt=50 + rank).requires_grad_()
         out = comm.combine(y, d.handle)
         g_out = torch.randn(out.shape, generator=p.gen(60 + rank))
@@ -165,8 +163,34 @@ def test_bf16_rows_and_fp32_weights_travel_together_exactly():
     for rank, (_, _, d) in enumerate(out):
         assert d.recv_x_RD.dtype == torch.bfloat16 and d.recv_topk_weights_RK.dtype == torch.float32
         assert torch.equal(d.recv_x_RD, torch.cat([x for x, _, _ in out]))  # source rank, then token
-        assert torch.equal(d.recv_topk_weights_RK, torch.cat([torch.where(ids == rank, w, 0) for _, w, _ in out]))
+        assert torch.equal(
+            d.recv_topk_weights_RK, torch.cat([torch.where(ids == rank, w, 0) for _, w, _ in out])
+        )
         assert torch.equal(d.recv_topk_ids_RK, torch.where(ids == rank, 0, -1).repeat(2, 1))
+
+
+def test_sync_free_dispatch_combine_and_backward_read_nothing_on_the_host(monkeypatch):
+    """No counts copy, no .item() / .tolist(): what makes the mode capturable in a CUDA graph."""
+    import flashfusemoe.comm.alltoall as alltoall
+
+    world = FakeWorld(2)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("host read in sync-free mode")
+
+    def rank_fn(rank):
+        x = torch.randn(5, 3, requires_grad=True)
+        w = torch.rand(5, 2, requires_grad=True)
+        comm = FakeCommunicator(world.group(rank), sync_free=True)
+        d = comm.dispatch(x, torch.tensor([[0, 3], [1, 2], [2, 3], [0, 1], [3, -1]]), w, num_experts=4)
+        y = comm.combine(d.recv_x_RD * d.recv_topk_weights_RK.sum(1, keepdim=True), d.handle)
+        y.sum().backward()
+        return x.grad.shape
+
+    monkeypatch.setattr(alltoall, "_host_read", refuse)
+    monkeypatch.setattr(torch.Tensor, "item", refuse)
+    monkeypatch.setattr(torch.Tensor, "tolist", refuse)
+    assert world.run(rank_fn) == [(5, 3)] * 2
 
 
 def test_communicators_keep_no_per_call_state():
@@ -187,6 +211,8 @@ def test_dispatch_bytes_per_token_rank_pair_vs_per_slot():
     ids = torch.tensor([[0, 1], [0, 2], [3, -1]])  # E = 4, W = 2: experts {0, 1} on rank 0
     assert dispatch_bytes(ids, 4, 2, row_bytes=10, per_slot=True) == 50
     assert dispatch_bytes(ids, 4, 2, row_bytes=10) == 40  # (0,r0) (1,r0) (1,r1) (2,r1)
+    assert dispatch_bytes(ids, 4, 2, row_bytes=10, rank=0) == 20  # to rank 1 only
+    assert dispatch_bytes(ids, 4, 2, row_bytes=10, rank=0, per_slot=True) == 20
 
 
 # ---------------------------------------------------------------- errors
@@ -202,7 +228,11 @@ def test_dispatch_bytes_per_token_rank_pair_vs_per_slot():
 def test_all_to_all_dispatch_rejects_out_of_range_ids(ids, match):
     world = FakeWorld(2)
     with pytest.raises(ValueError, match=match):
-        world.run(lambda r: FakeCommunicator(world.group(r)).dispatch(torch.randn(1, 3), ids, torch.rand(1, 2), num_experts=4))
+        world.run(
+            lambda r: FakeCommunicator(world.group(r)).dispatch(
+                torch.randn(1, 3), ids, torch.rand(1, 2), num_experts=4
+            )
+        )
 
 
 @pytest.mark.parametrize(
@@ -218,9 +248,12 @@ def test_all_to_all_dispatch_rejects_out_of_range_ids(ids, match):
     ],
 )
 def test_dispatch_rejects_bad_arguments(args, exc, match):
-    x, ids, w, E = args.get("x", torch.randn(1, 3)), args.get("ids", torch.tensor([[0, 1]])), args.get(
-        "w", torch.rand(1, 2)
-    ), args.get("E", 2)
+    x, ids, w, E = (
+        args.get("x", torch.randn(1, 3)),
+        args.get("ids", torch.tensor([[0, 1]])),
+        args.get("w", torch.rand(1, 2)),
+        args.get("E", 2),
+    )
     with pytest.raises(exc, match=match):
         LoopbackCommunicator().dispatch(x, ids, w, num_experts=E)
 
@@ -347,7 +380,9 @@ def test_registry_refuses_a_communicator_that_does_not_span_the_group(monkeypatc
     monkeypatch.setenv("FLASHFUSEMOE_COMM", "loopback")
     with pytest.raises(ValueError, match="spans 1 rank"):
         get_communicator(None, world.group(0))
-    with pytest.raises(TypeError, match="ep_group must be a torch.distributed ProcessGroup, a FakeGroup or None"):
+    with pytest.raises(
+        TypeError, match="ep_group must be a torch.distributed ProcessGroup, a FakeGroup or None"
+    ):
         get_communicator("loopback", "not a group")
 
 

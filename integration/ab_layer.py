@@ -1,0 +1,123 @@
+"""A/B on one GPU: this checkout's layer against another revision's, interleaved in one process.
+
+``python integration/ab_layer.py --base DIR [--shapes seed,fine,mixtral] [--rounds 3] [--json F]``
+
+``DIR`` is a checkout of the other revision (``git worktree add /tmp/base REV``). Its package is
+copied and renamed (``flashfusemoe`` -> ``ffmoe_base``, its custom ops too) so that both import side
+by side; both run the ``triton`` backend on the same inputs, in interleaved rounds (clock drift hits
+both alike), and their outputs are compared. Variants: ``base`` (the base revision's single-GPU
+call), ``base EP loopback`` (its expert-parallel path through ``loopback``, where it had one),
+``ours`` (this checkout: always through the communicator, ``loopback`` here).
+
+Legend: T tokens, D model dim, I expert intermediate dim, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from flashfusemoe import RouterConfig, fused_moe
+from integration.bench_layer import SHAPES, make_inputs, memory_variant, time_variant
+
+NAME = "ffmoe_base"
+
+
+def load_base(checkout: Path):
+    """The base revision's package under the name ``ffmoe_base``."""
+    root = Path(tempfile.mkdtemp(prefix="ab_"))
+    pkg = root / NAME
+    shutil.copytree(checkout / "flashfusemoe", pkg)
+    for sub in ("backends", "comm"):  # the install's package-dir mapping
+        shutil.copytree(checkout / sub, pkg / sub)
+    for f in pkg.rglob("*.py"):
+        f.write_text(f.read_text().replace("flashfusemoe", NAME))
+    sys.path.insert(0, str(root))
+    return importlib.import_module(NAME)
+
+
+def variants(base, K: int) -> dict:
+    takes_config = "router" in inspect.signature(base.fused_moe).parameters
+
+    def base_call(**kw):
+        route = dict(router=base.RouterConfig(top_k=K)) if takes_config else dict(top_k=K)
+        return lambda x, gate, up, down, bias: base.fused_moe(
+            x, gate, up, down, **route, expert_bias=bias, backend="triton", **kw
+        )[0]
+
+    out = {"base": base_call()}
+    if not takes_config:  # revisions before the one-path redesign had a separate EP path
+        out["base EP loopback"] = base_call(communicator=base.comm.get_communicator("loopback"))
+    out["ours"] = lambda x, gate, up, down, bias: fused_moe(
+        x, gate, up, down, RouterConfig(top_k=K), expert_bias=bias, backend="triton"
+    )[0]
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", required=True, type=Path, help="checkout of the revision to compare with")
+    p.add_argument("--shapes", default="seed,fine,mixtral")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    base = load_base(args.base)
+    card = torch.cuda.get_device_name()
+    rows = []
+    for shape_name in args.shapes.split(","):
+        shape = SHAPES[shape_name]
+        T, D, I, E, K = shape
+        inputs = make_inputs(shape, skew=False)
+        grad_out = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+        chosen = variants(base, K)
+        outs = {n: fn(*inputs).detach() for n, fn in chosen.items()}
+        times = {n: [] for n in chosen}
+        for _ in range(args.rounds):
+            for name, fn in chosen.items():
+                times[name].append(time_variant(fn, inputs, grad_out, graph=True))
+        for name, fn in chosen.items():
+            peak, peak_fresh, _ = memory_variant(fn, inputs, grad_out)
+            _, total, graph, acc = (statistics.median(c) for c in zip(*times[name], strict=True))
+            rows.append(
+                dict(
+                    shape=shape_name,
+                    variant=name,
+                    total_ms=total,
+                    graph_ms=graph,
+                    acc_ms=acc,
+                    peak_gib=peak / 2**30,
+                    peak_fresh_gib=peak_fresh / 2**30,
+                    same_output_as_base=bool(torch.equal(outs[name], outs["base"])),
+                )
+            )
+            print(json.dumps(rows[-1]), flush=True)
+        torch.cuda.empty_cache()
+    print(f"\n{card}; ratio = variant / base, same run, median of {args.rounds} interleaved rounds")
+    print(
+        "| shape | variant | fwd+bwd ms | graphed ms | into .grad ms | peak GiB | "
+        "vs base (eager / graphed / .grad / peak) | output = base |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        b = next(x for x in rows if x["shape"] == r["shape"] and x["variant"] == "base")
+        ratios = " / ".join(f"{r[k] / b[k]:.3f}" for k in ("total_ms", "graph_ms", "acc_ms", "peak_gib"))
+        print(
+            f"| {r['shape']} | {r['variant']} | {r['total_ms']:.2f} | {r['graph_ms']:.2f} | "
+            f"{r['acc_ms']:.2f} | {r['peak_gib']:.2f} | {ratios} | {r['same_output_as_base']} |"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"card": card, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
