@@ -26,7 +26,7 @@ SHAPE = ["--tokens", "300", "--d-model", "256", "--ffn-dim", "512", "--experts",
 )
 def test_gloo_on_cuda_ep_equals_unsharded(dtype, world, routing):
     flags = ["--pg", "gloo", "--device", "cuda", "--backend", "triton", "--world", world, "--dtype", dtype]
-    run_ep_check([*flags, *SHAPE, *routing], env={"TRITON_INTERPRET": "0"}, timeout=900)
+    run_ep_check([*flags, *SHAPE, *routing], timeout=900, interpret=False)
 
 
 class _NoTransport(AllToAllCommunicator):

@@ -14,8 +14,12 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "integration" / "ep_check.py"
 
 
-def run_ep_check(flags, env=None, timeout=600):
-    env = dict(os.environ, TRITON_INTERPRET="1", **(env or {}))  # CPU tensors: Triton's interpreter
+def run_ep_check(flags, env=None, timeout=600, interpret=True):
+    """Run ep_check.py with ``flags``; every rank must report OK. ``interpret``: Triton's CPU
+    interpreter for the ranks' CPU tensors (off for CUDA tensors)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | (env or {})
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), *flags], capture_output=True, text=True, timeout=timeout, env=env
     )
