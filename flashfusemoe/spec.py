@@ -9,7 +9,9 @@ I expert intermediate dim, F rows of ``w_up`` (2I for GLU activations, I otherwi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +92,16 @@ class RouterConfig:
     topk_groups: int | None = None
     routed_scaling_factor: float = 1.0
     capacity_factor: float | None = None
+
+    def to_json(self) -> str:
+        """The settings as one string: how they cross a ``torch.library`` op boundary whole."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @staticmethod
+    @lru_cache(maxsize=64)
+    def from_json(text: str) -> RouterConfig:
+        """Inverse of :meth:`to_json`."""
+        return RouterConfig(**json.loads(text))
 
     def check(self, num_experts: int) -> None:
         """Raise ValueError naming the first setting that does not fit ``num_experts``."""

@@ -32,7 +32,7 @@ from flashfusemoe import RouterConfig, fused_moe
 from flashfusemoe.backends.torch import route, router_logits
 from flashfusemoe.comm import LoopbackCommunicator, NcclCommunicator
 from flashfusemoe.comm.alltoall import dispatch_bytes
-from integration.bench_layer import SHAPES, make_inputs, time_variant
+from integration.bench_layer import SHAPES, emit, make_inputs, time_variant
 
 
 def bytes_rows(shape_name: str = "fine", worlds=(2, 4, 8)) -> list[dict]:
@@ -210,14 +210,12 @@ def main() -> None:
         dist.destroy_process_group()
     elif not gpu:
         print("no GPU: the host and layer parts need one (and NCCL); bytes only")
-    table = render(torch.cuda.get_device_name() if gpu else "computed on CPU", parts)
-    print(table)
-    if args.write:
-        with open(args.write, "w") as f:
-            f.write(table)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(parts, f, indent=1)
+    emit(
+        render(torch.cuda.get_device_name() if gpu else "computed on CPU", parts),
+        parts,
+        args.write,
+        args.json,
+    )
 
 
 if __name__ == "__main__":

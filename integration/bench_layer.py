@@ -262,6 +262,17 @@ def render(card: str, ceiling: float, rows: list, floors: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def emit(table: str, payload: object, write: str | None, json_path: str | None) -> None:
+    """Print the markdown ``table``; write it to ``write`` and ``payload`` as JSON to ``json_path``."""
+    print(table)
+    if write:
+        with open(write, "w") as f:
+            f.write(table)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(payload, f, indent=1)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--shapes", default="seed,fine,mixtral")
@@ -322,14 +333,8 @@ def main() -> None:
                 )
                 print(json.dumps(rows[-1]), flush=True)
             torch.cuda.empty_cache()
-    table = render(card, ceiling, rows, floors)
-    print(table)
-    if args.write:
-        with open(args.write, "w") as f:
-            f.write(table)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"card": card, "ceiling_tflops": ceiling, "rows": rows, "floors": floors}, f, indent=1)
+    payload = {"card": card, "ceiling_tflops": ceiling, "rows": rows, "floors": floors}
+    emit(render(card, ceiling, rows, floors), payload, args.write, args.json)
 
 
 if __name__ == "__main__":

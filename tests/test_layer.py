@@ -78,15 +78,18 @@ def test_fake_ep_layer_equals_unsharded(p, activation, sync_free, drop):
     check_ep_layer_equals_unsharded(p, activation, sync_free=sync_free, drop=drop)
 
 
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_loopback_layer_is_the_single_device_computation_bit_for_bit(backend):
     """fused_moe through loopback equals route + the backend's experts called directly (the
-    single-GPU computation), output and every gradient, bit for bit."""
+    single-GPU computation), output and every gradient, bit for bit (on the GPU where there is one)."""
     torch.manual_seed(4)
-    layer = MoELayer(8, 12, 6, 3, num_shared_experts=1, aux_loss_coeff=0.1, backend=backend)
+    layer = MoELayer(8, 12, 6, 3, num_shared_experts=1, aux_loss_coeff=0.1, backend=backend).to(DEV)
     assert isinstance(layer.communicator, LoopbackCommunicator)
-    be = get_backend(backend)
-    x0 = torch.randn(40, 8)
+    be = get_backend(backend, DEV)
+    x0 = torch.randn(40, 8, device=DEV)
     results = []
     for direct in (False, True):
         x = x0.clone().requires_grad_()
@@ -141,6 +144,11 @@ def test_shard_experts_refuses_groups_and_communicators_that_do_not_fit(monkeypa
         MoELayer(4, 8, 4, 1).shard_experts(world.group(0), communicator=FakeCommunicator(other.group(0)))
 
 
+@pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="fake moves CPU tensors, which the triton backend runs only under the CPU interpreter (CI); "
+    "with a GPU, tests/comm/test_ep_gpu.py runs the triton backend over gloo on CUDA tensors",
+)
 def test_fake_ep_layer_on_the_triton_backend():
     """The interpreter runs one rank at a time (FakeWorld serializes ranks): no thread races."""
     from tests.strategies import Problem

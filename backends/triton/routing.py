@@ -18,13 +18,12 @@ from flashfusemoe.spec import RouterConfig, Routing
 __all__ = ["route"]
 
 
-def _router_fwd_fake(
-    logits_TE, expert_bias_E, top_k, score_func, renormalize, num_groups, topk_groups, scale
-):
+def _router_fwd_fake(logits_TE, expert_bias_E, router):
     T, E = logits_TE.shape
+    K = RouterConfig.from_json(router).top_k
     return (
-        logits_TE.new_empty((T, top_k), dtype=torch.int32),
-        logits_TE.new_empty((T, top_k)),
+        logits_TE.new_empty((T, K), dtype=torch.int32),
+        logits_TE.new_empty((T, K)),
         logits_TE.new_empty((E + 1,), dtype=torch.int64),
         logits_TE.new_empty(()),
         logits_TE.new_empty(()),
@@ -33,22 +32,13 @@ def _router_fwd_fake(
 
 @custom_op("router_fwd", _router_fwd_fake)
 def _router_fwd(
-    logits_TE: torch.Tensor,
-    expert_bias_E: torch.Tensor | None,
-    top_k: int,
-    score_func: str,
-    renormalize: bool,
-    num_groups: int,
-    topk_groups: int,
-    scale: float,
+    logits_TE: torch.Tensor, expert_bias_E: torch.Tensor | None, router: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    cfg = RouterConfig(top_k, score_func, renormalize, num_groups or None, topk_groups or None, scale)
-    return router_forward(logits_TE, cfg, expert_bias_E)
+    """``router``: a ``RouterConfig.to_json()`` (a custom op takes no dataclass)."""
+    return router_forward(logits_TE, RouterConfig.from_json(router), expert_bias_E)
 
 
-def _router_bwd_fake(
-    logits_TE, ids_TK, routed_E1, grad_w_TK, grad_lb, grad_z, top_k, score_func, renorm, scale
-):
+def _router_bwd_fake(logits_TE, ids_TK, routed_E1, grad_w_TK, grad_lb, grad_z, router):
     return torch.empty_like(logits_TE)
 
 
@@ -60,49 +50,25 @@ def _router_bwd(
     grad_w_TK: torch.Tensor | None,
     grad_lb: torch.Tensor | None,
     grad_z: torch.Tensor | None,
-    top_k: int,
-    score_func: str,
-    renormalize: bool,
-    scale: float,
+    router: str,
 ) -> torch.Tensor:
-    cfg = RouterConfig(top_k, score_func, renormalize, routed_scaling_factor=scale)
+    cfg = RouterConfig.from_json(router)
     return router_backward(logits_TE, ids_TK, routed_E1, grad_w_TK, grad_lb, grad_z, cfg)
 
 
 class _Router(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits_TE, expert_bias_E, cfg: RouterConfig):
-        ids, w, routed, lb, z = _router_fwd(
-            logits_TE,
-            expert_bias_E,
-            cfg.top_k,
-            cfg.score_func,
-            cfg.renormalize,
-            cfg.num_groups or 0,
-            cfg.topk_groups or 0,
-            float(cfg.routed_scaling_factor),
-        )
+        ctx.router = cfg.to_json()
+        ids, w, routed, lb, z = _router_fwd(logits_TE, expert_bias_E, ctx.router)
         ctx.save_for_backward(logits_TE, ids, routed)
-        ctx.cfg = cfg
         ctx.mark_non_differentiable(ids, routed)
         return ids, w, routed, lb, z
 
     @staticmethod
     def backward(ctx, _g_ids, grad_w, _g_routed, grad_lb, grad_z):
         logits_TE, ids, routed = ctx.saved_tensors
-        cfg = ctx.cfg
-        grad_logits = _router_bwd(
-            logits_TE,
-            ids,
-            routed,
-            grad_w,
-            grad_lb,
-            grad_z,
-            cfg.top_k,
-            cfg.score_func,
-            cfg.renormalize,
-            float(cfg.routed_scaling_factor),
-        )
+        grad_logits = _router_bwd(logits_TE, ids, routed, grad_w, grad_lb, grad_z, ctx.router)
         return grad_logits, None, None
 
 

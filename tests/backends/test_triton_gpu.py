@@ -14,6 +14,7 @@ import torch
 from flashfusemoe import MoELayer
 from flashfusemoe.backends.triton.grouped_gemm import grouped_mm, grouped_mm_act, grouped_mm_wgrad
 from flashfusemoe.spec import activate
+from tests.cuda_graphs import check_graph_replays_match_eager
 
 pytestmark = pytest.mark.gpu
 
@@ -197,35 +198,10 @@ def test_triton_compile_reduce_overhead_matches_eager():
 
 
 def test_triton_cuda_graph_capture_and_replay():
+    """The single-GPU layer (through loopback) captures and replays bit for bit."""
     layer = _layer(128, 256, 8, 2, False, torch.bfloat16)
     layer.backend = "triton"
-    static_x = torch.randn(512, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    static_g = torch.randn(512, 128, device="cuda", dtype=torch.bfloat16)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            layer(static_x)[0].backward(static_g)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = layer(static_x)[0]
-        static_out.backward(static_g)
-    for seed in range(2):
-        torch.manual_seed(10 + seed)
-        new_x = torch.randn(512, 128, device="cuda", dtype=torch.bfloat16)
-        for p in [static_x, *layer.parameters()]:
-            p.grad.zero_()
-        static_x.data.copy_(new_x)
-        graph.replay()
-        eager = copy.deepcopy(layer)
-        x = new_x.clone().requires_grad_()
-        out = eager(x)[0]
-        eager.zero_grad()
-        out.backward(static_g)
-        torch.testing.assert_close(static_out, out, rtol=0, atol=0)
-        torch.testing.assert_close(static_x.grad, x.grad, rtol=0, atol=0)
-        torch.testing.assert_close(layer.w_up.grad, eager.w_up.grad, rtol=0, atol=0)
+    check_graph_replays_match_eager(layer, copy.deepcopy(layer), 512, 128)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

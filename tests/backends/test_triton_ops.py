@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from flashfusemoe.backends.triton.metadata import routing_metadata
+from flashfusemoe.spec import RouterConfig
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 T, D, F, I, E, K = 7, 8, 12, 6, 3, 2
@@ -54,15 +55,18 @@ def test_triton_expert_ops_pass_opcheck():
 def test_triton_router_ops_pass_opcheck(with_grads):
     logits = torch.randn(T, E, device=DEV)
     bias = torch.rand(E, device=DEV)
-    _check(ops.router_fwd.default, (logits, bias, K, "softmax", True, 0, 0, 1.0))
-    ids, *_ = ops.router_fwd.default(logits, None, K, "sigmoid", False, 0, 0, 2.5)
+    _check(ops.router_fwd.default, (logits, bias, RouterConfig(top_k=K).to_json()))
+    sigmoid = RouterConfig(
+        top_k=K, score_func="sigmoid", renormalize=False, routed_scaling_factor=2.5
+    ).to_json()
+    ids, *_ = ops.router_fwd.default(logits, None, sigmoid)
     routed = torch.bincount(ids.reshape(-1).long(), minlength=E + 1)
     gw, glb, gz = (
         t if keep else None
         for t, keep in zip((torch.randn(T, K), torch.tensor(0.3), torch.tensor(0.2)), with_grads, strict=True)
     )
     gw, glb, gz = (t.to(DEV) if t is not None else None for t in (gw, glb, gz))
-    _check(ops.router_bwd.default, (logits, ids, routed, gw, glb, gz, K, "sigmoid", False, 2.5))
+    _check(ops.router_bwd.default, (logits, ids, routed, gw, glb, gz, sigmoid))
 
 
 @pytest.mark.gpu  # 16-bit output: the Triton interpreter mishandles bf16

@@ -11,6 +11,7 @@ import torch
 from flashfusemoe import MoELayer
 from flashfusemoe.comm import AllToAllCommunicator
 from tests.comm.test_gloo import run_ep_check
+from tests.cuda_graphs import check_graph_replays_match_eager
 
 pytestmark = pytest.mark.gpu
 
@@ -65,33 +66,4 @@ def test_all_to_all_bookkeeping_at_w1_is_bit_identical_to_loopback(sync_free):
 def test_sync_free_ep_path_has_no_host_sync_and_replays_in_a_cuda_graph():
     ref = _layer()
     ep = copy.deepcopy(ref).shard_experts(None, communicator=_NoTransport(True))
-    static_x = torch.randn(512, 256, device="cuda").bfloat16().requires_grad_()
-    static_g = torch.randn(512, 256, device="cuda").bfloat16()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm up (Triton compiles) off the capture
-        for _ in range(2):
-            ep(static_x)[0].backward(static_g)
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        ep(static_x)[0].backward(static_g)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = ep(static_x)[0]
-        static_out.backward(static_g)
-    for seed in range(2):
-        torch.manual_seed(10 + seed)
-        new_x = torch.randn(512, 256, device="cuda").bfloat16()
-        for p in [static_x, *ep.parameters()]:
-            p.grad.zero_()
-        static_x.data.copy_(new_x)
-        graph.replay()
-        ref.zero_grad(set_to_none=True)
-        want = _step(ref, new_x, static_g)
-        assert torch.equal(static_out, want[0]) and torch.equal(static_x.grad, want[1])
-        assert torch.equal(ep.w_up.grad, ref.w_up.grad) and torch.equal(
-            ep.gate_weight.grad, ref.gate_weight.grad
-        )
+    check_graph_replays_match_eager(ep, ref, 512, 256, no_sync=True)
