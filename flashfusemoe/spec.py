@@ -9,8 +9,7 @@ I expert intermediate dim, F rows of ``w_up`` (2I for GLU activations, I otherwi
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -93,15 +92,29 @@ class RouterConfig:
     routed_scaling_factor: float = 1.0
     capacity_factor: float | None = None
 
-    def to_json(self) -> str:
-        """The settings as one string: how they cross a ``torch.library`` op boundary whole."""
-        return json.dumps(asdict(self), sort_keys=True)
+    def to_op_arg(self) -> str:
+        """The settings as one string: how they cross a ``torch.library`` op boundary whole (an
+        f-string of the fields, which torch.compile traces; floats in ``repr``, which round-trips)."""
+        return (
+            f"{self.top_k};{self.score_func};{self.renormalize};{self.num_groups};{self.topk_groups};"
+            f"{self.routed_scaling_factor!r};{self.capacity_factor!r}"
+        )
 
     @staticmethod
     @lru_cache(maxsize=64)
-    def from_json(text: str) -> RouterConfig:
-        """Inverse of :meth:`to_json`."""
-        return RouterConfig(**json.loads(text))
+    def from_op_arg(text: str) -> RouterConfig:
+        """Inverse of :meth:`to_op_arg`."""
+        top_k, score_func, renorm, groups, topk_groups, scale, capacity = text.split(";")
+        maybe_int = lambda v: None if v == "None" else int(v)
+        return RouterConfig(
+            int(top_k),
+            score_func,
+            renorm == "True",
+            maybe_int(groups),
+            maybe_int(topk_groups),
+            float(scale),
+            None if capacity == "None" else float(capacity),
+        )
 
     def check(self, num_experts: int) -> None:
         """Raise ValueError naming the first setting that does not fit ``num_experts``."""

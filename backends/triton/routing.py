@@ -20,7 +20,7 @@ __all__ = ["route"]
 
 def _router_fwd_fake(logits_TE, expert_bias_E, router):
     T, E = logits_TE.shape
-    K = RouterConfig.from_json(router).top_k
+    K = RouterConfig.from_op_arg(router).top_k
     return (
         logits_TE.new_empty((T, K), dtype=torch.int32),
         logits_TE.new_empty((T, K)),
@@ -34,8 +34,8 @@ def _router_fwd_fake(logits_TE, expert_bias_E, router):
 def _router_fwd(
     logits_TE: torch.Tensor, expert_bias_E: torch.Tensor | None, router: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``router``: a ``RouterConfig.to_json()`` (a custom op takes no dataclass)."""
-    return router_forward(logits_TE, RouterConfig.from_json(router), expert_bias_E)
+    """``router``: a ``RouterConfig.to_op_arg()`` (a custom op takes no dataclass)."""
+    return router_forward(logits_TE, RouterConfig.from_op_arg(router), expert_bias_E)
 
 
 def _router_bwd_fake(logits_TE, ids_TK, routed_E1, grad_w_TK, grad_lb, grad_z, router):
@@ -52,14 +52,14 @@ def _router_bwd(
     grad_z: torch.Tensor | None,
     router: str,
 ) -> torch.Tensor:
-    cfg = RouterConfig.from_json(router)
+    cfg = RouterConfig.from_op_arg(router)
     return router_backward(logits_TE, ids_TK, routed_E1, grad_w_TK, grad_lb, grad_z, cfg)
 
 
 class _Router(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits_TE, expert_bias_E, cfg: RouterConfig):
-        ctx.router = cfg.to_json()
+        ctx.router = cfg.to_op_arg()
         ids, w, routed, lb, z = _router_fwd(logits_TE, expert_bias_E, ctx.router)
         ctx.save_for_backward(logits_TE, ids, routed)
         ctx.mark_non_differentiable(ids, routed)

@@ -199,3 +199,16 @@ def test_router_gradient_matches_softmax_gather():
     (r.topk_weights_TK * g).sum().backward()
     (ref * g).sum().backward()
     torch.testing.assert_close(logits.grad, ref_logits.grad)
+
+
+@given(
+    st.integers(1, 64),
+    st.sampled_from(["softmax", "sigmoid"]),
+    st.booleans(),
+    st.sampled_from([(None, None), (4, 2), (1, 1)]),
+    st.floats(0.1, 10.0),
+    st.one_of(st.none(), st.floats(0.01, 4.0)),
+)
+def test_router_config_crosses_an_op_boundary_whole(top_k, score_func, renormalize, groups, scale, capacity):
+    cfg = RouterConfig(top_k, score_func, renormalize, *groups, scale, capacity)
+    assert RouterConfig.from_op_arg(cfg.to_op_arg()) == cfg

@@ -530,3 +530,20 @@ def test_triton_host_size_helpers_match_triton(n, b):
 
     assert next_pow2(n) == triton.next_power_of_2(n)
     assert cdiv(n, b) == triton.cdiv(n, b)
+
+
+def test_triton_layer_traces_whole_under_torch_compile():
+    """Dynamo traces the layer (router config, loopback, custom ops) with no graph break; the
+    compiled step equals eager. Inductor itself runs in the GPU tests."""
+    torch.manual_seed(0)
+    layer = MoELayer(16, 32, 4, 2, num_shared_experts=1, aux_loss_coeff=0.1, backend="triton").to(DEV)
+    compiled = torch.compile(layer, fullgraph=True, backend="eager")
+    results = []
+    for fn in (compiled, layer):
+        x = torch.randn(12, 16, generator=torch.Generator().manual_seed(1)).to(DEV).requires_grad_()
+        layer.zero_grad(set_to_none=True)
+        out, losses = fn(x)
+        (out.square().sum() + losses["aux_loss"]).backward()
+        results.append([out, x.grad] + [p.grad for p in layer.parameters()])
+    for got, want in zip(*results, strict=True):
+        assert torch.equal(got, want)

@@ -55,10 +55,10 @@ def test_triton_expert_ops_pass_opcheck():
 def test_triton_router_ops_pass_opcheck(with_grads):
     logits = torch.randn(T, E, device=DEV)
     bias = torch.rand(E, device=DEV)
-    _check(ops.router_fwd.default, (logits, bias, RouterConfig(top_k=K).to_json()))
+    _check(ops.router_fwd.default, (logits, bias, RouterConfig(top_k=K).to_op_arg()))
     sigmoid = RouterConfig(
         top_k=K, score_func="sigmoid", renormalize=False, routed_scaling_factor=2.5
-    ).to_json()
+    ).to_op_arg()
     ids, *_ = ops.router_fwd.default(logits, None, sigmoid)
     routed = torch.bincount(ids.reshape(-1).long(), minlength=E + 1)
     gw, glb, gz = (
