@@ -4,8 +4,9 @@ Subclasses supply the transport (``_all_to_all``, private to them); this module 
 bookkeeping every all-to-all transport shares (``nccl`` over torch.distributed, ``fake`` threads).
 
 A dispatch, in launch order (what the host waits for, and what runs before it does):
-1. device: each slot's destination rank, rows and slots per rank; the counts all-to-all; an async copy
-   of the split sizes (and the id range) into pinned host memory, with an event.
+1. device: each slot's destination rank, rows and slots per rank; the counts all-to-all (with each
+   rank's bad-id flag, so that all ranks raise together); an async copy of the split sizes and flags
+   into pinned host memory, with an event.
 2. device, launched before the host waits: the send positions, and each token's row packed once into
    one byte buffer ``[T, B]`` (x, its K global ids as int32, its K weights).
 3. host: waits on the event and reads the split sizes (the only host sync of a step; none in
@@ -162,18 +163,22 @@ class AllToAllCommunicator(Communicator):
         W, e = self.world_size, num_experts // self.world_size
         T, K = topk_ids_TK.shape
         ids_TK = topk_ids_TK.long()
-        dest_TK = torch.where(ids_TK >= 0, ids_TK.div(e, rounding_mode="floor"), W)
-        if self.sync_free:
+        # an id outside [0, E) goes nowhere (-1: dropped; others: an error below)
+        dest_TK = torch.where((ids_TK >= 0) & (ids_TK < num_experts), ids_TK.div(e, rounding_mode="floor"), W)
+        bad = ((ids_TK < -1) | (ids_TK >= num_experts)).any()
+        if self.sync_free:  # nothing is read on the host: a bad id stops the device instead
+            torch._assert_async(~bad, f"topk_ids must lie in [-1, num_experts={num_experts})")
             goes_TW = torch.ones((T, W), dtype=torch.bool, device=ids_TK.device)
         else:
             slots_TW = torch.zeros((T, W + 1), dtype=torch.int64, device=ids_TK.device)
             slots_TW = slots_TW.scatter_add_(1, dest_TK, torch.ones_like(dest_TK))[:, :W]
             goes_TW = slots_TW > 0
-            counts_W2 = torch.stack([goes_TW.sum(0), slots_TW.sum(0)], dim=1)
+            # [rows, slots, bad-id flag] per destination: every rank learns of a bad rank, none hangs
+            counts_W3 = torch.stack([goes_TW.sum(0), slots_TW.sum(0), bad.long().expand(W)], dim=1)
             ones = (1,) * W
-            recv_W2 = self._all_to_all(counts_W2, ones, ones, "dispatch counts")
+            recv_W3 = self._all_to_all(counts_W3, ones, ones, "dispatch counts")
             extremes = torch.stack(ids_TK.aminmax()) if ids_TK.numel() else ids_TK.new_full((2,), -1)
-            read = _host_read(torch.cat([counts_W2[:, 0], recv_W2.reshape(-1), extremes]))
+            read = _host_read(torch.cat([counts_W3[:, 0], recv_W3.reshape(-1), extremes]))
         S_dev = goes_TW.sum()
         pos_WT = goes_TW.t().reshape(-1).cumsum(0).view(W, T) - 1
         send_row_TW1 = torch.cat([torch.where(goes_TW, pos_WT.t(), S_dev), S_dev.expand(T, 1)], dim=1)
@@ -182,10 +187,15 @@ class AllToAllCommunicator(Communicator):
             if self.sync_free:
                 return (T,) * W, (T,) * W, W * T * K
             host = read()
-            send, recv, (lo, hi) = host[:W], host[W : 3 * W], host[3 * W :]
-            if lo < -1 or hi >= num_experts:
-                raise ValueError(f"topk_ids must lie in [-1, num_experts={num_experts}), got [{lo}, {hi}]")
-            return tuple(send), tuple(recv[0::2]), sum(recv[1::2])
+            send, recv, (lo, hi) = host[:W], host[W : 4 * W], host[4 * W :]
+            bad_ranks = [src for src in range(W) if recv[3 * src + 2]]
+            if bad_ranks:
+                mine = f"; here [{lo}, {hi}]" if self.rank in bad_ranks else ""
+                raise ValueError(
+                    f"topk_ids must lie in [-1, num_experts={num_experts}): rank(s) {bad_ranks} passed "
+                    f"ids outside it{mine}"
+                )
+            return tuple(send), tuple(recv[0::3]), sum(recv[1::3])
 
         return goes_TW, send_row_TW1, dest_TK, finish
 

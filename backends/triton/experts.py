@@ -25,7 +25,7 @@ from flashfusemoe.spec import is_glu
 __all__ = ["experts"]
 
 
-# ----------------------------------------------------------------- single device: tokens in, tokens out
+# --------------------------------------------- tokens (or received rows) in, one output row per input row
 # Two autograd nodes, up (gather + GEMM + activation) and down (GEMM + combine; activation backward),
 # so that autograd accumulates and frees each weight gradient before the other is computed.
 

@@ -218,21 +218,29 @@ def test_dispatch_bytes_per_token_rank_pair_vs_per_slot():
 # ---------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize(
-    "ids, match",
-    [
-        (torch.tensor([[0, 4]]), r"topk_ids must lie in \[-1, num_experts=4\), got \[0, 4\]"),
-        (torch.tensor([[0, -2]]), r"topk_ids must lie in"),
-    ],
-)
-def test_all_to_all_dispatch_rejects_out_of_range_ids(ids, match):
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_all_to_all_dispatch_rejects_out_of_range_ids_on_every_rank(sync_free):
+    """Only rank 1 passes a bad id; every rank raises (none is left waiting in an exchange)."""
     world = FakeWorld(2)
-    with pytest.raises(ValueError, match=match):
-        world.run(
-            lambda r: FakeCommunicator(world.group(r)).dispatch(
-                torch.randn(1, 3), ids, torch.rand(1, 2), num_experts=4
+    raised = []
+
+    def rank_fn(rank):
+        ids = torch.tensor([[0, 4 if rank == 1 else 1], [2, -2 if rank == 1 else -1]])
+        try:
+            FakeCommunicator(world.group(rank), sync_free=sync_free).dispatch(
+                torch.randn(2, 3), ids, torch.rand(2, 2), num_experts=4
             )
-        )
+        except (ValueError, RuntimeError) as exc:
+            raised.append((rank, str(exc)))
+
+    world.run(rank_fn)
+    assert sorted(r for r, _ in raised) == [0, 1]
+    if sync_free:  # CPU: torch._assert_async raises at once (on CUDA: a device-side assert)
+        assert all("topk_ids must lie in [-1, num_experts=4)" in m for r, m in raised if r == 1)
+    else:
+        for rank, msg in raised:
+            assert "rank(s) [1] passed ids outside it" in msg
+            assert ("here [-2, 4]" in msg) == (rank == 1)
 
 
 @pytest.mark.parametrize(
