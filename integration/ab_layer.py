@@ -45,7 +45,7 @@ def load_base(checkout: Path):
     return importlib.import_module(NAME)
 
 
-def variants(base, K: int) -> dict:
+def variants(base, K: int, base_ep: bool = True) -> dict:
     takes_config = "router" in inspect.signature(base.fused_moe).parameters
 
     def base_call(**kw):
@@ -55,7 +55,7 @@ def variants(base, K: int) -> dict:
         )[0]
 
     out = {"base": base_call()}
-    if not takes_config:  # revisions before the one-path redesign had a separate EP path
+    if base_ep and not takes_config:  # revisions before the one-path redesign had a separate EP path
         out["base EP loopback"] = base_call(communicator=base.comm.get_communicator("loopback"))
     out["ours"] = lambda x, gate, up, down, bias: fused_moe(
         x, gate, up, down, RouterConfig(top_k=K), expert_bias=bias, backend="triton"
@@ -90,6 +90,7 @@ def main() -> None:
     p.add_argument("--base", required=True, type=Path, help="checkout of the revision to compare with")
     p.add_argument("--shapes", default="seed,fine,mixtral")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--no-base-ep", action="store_true", help="leave out the base revision's EP path")
     p.add_argument("--write", default=None, help="write the markdown table to this file")
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -101,7 +102,7 @@ def main() -> None:
         T, D, I, E, K = shape
         inputs = make_inputs(shape, skew=False)
         grad_out = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
-        chosen = variants(base, K)
+        chosen = variants(base, K, base_ep=not args.no_base_ep)
         outs = {n: fn(*inputs).detach() for n, fn in chosen.items()}
         times = {n: [] for n in chosen}
         for _ in range(args.rounds):
