@@ -4,8 +4,8 @@
 
 ``DIR`` is a checkout of the other revision (``git worktree add /tmp/base REV``). Its package is
 copied and renamed (``flashfusemoe`` -> ``ffmoe_base``, its custom ops too) so that both import side
-by side; both run the ``triton`` backend on the same inputs, in interleaved rounds (clock drift hits
-both alike), and their outputs are compared. Variants: ``base`` (the base revision's single-GPU
+by side; both run the ``triton`` backend on the same inputs, in interleaved rounds whose order flips every
+round (clock drift and warm-up hit both alike), and their outputs are compared. Variants: ``base`` (the base revision's single-GPU
 call), ``base EP loopback`` (its expert-parallel path through ``loopback``, where it had one),
 ``ours`` (this checkout: always through the communicator, ``loopback`` here).
 
@@ -105,8 +105,8 @@ def main() -> None:
         chosen = variants(base, K, base_ep=not args.no_base_ep)
         outs = {n: fn(*inputs).detach() for n, fn in chosen.items()}
         times = {n: [] for n in chosen}
-        for _ in range(args.rounds):
-            for name, fn in chosen.items():
+        for r in range(args.rounds):  # ABBA: the order flips every round, so no variant always runs first
+            for name, fn in list(chosen.items())[:: 1 if r % 2 == 0 else -1]:
                 # the base revision's EP path read the ids' range on the host: no CUDA graph
                 times[name].append(time_variant(fn, inputs, grad_out, graph=name != "base EP loopback"))
         for name, fn in chosen.items():
