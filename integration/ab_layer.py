@@ -4,10 +4,11 @@
 
 ``DIR`` is a checkout of the other revision (``git worktree add /tmp/base REV``). Its package is
 copied and renamed (``flashfusemoe`` -> ``ffmoe_base``, its custom ops too) so that both import side
-by side; both run the ``triton`` backend on the same inputs, in interleaved rounds whose order flips every
-round (clock drift and warm-up hit both alike), and their outputs are compared. Variants: ``base`` (the base revision's single-GPU
-call), ``base EP loopback`` (its expert-parallel path through ``loopback``, where it had one),
-``ours`` (this checkout: always through the communicator, ``loopback`` here).
+by side; both run the ``triton`` backend on the same inputs, in interleaved rounds whose order flips
+every round (clock drift and warm-up hit both alike), and their outputs are compared. Variants:
+``base`` (the base revision's single-GPU call), ``base EP loopback`` (its expert-parallel path
+through ``loopback``, where it had one; ``--no-base-ep`` leaves it out), ``ours`` (this checkout:
+always through the communicator, ``loopback`` here).
 
 Legend: T tokens, D model dim, I expert intermediate dim, E experts, K top-k.
 """
