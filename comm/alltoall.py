@@ -158,8 +158,9 @@ class AllToAllCommunicator(Communicator):
         received, source rank by source rank. ``what`` names the step, for error messages."""
 
     def _layout(self, topk_ids_TK: torch.Tensor, num_experts: int):
-        """Steps 1 (launched) and the host half of 3 (returned as a call): the device tensors of the
-        handle, and ``finish() -> (send_splits, recv_splits, num_recv_slots)``."""
+        """Step 1, launched: ``(goes_WT, send_row_TW1, dest_TK, finish)``, where ``goes_WT`` flags each
+        (destination rank, token) pair that sends a row and ``finish() -> (send_splits, recv_splits,
+        num_recv_slots)`` is step 3, the host's wait."""
         W, e = self.world_size, num_experts // self.world_size
         T, K = topk_ids_TK.shape
         ids_TK = topk_ids_TK.long()
@@ -179,8 +180,9 @@ class AllToAllCommunicator(Communicator):
             recv_W3 = self._all_to_all(counts_W3, ones, ones, "dispatch counts")
             extremes = torch.stack(ids_TK.aminmax()) if ids_TK.numel() else ids_TK.new_full((2,), -1)
             read = _host_read(torch.cat([counts_W3[:, 0], recv_W3.reshape(-1), extremes]))
-        S_dev = goes_TW.sum()
-        pos_WT = goes_TW.t().reshape(-1).cumsum(0).view(W, T) - 1
+        goes_WT = goes_TW.t().reshape(-1)  # send order: destination rank, then token
+        S_dev = goes_WT.sum()
+        pos_WT = goes_WT.cumsum(0).view(W, T) - 1
         send_row_TW1 = torch.cat([torch.where(goes_TW, pos_WT.t(), S_dev), S_dev.expand(T, 1)], dim=1)
 
         def finish() -> tuple[tuple[int, ...], tuple[int, ...], int]:
@@ -197,7 +199,7 @@ class AllToAllCommunicator(Communicator):
                 )
             return tuple(send), tuple(recv[0::3]), sum(recv[1::3])
 
-        return goes_TW, send_row_TW1, dest_TK, finish
+        return goes_WT, send_row_TW1, dest_TK, finish
 
     def dispatch(
         self,
@@ -226,12 +228,12 @@ class AllToAllCommunicator(Communicator):
 class _Dispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, comm, layout, num_experts, x_TD, ids_TK, weights_TK):
-        goes_TW, send_row_TW1, dest_TK, finish = layout
+        goes_WT, send_row_TW1, dest_TK, finish = layout
         T, K = ids_TK.shape
         tokens_TB, row_layout = _pack([x_TD, ids_TK.to(torch.int32), weights_TK])  # step 2
         send_splits, recv_splits, num_slots = finish()  # step 3
         S = sum(send_splits)
-        send_token_S = torch.nonzero_static(goes_TW.t().reshape(-1), size=S)[:, 0] % max(T, 1)
+        send_token_S = torch.nonzero_static(goes_WT, size=S)[:, 0] % max(T, 1)
         handle = AllToAllHandle(
             T, num_experts // comm.world_size, send_token_S, send_row_TW1, dest_TK, send_splits, recv_splits
         )
