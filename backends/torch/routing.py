@@ -33,17 +33,27 @@ def scores_from_logits(logits_TE: torch.Tensor, score_func: str) -> torch.Tensor
     return logits_TE.softmax(-1) if score_func == "softmax" else logits_TE.sigmoid()
 
 
-def _group_mask(select_TE: torch.Tensor, cfg: RouterConfig) -> torch.Tensor:
-    """Keep only experts of the ``topk_groups`` best groups; a group scores the sum of its top-2
-    selection scores (its top-1 when a group has a single expert), as in DeepSeek-V3."""
+def _top_k(values_TX: torch.Tensor, k: int, allowed_TX: torch.Tensor | None = None) -> torch.Tensor:
+    """The selection rule: indices of the k largest values per row, a NaN counting as -inf, ties to
+    the lowest index, each index once; with ``allowed``, allowed indices rank before all others."""
+    values_TX = torch.where(torch.isnan(values_TX), float("-inf"), values_TX)
+    order_TX = torch.sort(values_TX, dim=-1, descending=True, stable=True).indices
+    if allowed_TX is not None:  # a stable sort by allowed keeps the value order within each class
+        rank_TX = (~allowed_TX.gather(1, order_TX)).to(torch.int8)
+        order_TX = order_TX.gather(1, torch.sort(rank_TX, dim=-1, stable=True).indices)
+    return order_TX[:, :k]
+
+
+def _group_allowed(select_TE: torch.Tensor, cfg: RouterConfig) -> torch.Tensor:
+    """Experts of the ``topk_groups`` best groups; a group scores the sum of its top-2 selection
+    scores (its top-1 when a group has a single expert), as in DeepSeek-V3."""
     T, E = select_TE.shape
     G = cfg.num_groups
-    per_group = select_TE.view(T, G, E // G)
+    per_group = torch.where(torch.isnan(select_TE), float("-inf"), select_TE).view(T, G, E // G)
     group_score_TG = per_group.topk(min(2, E // G), dim=-1).values.sum(-1)
-    best_groups = group_score_TG.topk(cfg.topk_groups, dim=-1).indices
+    best_groups = _top_k(group_score_TG, cfg.topk_groups)
     keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(1, best_groups, True)
-    keep_TE = keep_TG.unsqueeze(-1).expand(T, G, E // G).reshape(T, E)
-    return select_TE.masked_fill(~keep_TE, float("-inf"))
+    return keep_TG.unsqueeze(-1).expand(T, G, E // G).reshape(T, E)
 
 
 def _capacity_keep(topk_ids_TK: torch.Tensor, num_experts: int, capacity_factor: float) -> torch.Tensor:
@@ -93,13 +103,14 @@ def route(logits_TE: torch.Tensor, cfg: RouterConfig, expert_bias_E: torch.Tenso
     select_TE = scores_TE.detach()
     if expert_bias_E is not None:
         select_TE = select_TE + expert_bias_E.detach().float()
-    if cfg.num_groups is not None:
-        select_TE = _group_mask(select_TE, cfg)
-    topk_ids_TK = select_TE.topk(K, dim=-1).indices
+    allowed_TE = _group_allowed(select_TE, cfg) if cfg.num_groups is not None else None
+    topk_ids_TK = _top_k(select_TE, K, allowed_TE)
     weights_TK = scores_TE.gather(1, topk_ids_TK)
     if cfg.renormalize:
         weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
     weights_TK = weights_TK * cfg.routed_scaling_factor
+    # a NaN logit makes its token's weights NaN (all K), whatever was selected
+    weights_TK = torch.where(torch.isnan(logits_TE).any(-1, keepdim=True), float("nan"), weights_TK)
 
     # Statistics of the routing before any capacity drop: they measure the router's preference.
     routed_E = torch.bincount(topk_ids_TK.reshape(-1), minlength=E)

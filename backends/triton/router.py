@@ -74,7 +74,11 @@ def _router_fwd_kernel(
     sel = s
     if HAS_BIAS:
         sel = sel + tl.load(bias_ptr + cols, mask=col_ok, other=0.0)[None, :]
-    sel = tl.where(col_ok[None, :], sel, float("-inf"))
+    # Selection policy (docs/fused_moe.md): a NaN selection score counts as -inf; top-k in descending
+    # score, ties to the lowest id, each expert (group) at most once: a taken mask, not a -inf overwrite,
+    # which ties with scores that are -inf already.
+    sel = tl.where(col_ok[None, :] & (sel == sel), sel, float("-inf"))
+    free = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.int1) | col_ok[None, :]  # experts still selectable
     if G > 0:  # group-limited routing: a group scores the sum of its top-2 (top-1) selection scores
         GS: tl.constexpr = E // G
         gcols = tl.arange(0, BLOCK_G)
@@ -86,28 +90,29 @@ def _router_fwd_kernel(
             if GS > 1:
                 i1 = tl.min(tl.where(in_g & (sel == m1[:, None]), cols[None, :], BLOCK_E), axis=1)
                 total += tl.max(tl.where(in_g & (cols[None, :] != i1[:, None]), sel, float("-inf")), axis=1)
+            total = tl.where(total == total, total, float("-inf"))  # +inf + -inf
             gscore = tl.where(gcols[None, :] == g, total[:, None], gscore)
-        allowed = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.int1)
+        allowed = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.int1)  # experts of the chosen groups only
+        gfree = tl.zeros((BLOCK_T, BLOCK_G), dtype=tl.int1) | (gcols < G)[None, :]
         for _ in tl.static_range(TOPK_G):
-            gm = tl.max(gscore, axis=1)
-            gi = tl.min(tl.where(gscore == gm[:, None], gcols[None, :], BLOCK_G), axis=1)
+            gm = tl.max(tl.where(gfree, gscore, float("-inf")), axis=1)
+            gi = tl.min(tl.where(gfree & (gscore == gm[:, None]), gcols[None, :], BLOCK_G), axis=1)
             allowed = allowed | ((cols[None, :] // GS) == gi[:, None])
-            gscore = tl.where(gcols[None, :] == gi[:, None], float("-inf"), gscore)
-        sel = tl.where(allowed, sel, float("-inf"))
+            gfree = gfree & (gcols[None, :] != gi[:, None])
+        free = free & allowed
 
     kcols = tl.arange(0, BLOCK_K)
     ids = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
     wts = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
     counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
-    for k in tl.static_range(K):  # ties go to the lowest expert id
-        best = tl.max(sel, axis=1)
-        idx = tl.min(tl.where(sel == best[:, None], cols[None, :], BLOCK_E), axis=1)
-        idx = tl.minimum(idx, E - 1)  # NaN rows match nothing: keep ids in range (weights become NaN)
+    for k in tl.static_range(K):
+        best = tl.max(tl.where(free, sel, float("-inf")), axis=1)
+        idx = tl.min(tl.where(free & (sel == best[:, None]), cols[None, :], BLOCK_E), axis=1)
         hit = cols[None, :] == idx[:, None]
         ids = tl.where(kcols[None, :] == k, idx[:, None], ids)
         wts = tl.where(kcols[None, :] == k, tl.sum(tl.where(hit, s, 0.0), axis=1)[:, None], wts)
         counts += tl.sum((hit & tok_ok[:, None]).to(tl.int32), axis=0)
-        sel = tl.where(hit, float("-inf"), sel)
+        free = free & ~hit
     if RENORM:
         wts = wts / (tl.sum(wts, axis=1)[:, None] + 1e-20)
     wts = wts * scale

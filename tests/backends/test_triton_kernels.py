@@ -311,6 +311,55 @@ def test_triton_router_stats_over_many_blocks():
     torch.testing.assert_close(grads[0], grads[1], **TOL)
 
 
+@given(
+    problems(max_world=1, allow_empty=False),
+    st.sampled_from([None, (2, 1), (4, 2)]),
+    st.sampled_from(["softmax", "sigmoid"]),
+    st.integers(0, 2**31 - 1),
+)
+def test_both_routers_pick_the_same_distinct_experts_under_ties_and_non_finite_scores(p, groups, score, seed):
+    """Tied scores (logits from a few values), selection biases of -inf, +inf and NaN, NaN logits:
+    the triton router and the reference pick the same K distinct experts, ties to the lowest id, a
+    NaN counting as -inf, within the chosen groups; a token with a NaN logit gets NaN weights."""
+    G, g = groups or (1, 1)
+    E = G * max(p.E, 2)
+    K = min(p.K, g * (E // G))
+    g_ = torch.Generator().manual_seed(seed)
+    logits = torch.randint(-1, 2, (p.T, E), generator=g_).float()
+    logits[torch.rand(p.T, E, generator=g_) < 0.1] = float("nan")
+    special = torch.tensor([0.0, 0.5, float("-inf"), float("inf"), float("nan")])
+    bias = special[torch.randint(0, 5, (E,), generator=g_)]
+    cfg = RouterConfig(top_k=K, score_func=score, num_groups=groups and G, topk_groups=groups and g)
+    got = tri_route(logits.to(DEV), cfg, bias.to(DEV))
+    want = ref.route(logits, cfg, bias)
+    ids = got.topk_ids_TK.long().cpu()
+    assert torch.equal(ids, want.topk_ids_TK)
+    assert all(len(set(row)) == K for row in ids.tolist())
+    torch.testing.assert_close(got.topk_weights_TK.cpu(), want.topk_weights_TK, equal_nan=True, **TOL)
+    assert torch.equal(torch.isnan(want.topk_weights_TK).all(1), torch.isnan(logits).any(1))
+    assert torch.equal(got.tokens_per_expert_E.cpu(), want.tokens_per_expert_E)
+
+
+def test_minus_inf_and_nan_biases_select_the_lowest_free_ids_on_both_backends():
+    """The cases of the report: bias [0, -inf, -inf, -inf] and a NaN in the bias, K = 2."""
+    logits = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    for bias, counts in (
+        ([0.0, -float("inf"), -float("inf"), -float("inf")], [8, 8, 0, 0]),
+        ([0.0, 0.0, 0.0, float("nan")], None),
+    ):
+        bias = torch.tensor(bias)
+        for route in (tri_route, ref.route):
+            r = route(logits.to(DEV), RouterConfig(top_k=2), bias.to(DEV))
+            ids = r.topk_ids_TK.long().cpu()
+            assert all(len(set(row)) == 2 for row in ids.tolist())
+            if counts is not None:
+                assert r.tokens_per_expert_E.tolist() == counts
+            else:
+                assert not bool(
+                    (ids == 3).any()
+                )  # a NaN bias counts as -inf: never picked while others are free
+
+
 def test_triton_router_nan_token_gets_nan_weights_and_valid_ids():
     logits = torch.randn(6, 8, device=DEV)
     logits[3, 2] = float("nan")
