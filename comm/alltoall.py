@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from flashfusemoe.comm.base import Communicator, Dispatched
+from flashfusemoe.spec import check_first_order
 
 __all__ = ["AllToAllCommunicator", "AllToAllHandle", "dispatch_bytes"]
 
@@ -255,6 +256,7 @@ class _Dispatch(torch.autograd.Function):
     def backward(ctx, grad_x_RD, _ids, grad_w_RK, _handle, _slots):
         """A combine: row gradients summed per token over ranks, each weight gradient taken from the
         one rank that holds its slot's expert."""
+        check_first_order("expert-parallel dispatch")
         handle, R = ctx.handle, ctx.handle.num_recv
         (x_dtype, D), (w_dtype, K) = ctx.x_meta, ctx.w_meta
         dev = handle.send_row_TW1.device
@@ -282,6 +284,7 @@ class _Combine(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out_TD):
         """A dispatch of the output gradient, replayed from the handle (no counts exchange)."""
+        check_first_order("expert-parallel combine")
         handle = ctx.handle
         rows_SD = grad_out_TD.contiguous().index_select(0, handle.send_token_S)
         grad_RD = ctx.comm._all_to_all(rows_SD, handle.send_splits, handle.recv_splits, "combine backward")

@@ -23,6 +23,7 @@ __all__ = [
     "Routing",
     "activate",
     "check_expert_weights",
+    "check_first_order",
     "check_hidden",
     "check_topk",
     "is_glu",
@@ -140,6 +141,18 @@ class RouterConfig:
                 )
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise ValueError(f"capacity_factor={self.capacity_factor!r} must be > 0 or None (dropless)")
+
+
+def check_first_order(where: str) -> None:
+    """Call first in the backward of an autograd.Function whose backward is not itself differentiable
+    (fused kernels, collectives): under ``create_graph=True`` (double backward, a gradient penalty) it
+    raises instead of returning gradients whose own gradients would silently be wrong."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{where} is differentiable once: backward(create_graph=True) (double backward, e.g. a "
+            "gradient penalty through the MoE layer) is not supported here; the single-device torch "
+            "backend (backend='torch') supports it"
+        )
 
 
 def _shape_error(name: str, t: torch.Tensor, expected: str) -> ValueError:

@@ -341,3 +341,44 @@ def test_main_job_runs_and_checks():
     )
     assert proc.returncode == 0, proc.stderr
     assert "check vs dense fp32 reference" in proc.stdout and "tokens per expert" in proc.stdout
+
+
+def test_double_backward_torch_backend_matches_the_dense_formulation():
+    """A gradient penalty through the layer: second derivatives of the torch backend equal those of
+    the independent dense formulation."""
+    torch.manual_seed(6)
+    layer = MoELayer(6, 8, 4, 2, backend="torch")
+    x0 = torch.randn(7, 6)
+    grads = []
+    for dense in (False, True):
+        x = x0.clone().requires_grad_()
+        if dense:
+            r = route(router_logits(x, layer.gate_weight), layer.router_config)
+            out = dense_experts(x, r.topk_ids_TK, r.topk_weights_TK, layer.w_up, layer.w_down, "swiglu")
+        else:
+            out, _ = layer(x)
+        (g_x,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+        grads.append(
+            torch.autograd.grad(g_x.square().sum(), [x, layer.w_up, layer.w_down, layer.gate_weight])
+        )
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_double_backward_is_refused_where_it_would_be_wrong(recompute):
+    """The triton backend's kernels and the EP communicators are differentiable once: create_graph
+    raises at once instead of giving second derivatives that are silently wrong."""
+    layer = MoELayer(8, 12, 4, 2, backend="triton", recompute_activations=recompute).to(DEV)
+    x = torch.randn(5, 8, device=DEV, requires_grad=True)
+    with pytest.raises(RuntimeError, match="triton backend's .* is differentiable once"):
+        torch.autograd.grad(layer(x)[0].square().sum(), x, create_graph=True)
+    world = FakeWorld(2)
+
+    def rank_fn(rank):
+        ep = MoELayer(8, 12, 4, 2, backend="torch").shard_experts(world.group(rank))
+        xr = torch.randn(5, 8, requires_grad=True)
+        with pytest.raises(RuntimeError, match="expert-parallel combine is differentiable once"):
+            torch.autograd.grad(ep(xr)[0].square().sum(), xr, create_graph=True)
+
+    world.run(rank_fn)

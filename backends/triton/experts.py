@@ -20,7 +20,7 @@ from flashfusemoe.backends.triton.grouped_gemm import grouped_mm, grouped_mm_act
 from flashfusemoe.backends.triton.metadata import routing_metadata
 from flashfusemoe.backends.triton.ops import custom_op
 from flashfusemoe.backends.triton.permute import combine_rows, gather_rows
-from flashfusemoe.spec import is_glu
+from flashfusemoe.spec import check_first_order, is_glu
 
 __all__ = ["experts"]
 
@@ -164,11 +164,11 @@ def _grad_buffer(ctx, i: int) -> torch.Tensor | None:
     Autograd would add a returned gradient into an existing ``.grad`` anyway (gradient accumulation,
     ``zero_grad(set_to_none=False)``); adding it in the weight-gradient GEMM's epilogue skips the
     fresh ``[E, ., .]`` tensor (the backward's largest) and a pass over it. Only where the result is
-    the same: eager, without ``create_graph``; a leaf whose AccumulateGrad node this backward runs
-    (not ``autograd.grad``); a dense ``.grad`` of the leaf's shape, dtype and device; no tensor hooks
-    on the leaf (they would be handed None). DDP's hooks on the AccumulateGrad node still run, after
-    the buffer is updated."""
-    if torch.compiler.is_compiling() or torch.is_grad_enabled():  # create_graph: autograd adds out of place
+    the same: eager (``create_graph`` is refused before this); a leaf whose AccumulateGrad node this
+    backward runs (not ``autograd.grad``); a dense ``.grad`` of the leaf's shape, dtype and device;
+    no tensor hooks on the leaf (they would be handed None). DDP's hooks on the AccumulateGrad node
+    still run, after the buffer is updated."""
+    if torch.compiler.is_compiling():
         return None
     node = ctx.next_functions[i][0]
     if type(node).__name__ != "AccumulateGrad":
@@ -197,6 +197,7 @@ class _Up(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_h_NF, _grad_a, _pos, _row_slot, _offs):
+        check_first_order("the triton backend's experts")
         acc = _grad_buffer(ctx, 1)
         grad_x, grad_w_up = _up_bwd(grad_h_NF.contiguous(), *ctx.saved_tensors, acc)
         return grad_x, grad_w_up if acc is None else None, None, None, None
@@ -217,6 +218,7 @@ class _Down(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out_TD):
+        check_first_order("the triton backend's experts")
         try:
             h_kept, *rest = ctx.saved_tensors
         except RuntimeError as e:

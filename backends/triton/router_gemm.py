@@ -17,6 +17,7 @@ import triton.language as tl
 from flashfusemoe.backends.torch.routing import router_logits as reference_router_logits
 from flashfusemoe.backends.triton.launch import cdiv, fast_launch
 from flashfusemoe.backends.triton.ops import custom_op
+from flashfusemoe.spec import check_first_order
 
 __all__ = ["router_logits"]
 
@@ -56,6 +57,7 @@ class _RouterLogits(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_TE):
+        check_first_order("the triton backend's router GEMM")
         x_TD, gate_ED = ctx.saved_tensors
         hilo_T2E = _hi_lo(grad_TE, x_TD.dtype)
         grad_x = grad_gate = None

@@ -13,7 +13,7 @@ import torch
 from flashfusemoe.backends.torch.routing import drop_over_capacity
 from flashfusemoe.backends.triton.ops import custom_op
 from flashfusemoe.backends.triton.router import router_backward, router_forward
-from flashfusemoe.spec import RouterConfig, Routing
+from flashfusemoe.spec import RouterConfig, Routing, check_first_order
 
 __all__ = ["route"]
 
@@ -67,6 +67,7 @@ class _Router(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, _g_ids, grad_w, _g_routed, grad_lb, grad_z):
+        check_first_order("the triton backend's router")
         logits_TE, ids, routed = ctx.saved_tensors
         grad_logits = _router_bwd(logits_TE, ids, routed, grad_w, grad_lb, grad_z, ctx.router)
         return grad_logits, None, None

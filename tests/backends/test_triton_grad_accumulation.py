@@ -83,17 +83,15 @@ def test_triton_weight_grads_added_into_existing_grad(tma):
 
 
 @pytest.mark.filterwarnings("ignore:grad and param do not obey the gradient layout contract")
-@pytest.mark.filterwarnings("ignore:Using backward() with create_graph=True")
 @pytest.mark.parametrize(
-    "case",
-    ["no_grad_yet", "autograd_grad", "backward_inputs", "tensor_hook", "strided_grad", "create_graph"],
+    "case", ["no_grad_yet", "autograd_grad", "backward_inputs", "tensor_hook", "strided_grad"]
 )
 def test_triton_weight_grads_returned_where_autograd_would_not_add_in_place(case):
     """Where in-place addition would not be what autograd does, the gradient goes back to autograd:
     no ``.grad`` yet, ``autograd.grad``, ``backward(inputs=...)`` without the weights, a tensor hook
     on a weight (it must see the gradient; the other weight still goes in place), a non-contiguous
-    ``.grad``, ``create_graph=True`` (autograd adds out of place then). Gradients equal the
-    reference's, and ``.grad`` buffers autograd leaves alone stay."""
+    ``.grad``. Gradients equal the reference's, and ``.grad`` buffers autograd leaves alone stay
+    (``create_graph=True`` is refused: tests/test_layer.py)."""
     ids, leaves = _leaves()
     grads = None if case == "no_grad_yet" else [torch.randn_like(t) for t in leaves]
     if case == "strided_grad":
@@ -101,7 +99,6 @@ def test_triton_weight_grads_returned_where_autograd_would_not_add_in_place(case
     backward = {
         "autograd_grad": lambda loss, ts: torch.autograd.grad(loss, ts),
         "backward_inputs": lambda loss, ts: loss.backward(inputs=[ts[0]]),
-        "create_graph": lambda loss, _: loss.backward(create_graph=True),
     }.get(case, lambda loss, _: loss.backward())
     results = []
     for fn in (tri_experts, ref.experts):
