@@ -17,7 +17,14 @@ import torch
 from flashfusemoe.backends import get_backend
 from flashfusemoe.backends.torch import router_logits
 from flashfusemoe.comm import Communicator, LoopbackCommunicator
-from flashfusemoe.spec import RouterConfig, check_expert_weights, check_hidden
+from flashfusemoe.spec import (
+    RouterConfig,
+    check_bool,
+    check_device,
+    check_expert_weights,
+    check_float,
+    check_hidden,
+)
 
 __all__ = ["fused_moe", "router_logits"]
 
@@ -34,17 +41,31 @@ def _check_router_args(x_TD, gate_weight_ED, expert_bias_E) -> int:
         raise ValueError(
             f"gate_weight must have shape [E, D={D}], got {getattr(gate_weight_ED, 'shape', None)}"
         )
+    if not gate_weight_ED.is_floating_point():
+        raise TypeError(f"gate_weight must be a floating tensor, got {gate_weight_ED.dtype}")
+    check_device("gate_weight", gate_weight_ED, x_TD.device)
     E = gate_weight_ED.shape[0]
-    if expert_bias_E is not None and tuple(expert_bias_E.shape) != (E,):
-        raise ValueError(f"expert_bias must have shape [E={E}], got {tuple(expert_bias_E.shape)}")
+    if expert_bias_E is not None:
+        if not isinstance(expert_bias_E, torch.Tensor) or tuple(expert_bias_E.shape) != (E,):
+            raise ValueError(
+                f"expert_bias must have shape [E={E}], got {getattr(expert_bias_E, 'shape', None)}"
+            )
+        if not expert_bias_E.is_floating_point():
+            raise TypeError(f"expert_bias must be a floating tensor, got {expert_bias_E.dtype}")
+        check_device("expert_bias", expert_bias_E, x_TD.device)
     return E
 
 
-def _check_shared(shared_w_up, shared_w_down, D, activation, dtype) -> None:
+def _check_shared(shared_w_up, shared_w_down, x_TD, activation) -> None:
     if (shared_w_up is None) != (shared_w_down is None):
         raise ValueError("shared_w_up and shared_w_down must be given together (or neither)")
     if shared_w_up is not None:
-        check_expert_weights(shared_w_up[None], shared_w_down[None], D, activation, dtype)
+        for name, w in (("shared_w_up", shared_w_up), ("shared_w_down", shared_w_down)):
+            if not isinstance(w, torch.Tensor) or w.dim() != 2:
+                raise ValueError(f"{name} must be a 2-D tensor, got {getattr(w, 'shape', type(w).__name__)}")
+        check_expert_weights(
+            shared_w_up[None], shared_w_down[None], x_TD, activation, ("shared_w_up", "shared_w_down")
+        )
 
 
 def fused_moe(
@@ -87,13 +108,12 @@ def fused_moe(
     """
     check_hidden(hidden_states_TD)
     x_TD = hidden_states_TD
-    D = x_TD.shape[1]
     E = _check_router_args(x_TD, gate_weight_ED, expert_bias)
     router = RouterConfig() if router is None else router
     if not isinstance(router, RouterConfig):
         raise TypeError(f"router must be a RouterConfig, got {type(router).__name__}")
     router.check(E)
-    e, _ = check_expert_weights(w_up, w_down, D, activation, x_TD.dtype)
+    e, _ = check_expert_weights(w_up, w_down, x_TD, activation)
     comm = _LOOPBACK if communicator is None else communicator
     if not isinstance(comm, Communicator):
         raise TypeError(f"communicator must be a Communicator or None, got {type(comm).__name__}")
@@ -102,7 +122,10 @@ def fused_moe(
         raise ValueError(
             f"w_up holds {e} experts; expected num_experts / EP world size = {E} / {W} = {E / W:g}"
         )
-    _check_shared(shared_w_up, shared_w_down, D, activation, x_TD.dtype)
+    _check_shared(shared_w_up, shared_w_down, x_TD, activation)
+    check_float("aux_loss_coeff", aux_loss_coeff)
+    check_float("z_loss_coeff", z_loss_coeff)
+    check_bool("recompute_activations", recompute_activations)
     be = get_backend(backend, x_TD.device)
 
     routing = be.route(be.router_logits(x_TD, gate_weight_ED), router, expert_bias)

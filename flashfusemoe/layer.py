@@ -12,12 +12,11 @@ import math
 import torch
 from torch import nn
 
-from flashfusemoe import _env
-from flashfusemoe.backends import preload
+from flashfusemoe.backends import preload, resolve_name
 from flashfusemoe.balancing import update_expert_bias
 from flashfusemoe.comm import Communicator, LoopbackCommunicator, get_communicator
 from flashfusemoe.functional import fused_moe
-from flashfusemoe.spec import RouterConfig, is_glu
+from flashfusemoe.spec import RouterConfig, check_bool, check_float, check_int, is_glu
 
 __all__ = ["MoELayer"]
 
@@ -47,7 +46,8 @@ class MoELayer(nn.Module):
             renormalization, groups, scaling, capacity), passed to :func:`fused_moe` whole.
         use_expert_bias: keep a DeepSeek-V3 selection bias buffer, updated by :meth:`update_expert_bias`.
         Other keywords: the loss coefficients, ``recompute_activations`` and ``backend`` of
-        :func:`fused_moe` (``FLASHFUSEMOE_BACKEND`` is read once, here, when ``backend`` is None).
+        :func:`fused_moe`. ``backend`` is resolved here, once: the argument, else
+        ``FLASHFUSEMOE_BACKEND``, else ``"auto"``; an unknown or unloadable name raises here.
 
     Parameters: ``gate_weight [E, D]``, ``w_up [e, F, D]``, ``w_down [e, D, I]`` and, with shared
     experts, ``shared_w_up [S*F, D]``, ``shared_w_down [D, S*I]``. ``forward(x [..., D])`` returns
@@ -75,21 +75,23 @@ class MoELayer(nn.Module):
     ) -> None:
         super().__init__()
         for name, value in (("d_model", d_model), ("ffn_dim", ffn_dim), ("num_experts", num_experts)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive int")
+            check_int(name, value, 1)
         if is_glu(activation) and ffn_dim % 2:
             raise ValueError(f"ffn_dim={ffn_dim} must be even (2I: gate and up rows) for {activation!r}")
-        if not isinstance(num_shared_experts, int) or num_shared_experts < 0:
-            raise ValueError(f"num_shared_experts={num_shared_experts!r} must be an int >= 0")
+        check_int("num_shared_experts", num_shared_experts, 0)
         self.router_config = _router_config(top_k, router)
         self.router_config.check(num_experts)
         self.d_model, self.ffn_dim, self.num_experts = d_model, ffn_dim, num_experts
         self.activation = activation
         self.intermediate = ffn_dim // 2 if is_glu(activation) else ffn_dim
-        self.aux_loss_coeff, self.z_loss_coeff = aux_loss_coeff, z_loss_coeff
-        # Resolved now, not per call: no import or environment read inside a compiled forward.
-        self.recompute_activations, self.backend = recompute_activations, backend or _env.backend_from_env()
-        preload()
+        self.aux_loss_coeff = check_float("aux_loss_coeff", aux_loss_coeff)
+        self.z_loss_coeff = check_float("z_loss_coeff", z_loss_coeff)
+        self.recompute_activations = check_bool("recompute_activations", recompute_activations)
+        check_bool("use_expert_bias", use_expert_bias)
+        # Resolved now, not per call (FLASHFUSEMOE_BACKEND is read here, once): no import or environment
+        # read inside a compiled forward, and a torch layer never imports Triton.
+        self.backend = resolve_name(backend)
+        preload(self.backend)
         self.communicator: Communicator = LoopbackCommunicator()
         self._sharded = False
         factory = {"device": device, "dtype": dtype}
@@ -159,11 +161,17 @@ class MoELayer(nn.Module):
         """Apply :func:`flashfusemoe.update_expert_bias` to this layer's bias buffer."""
         if self.expert_bias is None:
             raise RuntimeError("this layer was built with use_expert_bias=False")
+        if not isinstance(tokens_per_expert_E, torch.Tensor):
+            raise TypeError(
+                f"tokens_per_expert must be a tensor [E], got {type(tokens_per_expert_E).__name__}"
+            )
         self.expert_bias.copy_(
             update_expert_bias(self.expert_bias, tokens_per_expert_E.to(self.expert_bias.device), rate)
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() < 1 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have shape [..., D={self.d_model}], got {tuple(x.shape)}")
         out_TD, losses = fused_moe(

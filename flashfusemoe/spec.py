@@ -9,6 +9,7 @@ I expert intermediate dim, F rows of ``w_up`` (2I for GLU activations, I otherwi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -22,8 +23,12 @@ __all__ = [
     "RouterConfig",
     "Routing",
     "activate",
+    "check_bool",
+    "check_device",
     "check_expert_weights",
     "check_first_order",
+    "check_float",
+    "check_int",
     "check_hidden",
     "check_topk",
     "is_glu",
@@ -67,6 +72,35 @@ def activate(h_NF: torch.Tensor, activation: str) -> torch.Tensor:
         return F.relu(h_NF).square()
     check_activation(activation)
     raise AssertionError("unreachable")
+
+
+def check_int(
+    name: str, value: object, lo: int | None = None, hi: int | None = None, hi_name: str = ""
+) -> int:
+    """``value`` must be an int (not a bool) in ``[lo, hi]``: TypeError for the type, ValueError for
+    the range; both name ``name`` and the expected range."""
+    upper = "inf" if hi is None else f"{hi_name}={hi}" if hi_name else str(hi)
+    bounds = f" in [{'-inf' if lo is None else lo}, {upper}]"
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name}={value!r} must be an int{bounds}, got {type(value).__name__}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ValueError(f"{name}={value!r} must be an int{bounds}")
+    return value
+
+
+def check_float(name: str, value: object, *, positive: bool = False) -> float:
+    """``value`` must be a finite real number (an int or float, not a bool), > 0 with ``positive``."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name}={value!r} must be a finite number, got {type(value).__name__}")
+    if not math.isfinite(value) or (positive and not value > 0):
+        raise ValueError(f"{name}={value!r} must be a finite number{' > 0' if positive else ''}")
+    return float(value)
+
+
+def check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}={value!r} must be a bool, got {type(value).__name__}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -117,30 +151,36 @@ class RouterConfig:
             None if capacity == "None" else float(capacity),
         )
 
-    def check(self, num_experts: int) -> None:
-        """Raise ValueError naming the first setting that does not fit ``num_experts``."""
-        E = num_experts
-        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= E:
-            raise ValueError(f"top_k={self.top_k!r} must be an int in [1, num_experts={E}]")
+    def __post_init__(self) -> None:
+        """Type and range checks that need no E (``check`` adds those that do)."""
+        check_int("top_k", self.top_k, 1)
         if self.score_func not in SCORE_FUNCS:
             raise ValueError(
                 f"score_func={self.score_func!r} is not supported; expected one of {SCORE_FUNCS}"
             )
+        check_bool("renormalize", self.renormalize)
         if (self.num_groups is None) != (self.topk_groups is None):
             raise ValueError("num_groups and topk_groups must be given together (or neither)")
         if self.num_groups is not None:
+            check_int("num_groups", self.num_groups, 1)
+            check_int("topk_groups", self.topk_groups, 1, self.num_groups, "num_groups")
+        check_float("routed_scaling_factor", self.routed_scaling_factor)
+        if self.capacity_factor is not None:
+            check_float("capacity_factor", self.capacity_factor, positive=True)
+
+    def check(self, num_experts: int) -> None:
+        """Raise ValueError naming the first setting that does not fit ``num_experts``."""
+        E = check_int("num_experts", num_experts, 1)
+        check_int("top_k", self.top_k, 1, E, "num_experts")
+        if self.num_groups is not None:
             G = self.num_groups
-            if not isinstance(G, int) or G < 1 or E % G:
+            if E % G:
                 raise ValueError(f"num_groups={G!r} must be a positive divisor of num_experts={E}")
-            if not isinstance(self.topk_groups, int) or not 1 <= self.topk_groups <= G:
-                raise ValueError(f"topk_groups={self.topk_groups!r} must be an int in [1, num_groups={G}]")
             if self.top_k > self.topk_groups * (E // G):
                 raise ValueError(
                     f"top_k={self.top_k} exceeds the experts in topk_groups={self.topk_groups} groups "
                     f"of {E // G}"
                 )
-        if self.capacity_factor is not None and not self.capacity_factor > 0:
-            raise ValueError(f"capacity_factor={self.capacity_factor!r} must be > 0 or None (dropless)")
 
 
 def check_first_order(where: str) -> None:
@@ -159,6 +199,12 @@ def _shape_error(name: str, t: torch.Tensor, expected: str) -> ValueError:
     return ValueError(f"{name} must have shape {expected}, got {tuple(t.shape)}")
 
 
+def check_device(name: str, t: torch.Tensor, device: torch.device) -> None:
+    """Every tensor of a call lives on the tokens' device (``nn.Linear`` would raise too)."""
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, hidden_states on {device}: both must be on one device")
+
+
 def check_hidden(x_TD: torch.Tensor, name: str = "hidden_states") -> None:
     """``x_TD``: a floating tensor ``[T, D]`` (T may be 0)."""
     if not isinstance(x_TD, torch.Tensor):
@@ -170,32 +216,41 @@ def check_hidden(x_TD: torch.Tensor, name: str = "hidden_states") -> None:
 
 
 def check_expert_weights(
-    w_up_eFD: torch.Tensor, w_down_eDI: torch.Tensor, D: int, activation: str, dtype: torch.dtype
+    w_up_eFD: torch.Tensor,
+    w_down_eDI: torch.Tensor,
+    x_TD: torch.Tensor,
+    activation: str,
+    names: tuple[str, str] = ("w_up", "w_down"),
 ) -> tuple[int, int]:
-    """Check the HF-v5 expert layout; return ``(e, I)``.
+    """Check the HF-v5 expert layout against the tokens ``x_TD``; return ``(e, I)``.
 
     ``w_up [e, F, D]`` with ``F = 2I`` for GLU activations (gate rows first) or ``F = I``;
-    ``w_down [e, D, I]``; both of ``dtype`` (the activations' dtype).
+    ``w_down [e, D, I]``; both of x's dtype and on x's device.
     """
     glu = is_glu(activation)
-    for name, w in (("w_up", w_up_eFD), ("w_down", w_down_eDI)):
+    D = x_TD.shape[1]
+    up, down = names
+    for name, w in ((up, w_up_eFD), (down, w_down_eDI)):
         if not isinstance(w, torch.Tensor) or w.dim() != 3:
             raise ValueError(f"{name} must be a 3-D tensor, got {getattr(w, 'shape', type(w).__name__)}")
-        if w.dtype != dtype:
-            raise TypeError(f"{name} dtype {w.dtype} must match hidden_states dtype {dtype}")
+        if w.dtype != x_TD.dtype:
+            raise TypeError(f"{name} dtype {w.dtype} must match hidden_states dtype {x_TD.dtype}")
+        check_device(name, w, x_TD.device)
     e, F_, D_up = w_up_eFD.shape
     if D_up != D:
-        raise _shape_error("w_up", w_up_eFD, f"[E, {'2I' if glu else 'I'}, D={D}]")
+        raise _shape_error(up, w_up_eFD, f"[E, {'2I' if glu else 'I'}, D={D}]")
     if glu and F_ % 2:
-        raise ValueError(f"w_up has {F_} rows; activation={activation!r} needs an even count 2I (gate, up)")
+        raise ValueError(f"{up} has {F_} rows; activation={activation!r} needs an even count 2I (gate, up)")
     I = F_ // 2 if glu else F_
     if tuple(w_down_eDI.shape) != (e, D, I):
-        raise _shape_error("w_down", w_down_eDI, f"[E={e}, D={D}, I={I}]")
+        raise _shape_error(down, w_down_eDI, f"[E={e}, D={D}, I={I}]")
     return e, I
 
 
 def check_topk(topk_ids_TK: torch.Tensor, T: int, num_experts: int, name: str = "topk_ids") -> None:
     """``topk_ids_TK``: integer ``[T, K]``; entries in ``[0, E)`` or -1 for a dropped slot."""
+    if not isinstance(topk_ids_TK, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(topk_ids_TK).__name__}")
     if topk_ids_TK.dim() != 2 or topk_ids_TK.shape[0] != T:
         raise _shape_error(name, topk_ids_TK, f"[T={T}, K]")
     if topk_ids_TK.dtype not in (torch.int32, torch.int64):

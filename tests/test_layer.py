@@ -245,62 +245,7 @@ def test_bf16_close_to_fp32_reference():
     assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
 
 
-# ---------------------------------------------------------------- errors
-
-BAD_CALLS = [
-    (dict(x=torch.randn(3, 4, 5)), ValueError, r"hidden_states must have shape \[T, D\]"),
-    (dict(x=torch.randint(0, 3, (3, 8))), TypeError, "hidden_states must be one of"),
-    (dict(gate=torch.randn(4, 7)), ValueError, r"gate_weight must have shape \[E, D=8\]"),
-    (dict(w_up=torch.randn(4, 9, 8)), ValueError, r"activation='swiglu' needs an even count 2I"),
-    (dict(w_up=torch.randn(4, 12, 7)), ValueError, r"w_up must have shape \[E, 2I, D=8\]"),
-    (dict(w_down=torch.randn(4, 8, 5)), ValueError, r"w_down must have shape \[E=4, D=8, I=6\]"),
-    (dict(w_up=torch.randn(3, 12, 8), w_down=torch.randn(3, 8, 6)), ValueError, "w_up holds 3 experts"),
-    (dict(w_down=torch.randn(4, 8, 6, dtype=torch.float64)), TypeError, "w_down dtype torch.float64"),
-    (dict(router=RouterConfig(top_k=0)), ValueError, r"top_k=0 must be an int in \[1, num_experts=4\]"),
-    (dict(router=RouterConfig(top_k=5)), ValueError, r"top_k=5 must be an int"),
-    (dict(router=dict(top_k=2)), TypeError, "router must be a RouterConfig, got dict"),
-    (dict(activation="tanh"), ValueError, "activation='tanh' is not supported"),
-    (
-        dict(router=RouterConfig(score_func="sparsemax")),
-        ValueError,
-        "score_func='sparsemax' is not supported",
-    ),
-    (dict(router=RouterConfig(num_groups=3, topk_groups=1)), ValueError, "num_groups=3 must be a positive"),
-    (dict(router=RouterConfig(num_groups=2)), ValueError, "must be given together"),
-    (dict(router=RouterConfig(3, num_groups=2, topk_groups=1)), ValueError, "top_k=3 exceeds the experts"),
-    (dict(router=RouterConfig(capacity_factor=0.0)), ValueError, "capacity_factor=0.0 must be > 0"),
-    (dict(communicator="fake"), TypeError, "communicator must be a Communicator or None, got str"),
-    (dict(expert_bias=torch.zeros(5)), ValueError, r"expert_bias must have shape \[E=4\]"),
-    (dict(shared_w_up=torch.randn(12, 8)), ValueError, "must be given together"),
-    (dict(backend="cuda-magic"), ValueError, r"backend='cuda-magic' is unknown; available: \['torch'"),
-]
-
-
-@pytest.mark.parametrize("overrides, exc, match", BAD_CALLS, ids=[m for _, _, m in BAD_CALLS])
-def test_bad_arguments_raise_clear_errors(overrides, exc, match):
-    args = dict(
-        x=torch.randn(3, 8), gate=torch.randn(4, 8), w_up=torch.randn(4, 12, 8), w_down=torch.randn(4, 8, 6)
-    )
-    args.update(overrides)
-    x, gate, w_up, w_down = (args.pop(k) for k in ("x", "gate", "w_up", "w_down"))
-    with pytest.raises(exc, match=match):
-        fused_moe(x, gate, w_up, w_down, **args)
-
-
-def test_layer_constructor_errors():
-    with pytest.raises(ValueError, match="ffn_dim=7 must be even"):
-        MoELayer(4, 7, 2)
-    with pytest.raises(ValueError, match="num_experts=0 must be a positive int"):
-        MoELayer(4, 8, 0)
-    with pytest.raises(ValueError, match=r"x must have shape \[..., D=4\]"):
-        MoELayer(4, 8, 2)(torch.randn(3, 5))
-    world = FakeWorld(2)
-    with pytest.raises(ValueError, match="num_experts=3 is not divisible by the EP world size 2"):
-        MoELayer(4, 8, 3, 1).shard_experts(world.group(0))
-    with pytest.raises(ValueError, match="top_k=3 disagrees with router.top_k=2"):
-        MoELayer(4, 8, 4, 3, router=RouterConfig(top_k=2))
-    with pytest.raises(TypeError, match="router must be a RouterConfig or None, got int"):
-        MoELayer(4, 8, 4, router=2)
+# ---------------------------------------------------------------- selection, import, main job
 
 
 def test_backend_selection(monkeypatch):
@@ -312,6 +257,46 @@ def test_backend_selection(monkeypatch):
     monkeypatch.delenv("FLASHFUSEMOE_BACKEND")
     assert get_backend(device="cpu").NAME == "torch"
     assert "torch" in available_backends()
+
+
+def test_layer_reads_the_backend_environment_once(monkeypatch):
+    monkeypatch.delenv("FLASHFUSEMOE_BACKEND", raising=False)
+    torch.manual_seed(0)
+    auto = MoELayer(4, 8, 2, 1)
+    monkeypatch.setenv("FLASHFUSEMOE_BACKEND", "torch")
+    torch.manual_seed(0)
+    pinned = MoELayer(4, 8, 2, 1)
+    monkeypatch.setenv("FLASHFUSEMOE_BACKEND", "nope")  # read at construction only: later layers fail
+    assert (auto.backend, pinned.backend) == ("auto", "torch")
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(auto(x)[0], pinned(x)[0])
+    with pytest.raises(ValueError, match="backend='nope' is unknown"):
+        MoELayer(4, 8, 2, 1)
+
+
+def test_a_torch_layer_never_needs_triton(monkeypatch):
+    """With Triton broken (any error at import), torch and auto layers build and run; a triton layer
+    says why it cannot, at construction."""
+    import importlib
+
+    from flashfusemoe.backends import registry
+
+    real = importlib.import_module
+
+    def broken(name, *args):
+        if name == "flashfusemoe.backends.triton":
+            raise RuntimeError("triton is broken here")
+        return real(name, *args)
+
+    monkeypatch.setattr(registry, "_LOADED", {})
+    monkeypatch.setattr(registry.importlib, "import_module", broken)
+    x = torch.randn(3, 4)
+    for backend in ("torch", None):
+        MoELayer(4, 8, 2, 1, backend=backend)(x)
+    with pytest.raises(
+        RuntimeError, match="backend='triton' cannot be loaded: cannot import: RuntimeError: triton"
+    ):
+        MoELayer(4, 8, 2, 1, backend="triton")
 
 
 def test_import_is_silent_and_reads_no_environment():

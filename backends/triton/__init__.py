@@ -19,8 +19,18 @@ NAME = "triton"
 __all__ = ["NAME", "expert_mlp", "experts", "route", "router_logits", "unavailable_reason"]
 
 
+# Triton reads TRITON_INTERPRET when a kernel is defined, i.e. when this package was imported: that
+# value, not the current one, says whether the kernels run on the CPU interpreter.
+_INTERPRETED = _env.triton_interpret()
+
+
 def unavailable_reason(device: torch.device) -> str | None:
     """Why this backend cannot run on ``device``, or None."""
-    if device.type == "cuda" or (device.type == "cpu" and _env.triton_interpret()):
+    if device.type == "cuda" or (device.type == "cpu" and _INTERPRETED):
         return None
-    return f"needs CUDA tensors (or TRITON_INTERPRET=1 for CPU), got device {device}"
+    if device.type == "cpu" and _env.triton_interpret():
+        return (
+            "TRITON_INTERPRET=1 was set after the triton backend was imported, and Triton reads it when "
+            "kernels are defined: set it before importing flashfusemoe"
+        )
+    return f"needs CUDA tensors (or TRITON_INTERPRET=1, set before import, for CPU), got device {device}"

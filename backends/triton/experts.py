@@ -257,6 +257,11 @@ def experts(
     with ``recompute=True`` (backward then recomputes ``h`` from x). In eager mode the backward writes
     ``h``'s gradient over the saved ``h``, so backpropagating twice through one graph
     (``retain_graph=True``) needs ``recompute=True``."""
+    if x_TD.device.type == "cpu" and x_TD.dtype != torch.float32:  # the interpreter mishandles 16-bit
+        raise TypeError(
+            f"the triton backend on the CPU interpreter computes fp32 only, got hidden_states of "
+            f"{x_TD.dtype}: use backend='torch' on CPU, or a GPU"
+        )
     x_TD = x_TD.contiguous()
     T, K = topk_ids_TK.shape
     num_rows = T * K if num_slots is None else num_slots

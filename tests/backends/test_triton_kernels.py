@@ -506,11 +506,28 @@ def test_triton_experts_with_a_slot_bound_equal_the_unbounded_ones(p):
         assert torch.equal(got, want)
 
 
-def test_triton_backend_needs_cuda_or_interpreter(monkeypatch):
+def test_triton_backend_needs_cuda_or_an_interpreter_set_before_import(monkeypatch):
+    """Triton reads TRITON_INTERPRET when kernels are defined: the value at import decides."""
+    import flashfusemoe.backends.triton as tri
+
+    monkeypatch.setattr(tri, "_INTERPRETED", False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="backend='triton' cannot run on cpu: needs CUDA"):
         get_backend("triton", "cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(
+        RuntimeError, match="TRITON_INTERPRET=1 was set after the triton backend was imported"
+    ):
+        get_backend("triton", "cpu")
     assert get_backend(None, "cpu").NAME == "torch"
+
+
+@pytest.mark.skipif(DEV.type != "cpu", reason="the CPU interpreter's dtype rule; GPUs run 16-bit")
+def test_triton_on_the_cpu_interpreter_refuses_16_bit():
+    layer = MoELayer(8, 12, 4, 2, backend="triton").to(torch.bfloat16)
+    x = torch.randn(3, 8).to(torch.bfloat16)
+    with pytest.raises(TypeError, match="the triton backend on the CPU interpreter computes fp32 only"):
+        layer(x)
 
 
 def test_triton_experts_accept_non_contiguous_inputs_and_weights():
