@@ -8,7 +8,7 @@ prints nothing.
 
 from flashfusemoe.balancing import update_expert_bias
 from flashfusemoe.functional import fused_moe, router_logits
-from flashfusemoe.layer import MoELayer
+from flashfusemoe.layer import MoELayer, stack_shared_experts
 from flashfusemoe.spec import ACTIVATIONS, RouterConfig, Routing
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "Routing",
     "fused_moe",
     "router_logits",
+    "stack_shared_experts",
     "update_expert_bias",
 ]
 __version__ = "0.1.0"

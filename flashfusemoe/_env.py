@@ -6,7 +6,10 @@ Read at call time (never at import time), so a test or a launcher can set them l
 - ``FLASHFUSEMOE_COMM``: communicator name, or ``module:Class`` / ``module:factory``, when no argument
   names one.
 - ``TRITON_INTERPRET`` (Triton's own): when "1", Triton kernels run on the CPU interpreter, so the
-  ``triton`` backend is usable on CPU tensors (fp32, small shapes: how CI tests the kernels).
+  ``triton`` backend is usable on CPU tensors (fp32, small shapes: how CI tests the kernels). Triton
+  reads it when a kernel is defined, so the ``triton`` backend takes its value when it is imported.
+``FLASHFUSEMOE_BACKEND`` is read once per ``MoELayer`` (at construction) and on each call of
+``fused_moe(backend=None)``.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from flashfusemoe.comm import Communicator, LoopbackCommunicator, get_communicat
 from flashfusemoe.functional import fused_moe
 from flashfusemoe.spec import RouterConfig, check_bool, check_float, check_int, is_glu
 
-__all__ = ["MoELayer"]
+__all__ = ["MoELayer", "stack_shared_experts"]
 
 
 def _router_config(top_k: int | None, router: RouterConfig | None) -> RouterConfig:
@@ -29,6 +29,42 @@ def _router_config(top_k: int | None, router: RouterConfig | None) -> RouterConf
     if top_k is not None and top_k != router.top_k:
         raise ValueError(f"top_k={top_k!r} disagrees with router.top_k={router.top_k!r}: give one of them")
     return router
+
+
+def stack_shared_experts(
+    w_ups: list[torch.Tensor], w_downs: list[torch.Tensor], activation: str = "swiglu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """S shared experts as the one wider MLP of ``MoELayer.shared_w_up`` / ``shared_w_down``.
+
+    ``w_ups[s]`` is ``[F, D]`` (GLU: gate rows, then up rows, as HF v5's ``gate_up_proj``; with separate
+    HF ``gate_proj`` / ``up_proj``, pass ``torch.cat([gate, up])``), ``w_downs[s]`` is ``[D, I]``.
+    Returns ``shared_w_up [S*F, D]`` and ``shared_w_down [D, S*I]``: for GLU activations all S gates
+    first, then all S ups (stacking the w_ups as they are would pair expert 0's up rows with expert 1's
+    gate rows), and the w_downs side by side in the same expert order. Their MLP equals the sum of
+    the S experts' MLPs."""
+    if not w_ups or len(w_ups) != len(w_downs):
+        raise ValueError(
+            f"w_ups and w_downs must be non-empty lists of one length, got {len(w_ups)}, {len(w_downs)}"
+        )
+    for s, (up, down) in enumerate(zip(w_ups, w_downs, strict=True)):
+        if (
+            not isinstance(up, torch.Tensor)
+            or not isinstance(down, torch.Tensor)
+            or up.dim() != 2
+            or down.dim() != 2
+        ):
+            raise ValueError(f"shared expert {s}: w_up must be [F, D] and w_down [D, I] tensors")
+        if up.shape[1] != down.shape[0] or up.shape[0] != (2 if is_glu(activation) else 1) * down.shape[1]:
+            raise ValueError(
+                f"shared expert {s}: w_up {tuple(up.shape)} and w_down {tuple(down.shape)} do not form an "
+                f"{activation!r} MLP (w_up [{'2I' if is_glu(activation) else 'I'}, D], w_down [D, I])"
+            )
+    if is_glu(activation):
+        gates, ups = zip(*(up.chunk(2, dim=0) for up in w_ups), strict=True)
+        w_up = torch.cat([*gates, *ups])
+    else:
+        w_up = torch.cat(list(w_ups))
+    return w_up, torch.cat(list(w_downs), dim=1)
 
 
 class MoELayer(nn.Module):

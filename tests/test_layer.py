@@ -10,7 +10,13 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flashfusemoe import MoELayer, RouterConfig, fused_moe, router_logits, update_expert_bias
+from flashfusemoe import (
+    MoELayer,
+    RouterConfig,
+    fused_moe,
+    router_logits,
+    update_expert_bias,
+)
 from flashfusemoe.backends import available_backends, get_backend
 from flashfusemoe.backends.torch import dense_experts, expert_mlp, route
 from flashfusemoe.comm import FakeCommunicator, FakeWorld, LoopbackCommunicator
@@ -325,45 +331,38 @@ def test_main_job_runs_and_checks():
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "check vs dense fp32 reference" in proc.stdout and "tokens per expert" in proc.stdout
+    assert "check vs the dense fp32 formulation" in proc.stdout and "tokens per expert" in proc.stdout
+    for name in ("out", "x.grad", "gate_weight.grad", "w_up.grad", "w_down.grad"):
+        assert f"  {name} " in proc.stdout
 
 
-def test_double_backward_torch_backend_matches_the_dense_formulation():
-    """A gradient penalty through the layer: second derivatives of the torch backend equal those of
-    the independent dense formulation."""
-    torch.manual_seed(6)
-    layer = MoELayer(6, 8, 4, 2, backend="torch")
-    x0 = torch.randn(7, 6)
-    grads = []
-    for dense in (False, True):
-        x = x0.clone().requires_grad_()
-        if dense:
-            r = route(router_logits(x, layer.gate_weight), layer.router_config)
-            out = dense_experts(x, r.topk_ids_TK, r.topk_weights_TK, layer.w_up, layer.w_down, "swiglu")
-        else:
-            out, _ = layer(x)
-        (g_x,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
-        grads.append(
-            torch.autograd.grad(g_x.square().sum(), [x, layer.w_up, layer.w_down, layer.gate_weight])
-        )
-    for got, want in zip(*grads, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--iters", "0"], "argument --iters: must be >= 1, got 0"),
+        (["--iters", "-1"], "argument --iters: must be >= 1, got -1"),
+        (["--top-k", "9"], "--top-k 9 must be <= --experts 8"),
+        (["--activation", "tanh"], "argument --activation: invalid choice"),
+    ],
+)
+def test_main_job_refuses_bad_options(flags, message):
+    proc = subprocess.run(
+        [sys.executable, "-m", "flashfusemoe", *flags], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
 
-@pytest.mark.parametrize("recompute", [False, True])
-def test_double_backward_is_refused_where_it_would_be_wrong(recompute):
-    """The triton backend's kernels and the EP communicators are differentiable once: create_graph
-    raises at once instead of giving second derivatives that are silently wrong."""
-    layer = MoELayer(8, 12, 4, 2, backend="triton", recompute_activations=recompute).to(DEV)
-    x = torch.randn(5, 8, device=DEV, requires_grad=True)
-    with pytest.raises(RuntimeError, match="triton backend's .* is differentiable once"):
-        torch.autograd.grad(layer(x)[0].square().sum(), x, create_graph=True)
-    world = FakeWorld(2)
+def test_main_job_check_fails_on_a_wrong_gradient(monkeypatch, capsys):
+    """The check is not vacuous: a backend whose w_up gradient is off by 1% fails it."""
+    import flashfusemoe.__main__ as main_job
 
-    def rank_fn(rank):
-        ep = MoELayer(8, 12, 4, 2, backend="torch").shard_experts(world.group(rank))
-        xr = torch.randn(5, 8, requires_grad=True)
-        with pytest.raises(RuntimeError, match="expert-parallel combine is differentiable once"):
-            torch.autograd.grad(ep(xr)[0].square().sum(), xr, create_graph=True)
+    real = main_job._dense_reference
 
-    world.run(rank_fn)
+    def skewed(*args):
+        ref = real(*args)
+        ref["w_up.grad"] = ref["w_up.grad"] * 1.01
+        return ref
+
+    monkeypatch.setattr(main_job, "_dense_reference", skewed)
+    with pytest.raises(SystemExit, match="FAILED: w_up.grad differ"):
+        main_job.main(["--tokens", "32", "--iters", "1", "--warmup", "1", "--device", "cpu"])
