@@ -1,0 +1,162 @@
+"""OverlappedGradSync checks over real processes (gloo on CPU), and the checks themselves, which
+tests/test_grad_sync.py also runs on ``fake`` ranks.
+
+``python integration/grad_sync_check.py --world 3 [--buckets 4] [--backend torch]`` spawns W gloo
+processes; each checks, on a small model (linear -> MoELayer with a shared expert -> linear):
+1. sync: backward with the hooks + ``finish()`` equals plain backward + a manual mean all-reduce per
+   dense parameter; expert gradients are not touched;
+2. accumulation: two micro-batches, the first under ``no_sync()``, equal plain accumulation + the
+   manual all-reduce;
+3. EP = W: the sharded model with the sync (expert gradients scaled by 1/W) equals the unsharded
+   model's step on the global batch, whose loss is the mean of the ranks' equal-sized mean losses.
+Exits non-zero on any mismatch.
+
+Legend: W world size, T tokens per rank, D model dim, E experts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import socket
+import sys
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from flashfusemoe import MoELayer, OverlappedGradSync, get_dense_params, get_expert_params
+
+
+class TinyMoEModel(nn.Module):
+    """linear -> MoE (with a shared expert) -> linear, so that dense parameters sit on both sides."""
+
+    def __init__(self, D: int = 8, E: int = 4, K: int = 2, backend: str | None = None) -> None:
+        super().__init__()
+        self.inp = nn.Linear(D, D)
+        self.moe = MoELayer(D, 2 * D, E, K, num_shared_experts=1, aux_loss_coeff=0.1, backend=backend)
+        self.out = nn.Linear(D, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, losses = self.moe(self.inp(x))
+        return self.out(y).square().mean() + losses["aux_loss"]
+
+
+def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _close(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
+    if not torch.allclose(got, want, rtol=1e-5, atol=1e-6):
+        raise AssertionError(f"{name}: max error {(got - want).abs().max().item():.3e}")
+
+
+def run_checks(
+    rank: int,
+    world: int,
+    group: object | None,
+    reduce_mean: Callable[[torch.Tensor], torch.Tensor],
+    buckets: int,
+    backend: str | None = None,
+    seed: int = 0,
+) -> None:
+    """The three checks on rank ``rank``; ``reduce_mean`` averages a tensor over the ranks (the manual
+    all-reduce the sync must equal). Every rank draws the same model and the global batch."""
+    torch.manual_seed(seed)
+    base = TinyMoEModel(E=2 * world, backend=backend)
+    T = 6
+    g = torch.Generator().manual_seed(seed + 1)
+    xs = [[torch.randn(T, 8, generator=g) for _ in range(world)] for _ in range(2)]  # 2 micro-batches
+
+    def sharded() -> TinyMoEModel:
+        m = copy.deepcopy(base)
+        m.moe.shard_experts(group)
+        return m
+
+    # 1. one step: hooks + finish() vs plain backward + manual mean
+    synced, plain = sharded(), sharded()
+    sync = OverlappedGradSync(get_dense_params(synced), group, num_buckets=buckets)
+    synced(xs[0][rank]).backward()
+    sync.finish()
+    plain(xs[0][rank]).backward()
+    dense = {id(p) for p in get_dense_params(plain)}
+    want = {n: reduce_mean(p.grad) if id(p) in dense else p.grad for n, p in plain.named_parameters()}
+    for n, got in _grads(synced).items():
+        _close(f"sync {n}", got, want[n])
+
+    # 2. gradient accumulation: no_sync on the first micro-batch
+    acc, plain_acc = sharded(), sharded()
+    sync_acc = OverlappedGradSync(get_dense_params(acc), group, num_buckets=buckets)
+    with sync_acc.no_sync():
+        acc(xs[0][rank]).backward()
+    acc(xs[1][rank]).backward()
+    sync_acc.finish()
+    for mb in range(2):
+        plain_acc(xs[mb][rank]).backward()
+    dense = {id(p) for p in get_dense_params(plain_acc)}
+    for n, p in plain_acc.named_parameters():
+        _close(
+            f"accumulate {n}",
+            dict(acc.named_parameters())[n].grad,
+            reduce_mean(p.grad) if id(p) in dense else p.grad,
+        )
+
+    # 3. EP = W with the sync and expert scaling vs the unsharded step on the global batch (no aux
+    # loss: a batch's load-balance loss is not the mean of its parts')
+    ref, ep = copy.deepcopy(base), sharded()
+    for m in (ref, ep):
+        m.moe.aux_loss_coeff = 0.0
+    sync_ep = OverlappedGradSync(
+        get_dense_params(ep), group, num_buckets=buckets, expert_params=get_expert_params(ep)
+    )
+    ep(xs[0][rank]).backward()
+    sync_ep.finish()
+    (sum(ref(x) for x in xs[0]) / world).backward()
+    e = ep.moe.w_up.shape[0]
+    for n, p in ep.named_parameters():
+        want = dict(ref.named_parameters())[n].grad
+        if n in ("moe.w_up", "moe.w_down"):
+            want = want[rank * e : (rank + 1) * e]
+        _close(f"EP=W {n}", p.grad, want)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, args, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=args.world)
+    try:
+
+        def reduce_mean(t: torch.Tensor) -> torch.Tensor:
+            t = t.clone()
+            dist.all_reduce(t)
+            return t / args.world
+
+        run_checks(rank, args.world, None, reduce_mean, args.buckets, args.backend, args.seed)
+        print(f"rank {rank}/{args.world} (gloo, {args.buckets} buckets): OK", flush=True)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--world", type=int, default=2)
+    p.add_argument("--buckets", type=int, default=4)
+    p.add_argument("--backend", default="torch")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    mp.spawn(_worker, args=(args, _free_port()), nprocs=args.world, join=True)
+    print(f"grad_sync_check: all {args.world} ranks OK")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
