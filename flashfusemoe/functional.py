@@ -64,7 +64,37 @@ def _check_shared(shared_w_up, shared_w_down, x_TD, activation) -> None:
             if not isinstance(w, torch.Tensor) or w.dim() != 2:
                 raise ValueError(f"{name} must be a 2-D tensor, got {getattr(w, 'shape', type(w).__name__)}")
         check_expert_weights(
-            shared_w_up[None], shared_w_down[None], x_TD, activation, ("shared_w_up", "shared_w_down")
+            shared_w_up[None],
+            shared_w_down[None],
+            x_TD.shape[1],
+            x_TD,
+            activation,
+            ("shared_w_up", "shared_w_down"),
+        )
+
+
+def _check_latent(latent_down_LD, latent_up_DL, x_TD) -> None:
+    if (latent_down_LD is None) != (latent_up_DL is None):
+        raise ValueError("latent_down and latent_up must be given together (or neither)")
+    if latent_down_LD is None:
+        return
+    D = x_TD.shape[1]
+    for name, w, expected in (
+        ("latent_down", latent_down_LD, "[L, D={D}]"),
+        ("latent_up", latent_up_DL, "[D={D}, L]"),
+    ):
+        if not isinstance(w, torch.Tensor) or w.dim() != 2:
+            raise ValueError(
+                f"{name} must be a 2-D tensor {expected.format(D=D)}, got {getattr(w, 'shape', None)}"
+            )
+        if w.dtype != x_TD.dtype:
+            raise TypeError(f"{name} dtype {w.dtype} must match hidden_states dtype {x_TD.dtype}")
+        check_device(name, w, x_TD.device)
+    L = latent_down_LD.shape[0]
+    if latent_down_LD.shape[1] != D or tuple(latent_up_DL.shape) != (D, L):
+        raise ValueError(
+            f"latent_down must be [L, D={D}] and latent_up [D={D}, L]: got {tuple(latent_down_LD.shape)} "
+            f"and {tuple(latent_up_DL.shape)}"
         )
 
 
@@ -81,6 +111,8 @@ def fused_moe(
     z_loss_coeff: float = 0.0,
     shared_w_up: torch.Tensor | None = None,
     shared_w_down: torch.Tensor | None = None,
+    latent_down: torch.Tensor | None = None,
+    latent_up: torch.Tensor | None = None,
     recompute_activations: bool = False,
     backend: str | None = None,
     communicator: Communicator | None = None,
@@ -96,6 +128,10 @@ def fused_moe(
             ``RouterConfig()`` (softmax top-2).
         expert_bias: fp32 ``[E]`` added to the scores for selection only (aux-loss-free balancing).
         shared_w_up, shared_w_down: ``[F_s, D]`` / ``[D, I_s]`` always-active expert, same activation.
+        latent_down, latent_up: ``[L, D]`` / ``[D, L]``: the routed experts work in a latent space of
+            width L (Megatron's ``moe_latent_size``): tokens are projected down after routing (the
+            router and shared experts see the full D) and back up after combine, so dispatch moves
+            L values per row; ``w_up`` / ``w_down`` are then ``[e, F, L]`` / ``[e, L, I]``.
         recompute_activations: keep no expert activations for backward; recompute them there. Needed
             to backpropagate twice through one graph on the ``triton`` backend (docs/moe_layer.md).
         backend: compute backend name (``torch``, ``triton``); None: ``FLASHFUSEMOE_BACKEND``, then auto.
@@ -113,7 +149,9 @@ def fused_moe(
     if not isinstance(router, RouterConfig):
         raise TypeError(f"router must be a RouterConfig, got {type(router).__name__}")
     router.check(E)
-    e, _ = check_expert_weights(w_up, w_down, x_TD, activation)
+    _check_latent(latent_down, latent_up, x_TD)
+    L = x_TD.shape[1] if latent_down is None else latent_down.shape[0]  # the experts' width
+    e, _ = check_expert_weights(w_up, w_down, L, x_TD, activation)
     comm = _LOOPBACK if communicator is None else communicator
     if not isinstance(comm, Communicator):
         raise TypeError(f"communicator must be a Communicator or None, got {type(comm).__name__}")
@@ -129,7 +167,8 @@ def fused_moe(
     be = get_backend(backend, x_TD.device)
 
     routing = be.route(be.router_logits(x_TD, gate_weight_ED), router, expert_bias)
-    recv = comm.dispatch(x_TD, routing.topk_ids_TK, routing.topk_weights_TK, num_experts=E)
+    h_TL = x_TD if latent_down is None else x_TD @ latent_down.t()
+    recv = comm.dispatch(h_TL, routing.topk_ids_TK, routing.topk_weights_TK, num_experts=E)
     y_RD = be.experts(
         recv.recv_x_RD,
         recv.recv_topk_ids_RK,
@@ -141,6 +180,8 @@ def fused_moe(
         recv.num_recv_slots,
     )
     out_TD = comm.combine(y_RD, recv.handle)
+    if latent_up is not None:
+        out_TD = out_TD @ latent_up.t()
     if shared_w_up is not None:
         out_TD = out_TD + be.expert_mlp(x_TD, shared_w_up, shared_w_down, activation)
     losses = {

@@ -80,12 +80,17 @@ class MoELayer(nn.Module):
             ``num_shared_experts`` times the width.
         router: the routing settings (:class:`flashfusemoe.RouterConfig`: score function,
             renormalization, groups, scaling, capacity), passed to :func:`fused_moe` whole.
+        latent_dim: L < d_model: the routed experts work in a latent space of width L (Megatron's
+            ``moe_latent_size``): tokens are projected down (``latent_down [L, D]``) after routing and
+            back up (``latent_up [D, L]``) after combine, both replicated; dispatch moves L values a
+            row instead of D. None: the experts work on the full D.
         use_expert_bias: keep a DeepSeek-V3 selection bias buffer, updated by :meth:`update_expert_bias`.
         Other keywords: the loss coefficients, ``recompute_activations`` and ``backend`` of
         :func:`fused_moe`. ``backend`` is resolved here, once: the argument, else
         ``FLASHFUSEMOE_BACKEND``, else ``"auto"``; an unknown or unloadable name raises here.
 
-    Parameters: ``gate_weight [E, D]``, ``w_up [e, F, D]``, ``w_down [e, D, I]`` and, with shared
+    Parameters: ``gate_weight [E, D]``, ``w_up [e, F, D]``, ``w_down [e, D, I]`` (D replaced by L
+    with ``latent_dim``, plus ``latent_down [L, D]``, ``latent_up [D, L]``) and, with shared
     experts, ``shared_w_up [S*F, D]``, ``shared_w_down [D, S*I]``. ``forward(x [..., D])`` returns
     ``(out [..., D], losses)``. The layer runs through ``self.communicator``: ``loopback`` (e = E)
     until :meth:`shard_experts`.
@@ -101,6 +106,7 @@ class MoELayer(nn.Module):
         num_shared_experts: int = 0,
         *,
         router: RouterConfig | None = None,
+        latent_dim: int | None = None,
         use_expert_bias: bool = False,
         aux_loss_coeff: float = 0.0,
         z_loss_coeff: float = 0.0,
@@ -124,6 +130,10 @@ class MoELayer(nn.Module):
         self.z_loss_coeff = check_float("z_loss_coeff", z_loss_coeff)
         self.recompute_activations = check_bool("recompute_activations", recompute_activations)
         check_bool("use_expert_bias", use_expert_bias)
+        if latent_dim is not None:
+            check_int("latent_dim", latent_dim, 1, d_model - 1, "d_model - 1")
+        self.latent_dim = latent_dim
+        L = d_model if latent_dim is None else latent_dim  # the experts' width
         # Resolved now, not per call (FLASHFUSEMOE_BACKEND is read here, once): no import or environment
         # read inside a compiled forward, and a torch layer never imports Triton.
         self.backend = resolve_name(backend)
@@ -132,8 +142,13 @@ class MoELayer(nn.Module):
         self._sharded = False
         factory = {"device": device, "dtype": dtype}
         self.gate_weight = nn.Parameter(torch.empty(num_experts, d_model, **factory))
-        self.w_up = nn.Parameter(torch.empty(num_experts, ffn_dim, d_model, **factory))
-        self.w_down = nn.Parameter(torch.empty(num_experts, d_model, self.intermediate, **factory))
+        self.w_up = nn.Parameter(torch.empty(num_experts, ffn_dim, L, **factory))
+        self.w_down = nn.Parameter(torch.empty(num_experts, L, self.intermediate, **factory))
+        if latent_dim is not None:
+            self.latent_down = nn.Parameter(torch.empty(latent_dim, d_model, **factory))
+            self.latent_up = nn.Parameter(torch.empty(d_model, latent_dim, **factory))
+        else:
+            self.latent_down = self.latent_up = None
         if num_shared_experts:
             S = num_shared_experts
             self.shared_w_up = nn.Parameter(torch.empty(S * ffn_dim, d_model, **factory))
@@ -149,8 +164,10 @@ class MoELayer(nn.Module):
         with torch.no_grad():
             for w, fan_in in (
                 (self.gate_weight, self.d_model),
-                (self.w_up, self.d_model),
+                (self.w_up, self.w_up.shape[2]),
                 (self.w_down, self.intermediate),
+                (self.latent_down, self.d_model),
+                (self.latent_up, self.latent_dim),
                 (self.shared_w_up, self.d_model),
                 (self.shared_w_down, self.shared_w_down.shape[1] if self.shared_w_down is not None else 1),
             ):
@@ -222,6 +239,8 @@ class MoELayer(nn.Module):
             z_loss_coeff=self.z_loss_coeff,
             shared_w_up=self.shared_w_up,
             shared_w_down=self.shared_w_down,
+            latent_down=self.latent_down,
+            latent_up=self.latent_up,
             recompute_activations=self.recompute_activations,
             backend=self.backend,
             communicator=self.communicator,

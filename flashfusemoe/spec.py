@@ -218,17 +218,17 @@ def check_hidden(x_TD: torch.Tensor, name: str = "hidden_states") -> None:
 def check_expert_weights(
     w_up_eFD: torch.Tensor,
     w_down_eDI: torch.Tensor,
+    D: int,
     x_TD: torch.Tensor,
     activation: str,
     names: tuple[str, str] = ("w_up", "w_down"),
 ) -> tuple[int, int]:
-    """Check the HF-v5 expert layout against the tokens ``x_TD``; return ``(e, I)``.
+    """Check the HF-v5 expert layout for experts of width ``D``; return ``(e, I)``.
 
     ``w_up [e, F, D]`` with ``F = 2I`` for GLU activations (gate rows first) or ``F = I``;
-    ``w_down [e, D, I]``; both of x's dtype and on x's device.
+    ``w_down [e, D, I]``; both of the tokens ``x_TD``'s dtype and on its device.
     """
     glu = is_glu(activation)
-    D = x_TD.shape[1]
     up, down = names
     for name, w in ((up, w_up_eFD), (down, w_down_eDI)):
         if not isinstance(w, torch.Tensor) or w.dim() != 3:

@@ -323,6 +323,31 @@ CASES = [
         "recompute_activations=None must be a bool",
     ),
     ("activation layer", lambda: layer(activation="tanh"), ValueError, "activation='tanh' is not supported"),
+    (
+        "latent >= D",
+        lambda: layer(latent_dim=8),
+        ValueError,
+        r"latent_dim=8 must be an int in \[1, d_model - 1=7\]",
+    ),
+    ("latent float", lambda: layer(latent_dim=4.0), TypeError, "latent_dim=4.0 must be an int"),
+    (
+        "latent alone",
+        lambda: fused(latent_down=_t(4, 8)),
+        ValueError,
+        "latent_down and latent_up must be given together",
+    ),
+    (
+        "latent shapes",
+        lambda: fused(latent_down=_t(4, 8), latent_up=_t(8, 3), w_up=_t(4, 12, 4), w_down=_t(4, 4, 6)),
+        ValueError,
+        r"latent_down must be \[L, D=8\] and latent_up \[D=8, L\]",
+    ),
+    (
+        "experts not latent",
+        lambda: fused(latent_down=_t(4, 8), latent_up=_t(8, 4)),
+        ValueError,
+        r"w_up must have shape \[E, 2I, D=4\]",
+    ),
     # MoELayer forward
     ("x last dim", lambda: forward(_t(3, 5)), ValueError, r"x must have shape \[..., D=8\]"),
     ("x not tensor", lambda: forward([1.0] * 8), TypeError, "x must be a torch.Tensor, got list"),

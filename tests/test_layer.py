@@ -34,12 +34,15 @@ def _layer(p, activation="swiglu", shared=1, **kw):
     return layer
 
 
-def check_ep_layer_equals_unsharded(p, activation="swiglu", backend=None, sync_free=False, drop=False):
-    """Output, losses, counts and every gradient (x, router, w_up, w_down, shared experts) of the EP
-    layer on W simulated ranks equal the unsharded layer's on the same global tokens; the routing goes
-    through the expert bias (the problem's skew) and, with ``drop``, a capacity limit."""
+def check_ep_layer_equals_unsharded(
+    p, activation="swiglu", backend=None, sync_free=False, drop=False, latent_dim=None
+):
+    """Output, losses, counts and every gradient (x, router, w_up, w_down, shared experts, latent
+    projections) of the EP layer on W simulated ranks equal the unsharded layer's on the same global
+    tokens; the routing goes through the expert bias (the problem's skew) and, with ``drop``, a
+    capacity limit."""
     router = RouterConfig(top_k=p.K, capacity_factor=0.7 if drop else None)
-    ref = _layer(p, activation, router=router, aux_loss_coeff=0.1, z_loss_coeff=0.01)
+    ref = _layer(p, activation, router=router, aux_loss_coeff=0.1, z_loss_coeff=0.01, latent_dim=latent_dim)
     ref.backend = backend
     T_r = [p.T if sync_free else rank_tokens(p, r) for r in range(p.W)]
     xs = [randn(p, T, p.D, salt=r).requires_grad_() for r, T in enumerate(T_r)]
@@ -74,7 +77,10 @@ def check_ep_layer_equals_unsharded(p, activation="swiglu", backend=None, sync_f
             ref_grad = getattr(ref, name).grad[rank * e : (rank + 1) * e]
             torch.testing.assert_close(getattr(layer, name).grad, ref_grad, **tol)
         start += n
-    for name in ("gate_weight", "shared_w_up", "shared_w_down"):  # replicated: ranks' shares sum up
+    replicated = ["gate_weight", "shared_w_up", "shared_w_down"] + ["latent_down", "latent_up"] * bool(
+        latent_dim
+    )
+    for name in replicated:  # replicated: the ranks' shares sum up
         total = sum(getattr(layer, name).grad for _, _, layer in results)
         torch.testing.assert_close(total, getattr(ref, name).grad, **tol)
 
@@ -82,6 +88,36 @@ def check_ep_layer_equals_unsharded(p, activation="swiglu", backend=None, sync_f
 @given(ep_problems(), st.sampled_from(["swiglu", "relu2", "gelu"]), st.booleans(), st.booleans())
 def test_fake_ep_layer_equals_unsharded(p, activation, sync_free, drop):
     check_ep_layer_equals_unsharded(p, activation, sync_free=sync_free, drop=drop)
+
+
+@given(ep_problems(max_local=4).filter(lambda p: p.D >= 2), st.integers(1, 11), st.booleans())
+def test_fake_ep_latent_layer_equals_unsharded(p, latent, sync_free):
+    check_ep_layer_equals_unsharded(p, sync_free=sync_free, latent_dim=min(latent, p.D - 1))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_latent_layer_equals_plain_torch_projections(backend):
+    """down-projection -> the dense expert formulation -> up-projection, + shared experts on x."""
+    torch.manual_seed(8)
+    layer = MoELayer(12, 10, 4, 2, num_shared_experts=1, latent_dim=5, backend=backend).to(DEV)
+    assert layer.w_up.shape == (4, 10, 5) and layer.w_down.shape == (4, 5, 5)
+    assert layer.latent_down.shape == (5, 12) and layer.latent_up.shape == (12, 5)
+    x0 = torch.randn(9, 12, device=DEV)
+    results = []
+    for plain in (False, True):
+        x = x0.clone().requires_grad_()
+        layer.zero_grad(set_to_none=True)
+        if plain:
+            r = route(router_logits(x, layer.gate_weight), layer.router_config)
+            h = x @ layer.latent_down.t()
+            y = dense_experts(h, r.topk_ids_TK, r.topk_weights_TK, layer.w_up, layer.w_down, "swiglu")
+            out = y @ layer.latent_up.t() + expert_mlp(x, layer.shared_w_up, layer.shared_w_down, "swiglu")
+        else:
+            out, _ = layer(x)
+        (out * torch.arange(out.numel(), device=DEV).view(out.shape).sin()).sum().backward()
+        results.append([out, x.grad] + [q.grad for q in layer.parameters()])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
