@@ -1,7 +1,8 @@
 """Expert-parallel communicators and their registry.
 
 Built in: ``loopback`` (EP = 1, zero-copy), ``fake`` (W ranks as threads of one process, for tests),
-``nccl`` (packed all-to-all over torch.distributed; gloo works too). ``register_communicator`` adds
+``nccl`` (packed all-to-all over torch.distributed; gloo works too), ``deepep`` (DeepEP's kernels;
+chosen by name only). ``register_communicator`` adds
 more. Selection: explicit name > ``FLASHFUSEMOE_COMM`` (a registered name or ``module:Class``) > auto
 (``fake`` for a FakeGroup, ``nccl`` for a torch.distributed group of more than one rank, else
 ``loopback``). The communicator built must span the group: its world size is checked against the
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from flashfusemoe import _env
 from flashfusemoe.comm.alltoall import AllToAllCommunicator, AllToAllHandle
 from flashfusemoe.comm.base import Communicator, Dispatched
+from flashfusemoe.comm.deepep import DeepEPCommunicator
 from flashfusemoe.comm.fake import FakeCommunicator, FakeGroup, FakeWorld
 from flashfusemoe.comm.loopback import LoopbackCommunicator, LoopbackHandle
 from flashfusemoe.comm.nccl import NcclCommunicator
@@ -26,6 +28,7 @@ __all__ = [
     "AllToAllCommunicator",
     "AllToAllHandle",
     "Communicator",
+    "DeepEPCommunicator",
     "Dispatched",
     "FakeCommunicator",
     "FakeGroup",
@@ -44,6 +47,7 @@ _FACTORIES: dict[str, Factory] = {
     "loopback": LoopbackCommunicator,
     "fake": FakeCommunicator,
     "nccl": NcclCommunicator,
+    "deepep": DeepEPCommunicator,  # imports deep_ep when built, never at import
 }
 
 

@@ -350,8 +350,9 @@ def test_import_is_silent_and_reads_no_environment():
         "        if str(key).startswith('FLASHFUSEMOE'): seen.append(key)\n"
         "        return super().__getitem__(key)\n"
         "os.environ.__class__ = Spy\n"
-        "import flashfusemoe, flashfusemoe.comm, flashfusemoe.backends\n"
+        "import sys, flashfusemoe, flashfusemoe.comm, flashfusemoe.backends\n"
         "assert not seen, seen\n"
+        "assert 'deep_ep' not in sys.modules and 'transformers' not in sys.modules\n"
     )
     env = dict(os.environ, FLASHFUSEMOE_BACKEND="bogus", FLASHFUSEMOE_COMM="bogus")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)

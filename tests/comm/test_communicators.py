@@ -438,3 +438,11 @@ def test_nccl_needs_initialized_process_group():
 def test_communicator_is_abstract():
     with pytest.raises(TypeError):
         Communicator()
+
+
+def test_deepep_without_deep_ep_says_how_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "deep_ep", None)  # an import of it raises ImportError
+    with pytest.raises(ImportError, match=r"communicator 'deepep' needs DeepEP .*tokenspeed-deepep==1.2.1"):
+        get_communicator("deepep")
