@@ -202,6 +202,7 @@ class AllToAllCommunicator(Communicator):
 
         return goes_WT, send_row_TW1, dest_TK, finish
 
+    @torch.compiler.disable  # host reads and collectives: kept out of compiled graphs, run eagerly
     def dispatch(
         self,
         x_TD: torch.Tensor,
@@ -217,6 +218,7 @@ class AllToAllCommunicator(Communicator):
         )
         return Dispatched(recv_x, recv_ids, recv_w, handle, num_slots)
 
+    @torch.compiler.disable
     def combine(self, y_RD: torch.Tensor, handle: AllToAllHandle) -> torch.Tensor:
         if not isinstance(handle, AllToAllHandle):
             raise TypeError(

@@ -108,6 +108,7 @@ class DeepEPCommunicator(Communicator):
             _BUFFERS[key] = (Buffer(self.group, num_nvl_bytes=nvl, num_rdma_bytes=rdma), hidden_bytes)
         return _BUFFERS[key][0]
 
+    @torch.compiler.disable  # host reads and collectives: kept out of compiled graphs, run eagerly
     def dispatch(
         self,
         x_TD: torch.Tensor,
@@ -129,6 +130,7 @@ class DeepEPCommunicator(Communicator):
         handle = DeepEPHandle(x_TD.shape[0], recv_x.shape[0], buffer, layout)
         return Dispatched(recv_x, recv_ids.to(topk_ids_TK.dtype), recv_w, handle, num_slots)
 
+    @torch.compiler.disable
     def combine(self, y_RD: torch.Tensor, handle: DeepEPHandle) -> torch.Tensor:
         if not isinstance(handle, DeepEPHandle):
             raise TypeError(

@@ -60,12 +60,14 @@ def _inputs(args, device):
     return [x.to(device) for x in xs], [g_.to(device) for g_ in gs], layer.to(device)
 
 
-def _run(layer, x, cot, backend):
-    """Output and every gradient of one forward+backward, as fp32."""
+def _run(layer, x, cot, backend, compile_backend=None):
+    """Output and every gradient of one forward+backward, as fp32; with ``compile_backend``, the
+    layer under ``torch.compile`` (the communicator's dispatch and combine run eagerly, outside)."""
     layer = copy.deepcopy(layer)
     layer.backend = backend
     x = x.detach().clone().requires_grad_()
-    out, _ = layer(x)
+    fwd = layer if compile_backend is None else torch.compile(layer, backend=compile_backend)
+    out, _ = fwd(x)
     (out.float() * cot).sum().backward()
     named = {"out": out, "x.grad": x.grad}
     named.update({n + ".grad": p.grad for n, p in layer.named_parameters()})
@@ -108,7 +110,7 @@ def _worker(rank: int, args, port: int) -> None:
         torch_low = _run(low, torch.cat(xs).to(dtype), cot_all, "torch") if dtype != torch.float32 else None
         ep_layer = copy.deepcopy(low)
         ep_layer.shard_experts(None, communicator=comm)
-        got = _run(ep_layer, xs[rank].to(dtype), cotangents[rank], args.backend)
+        got = _run(ep_layer, xs[rank].to(dtype), cotangents[rank], args.backend, args.compile)
         lo = sum(x.shape[0] for x in xs[:rank])
         hi = lo + xs[rank].shape[0]
         e = E // W
@@ -140,8 +142,8 @@ def _worker(rank: int, args, port: int) -> None:
             raise AssertionError(f"rank {rank}: " + "; ".join(failures))
         print(
             f"rank {rank}/{W} ({args.pg}, {args.device}, {args.dtype}, {type(comm).__name__}"
-            f"{' sync-free' if args.sync_free else ''}, T={xs[rank].shape[0]}): OK "
-            + " ".join(f"{k}={v:.1e}" for k, v in errs.items()),
+            f"{' sync-free' if args.sync_free else ''}{' compiled' if args.compile else ''}, "
+            f"T={xs[rank].shape[0]}): OK " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()),
             flush=True,
         )
         dist.barrier()  # nobody tears down while a peer still talks (gloo aborts a rank that sees that)
@@ -169,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--skew", action="store_true", help="route most tokens to two experts (others empty)")
     p.add_argument("--empty-rank", action="store_true", help="the last rank has no tokens")
     p.add_argument("--backend", default="torch", help="compute backend of the sharded layer")
+    p.add_argument("--compile", default=None, help="run the sharded layer under torch.compile(backend=...)")
     args = p.parse_args(argv)
     args.device = args.device or ("cuda" if args.pg == "nccl" else "cpu")
     args.same_tokens = args.same_tokens or args.sync_free

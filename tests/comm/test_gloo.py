@@ -39,6 +39,8 @@ def run_ep_check(flags, env=None, timeout=600, interpret=True):
         ["--world", "2", "--dtype", "bf16", "--tokens", "40", "--d-model", "64", "--ffn-dim", "96"],
         ["--world", "2", "--backend", "triton", "--skew"],
         ["--world", "4", "--backend", "triton", "--experts", "8", "--top-k", "3", "--tokens", "30"],
+        ["--world", "2", "--compile", "aot_eager", "--skew"],
+        ["--world", "3", "--compile", "aot_eager", "--backend", "triton"],
     ],
     ids=[
         "w2",
@@ -49,6 +51,8 @@ def run_ep_check(flags, env=None, timeout=600, interpret=True):
         "w2-bf16-tolerance-rule",
         "w2-triton-skewed",
         "w4-triton",
+        "w2-compiled",
+        "w3-compiled-triton",
     ],
 )
 def test_gloo_ep_equals_unsharded(flags):
