@@ -220,11 +220,7 @@ class AllToAllCommunicator(Communicator):
 
     @torch.compiler.disable
     def combine(self, y_RD: torch.Tensor, handle: AllToAllHandle) -> torch.Tensor:
-        if not isinstance(handle, AllToAllHandle):
-            raise TypeError(
-                f"handle must come from this communicator's dispatch, got {type(handle).__name__}"
-            )
-        self.check_combine_args(y_RD, handle.num_recv)
+        self.check_combine_args(y_RD, handle, AllToAllHandle)
         return _Combine.apply(self, handle, y_RD)
 
 

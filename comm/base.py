@@ -111,8 +111,15 @@ class Communicator(ABC):
                 raise ValueError(f"{name} is on {t.device}, x on {x_TD.device}: both must be on one device")
 
     @staticmethod
-    def check_combine_args(y_RD: torch.Tensor, num_recv: int) -> None:
-        """``y_RD`` must be ``[R, D]`` with the R rows the handle's dispatch received."""
+    def check_combine_args(y_RD: torch.Tensor, handle: Any, handle_type: type) -> None:
+        """``handle`` must be a ``handle_type`` (this communicator's), with a ``num_recv`` (R) attribute,
+        and ``y_RD`` must be ``[R, D]``: one row per row its dispatch received."""
+        if not isinstance(handle, handle_type):
+            raise TypeError(
+                f"handle must come from this communicator's dispatch ({handle_type.__name__}), "
+                f"got {type(handle).__name__}"
+            )
+        num_recv = handle.num_recv
         if not isinstance(y_RD, torch.Tensor) or y_RD.dim() != 2 or y_RD.shape[0] != num_recv:
             raise ValueError(
                 f"y must have shape [R={num_recv}, D] (one row per received row), "

@@ -132,11 +132,7 @@ class DeepEPCommunicator(Communicator):
 
     @torch.compiler.disable
     def combine(self, y_RD: torch.Tensor, handle: DeepEPHandle) -> torch.Tensor:
-        if not isinstance(handle, DeepEPHandle):
-            raise TypeError(
-                f"handle must come from this communicator's dispatch, got {type(handle).__name__}"
-            )
-        self.check_combine_args(y_RD, handle.num_recv)
+        self.check_combine_args(y_RD, handle, DeepEPHandle)
         return _Combine.apply(handle.buffer, handle.layout, y_RD.contiguous())
 
 

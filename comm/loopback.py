@@ -20,9 +20,9 @@ __all__ = ["LoopbackCommunicator", "LoopbackHandle"]
 
 @dataclass(frozen=True)
 class LoopbackHandle:
-    """Attributes: ``num_tokens`` (T = R: each token is its own received row)."""
+    """Attributes: ``num_recv`` (R = T: each token is its own received row)."""
 
-    num_tokens: int
+    num_recv: int
 
 
 class LoopbackCommunicator(Communicator):
@@ -45,5 +45,5 @@ class LoopbackCommunicator(Communicator):
         return Dispatched(x_TD, topk_ids_TK, topk_weights_TK, LoopbackHandle(T), T * K)
 
     def combine(self, y_RD: torch.Tensor, handle: LoopbackHandle) -> torch.Tensor:
-        self.check_combine_args(y_RD, handle.num_tokens)
+        self.check_combine_args(y_RD, handle, LoopbackHandle)
         return y_RD

@@ -22,6 +22,8 @@ from flashfusemoe.backends.torch import dense_experts, expert_mlp, route
 from flashfusemoe.comm import FakeCommunicator, FakeWorld, LoopbackCommunicator
 from tests.strategies import ep_problems, problems, randn, rank_tokens, skew_bias
 
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 
 def _layer(p, activation="swiglu", shared=1, **kw):
     torch.manual_seed(p.seed % 1000)
@@ -118,9 +120,6 @@ def test_latent_layer_equals_plain_torch_projections(backend):
         results.append([out, x.grad] + [q.grad for q in layer.parameters()])
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-
-
-DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

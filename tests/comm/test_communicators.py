@@ -272,8 +272,17 @@ def test_combine_rejects_wrong_rows_and_foreign_handles():
     with pytest.raises(ValueError, match=r"y must have shape \[R=2, D\]"):
         comm.combine(torch.randn(3, 3), d.handle)
     world = FakeWorld(1)
-    with pytest.raises(TypeError, match="handle must come from this communicator's dispatch"):
+    with pytest.raises(
+        TypeError, match=r"handle must come from this communicator's dispatch \(AllToAllHandle\)"
+    ):
         world.run(lambda r: FakeCommunicator(world.group(r)).combine(torch.randn(2, 3), d.handle))
+    with pytest.raises(TypeError, match=r"\(LoopbackHandle\), got AllToAllHandle"):
+        d2 = world.run(
+            lambda r: FakeCommunicator(world.group(r)).dispatch(
+                torch.randn(2, 3), torch.tensor([[0], [0]]), torch.ones(2, 1), num_experts=1
+            )
+        )[0]
+        comm.combine(d2.recv_x_RD, d2.handle)
 
 
 def test_experts_not_divisible_by_world_is_an_error():
