@@ -62,14 +62,16 @@ def run_checks(
     buckets: int,
     backend: str | None = None,
     seed: int = 0,
+    device: str = "cpu",
 ) -> None:
     """The three checks on rank ``rank``; ``reduce_mean`` averages a tensor over the ranks (the manual
     all-reduce the sync must equal). Every rank draws the same model and the global batch."""
     torch.manual_seed(seed)
-    base = TinyMoEModel(E=2 * world, backend=backend)
+    base = TinyMoEModel(E=2 * world, backend=backend).to(device)
     T = 6
     g = torch.Generator().manual_seed(seed + 1)
-    xs = [[torch.randn(T, 8, generator=g) for _ in range(world)] for _ in range(2)]  # 2 micro-batches
+    # 2 micro-batches of the global batch
+    xs = [[torch.randn(T, 8, generator=g).to(device) for _ in range(world)] for _ in range(2)]
 
     def sharded() -> TinyMoEModel:
         m = copy.deepcopy(base)
@@ -140,8 +142,8 @@ def _worker(rank: int, args, port: int) -> None:
             dist.all_reduce(t)
             return t / args.world
 
-        run_checks(rank, args.world, None, reduce_mean, args.buckets, args.backend, args.seed)
-        print(f"rank {rank}/{args.world} (gloo, {args.buckets} buckets): OK", flush=True)
+        run_checks(rank, args.world, None, reduce_mean, args.buckets, args.backend, args.seed, args.device)
+        print(f"rank {rank}/{args.world} (gloo, {args.device}, {args.buckets} buckets): OK", flush=True)
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -153,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--buckets", type=int, default=4)
     p.add_argument("--backend", default="torch")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: the ranks share one GPU")
     args = p.parse_args(argv)
     mp.spawn(_worker, args=(args, _free_port()), nprocs=args.world, join=True)
     print(f"grad_sync_check: all {args.world} ranks OK")

@@ -33,18 +33,31 @@ def test_grad_sync_on_fake_ranks(world_size, buckets, seed):
     world.run(rank_fn)
 
 
-@pytest.mark.parametrize("world, buckets", [("2", "1"), ("3", "4"), ("4", "2")])
-def test_grad_sync_over_gloo(world, buckets):
-    env = dict(os.environ, TRITON_INTERPRET="1")
+def _run_gloo_check(*args: str, interpret: bool = True) -> None:
+    env = dict(os.environ)
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--world", world, "--buckets", buckets],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300, env=env
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    world = args[args.index("--world") + 1]
     assert f"all {world} ranks OK" in proc.stdout
+
+
+@pytest.mark.parametrize("world, buckets", [("2", "1"), ("3", "4"), ("4", "2")])
+def test_grad_sync_over_gloo(world, buckets):
+    _run_gloo_check("--world", world, "--buckets", buckets)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("world", ["2", "4"])
+def test_grad_sync_over_gloo_on_cuda(world, backend):
+    """CUDA tensors, the ranks sharing one GPU (NCCL needs one GPU per rank)."""
+    _run_gloo_check(
+        "--world", world, "--buckets", "3", "--device", "cuda", "--backend", backend, interpret=False
+    )
 
 
 def test_dense_params_exclude_experts_and_come_in_backward_order():
