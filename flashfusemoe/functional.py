@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from flashfusemoe import overlap as _overlap
 from flashfusemoe.backends import get_backend
 from flashfusemoe.backends.torch import router_logits
 from flashfusemoe.comm import Communicator, LoopbackCommunicator
@@ -116,6 +117,7 @@ def fused_moe(
     recompute_activations: bool = False,
     backend: str | None = None,
     communicator: Communicator | None = None,
+    overlap: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mixture-of-Experts forward for T tokens; differentiable in every tensor argument but the bias.
 
@@ -136,6 +138,9 @@ def fused_moe(
             to backpropagate twice through one graph on the ``triton`` backend (docs/moe_layer.md).
         backend: compute backend name (``torch``, ``triton``); None: ``FLASHFUSEMOE_BACKEND``, then auto.
         communicator: moves tokens to their experts' ranks (:mod:`flashfusemoe.comm`); None: loopback.
+        overlap: with shared experts and a communicator of W > 1 ranks, run the shared experts (and
+            their backward) while the dispatch all-to-all (and its backward) is in flight, on two CUDA
+            streams (:mod:`flashfusemoe.overlap`); the results are bit-identical to ``overlap=False``.
 
     Returns:
         ``out_TD`` in hidden_states' dtype, and a dict with ``aux_loss`` (``aux_loss_coeff`` times the
@@ -164,11 +169,18 @@ def fused_moe(
     check_float("aux_loss_coeff", aux_loss_coeff)
     check_float("z_loss_coeff", z_loss_coeff)
     check_bool("recompute_activations", recompute_activations)
+    check_bool("overlap", overlap)
     be = get_backend(backend, x_TD.device)
+
+    def shared_mlp() -> torch.Tensor:
+        return be.expert_mlp(x_TD, shared_w_up, shared_w_down, activation)
 
     routing = be.route(be.router_logits(x_TD, gate_weight_ED), router, expert_bias)
     h_TL = x_TD if latent_down is None else x_TD @ latent_down.t()
-    recv = comm.dispatch(h_TL, routing.topk_ids_TK, routing.topk_weights_TK, num_experts=E)
+    overlapped = _overlap.applies(comm, shared_w_up is not None, overlap)
+    after = _overlap.begin(h_TL) if overlapped else None
+    shared_TD = shared_mlp() if overlapped else None  # launched before the dispatch it overlaps
+    recv = _overlap.dispatch(comm, after, h_TL, routing.topk_ids_TK, routing.topk_weights_TK, num_experts=E)
     y_RD = be.experts(
         recv.recv_x_RD,
         recv.recv_topk_ids_RK,
@@ -183,7 +195,7 @@ def fused_moe(
     if latent_up is not None:
         out_TD = out_TD @ latent_up.t()
     if shared_w_up is not None:
-        out_TD = out_TD + be.expert_mlp(x_TD, shared_w_up, shared_w_down, activation)
+        out_TD = out_TD + (shared_TD if overlapped else shared_mlp())
     losses = {
         "aux_loss": aux_loss_coeff * routing.load_balance_loss,
         "z_loss": z_loss_coeff * routing.z_loss,

@@ -85,7 +85,7 @@ class MoELayer(nn.Module):
             back up (``latent_up [D, L]``) after combine, both replicated; dispatch moves L values a
             row instead of D. None: the experts work on the full D.
         use_expert_bias: keep a DeepSeek-V3 selection bias buffer, updated by :meth:`update_expert_bias`.
-        Other keywords: the loss coefficients, ``recompute_activations`` and ``backend`` of
+        Other keywords: the loss coefficients, ``recompute_activations``, ``overlap`` and ``backend`` of
         :func:`fused_moe`. ``backend`` is resolved here, once: the argument, else
         ``FLASHFUSEMOE_BACKEND``, else ``"auto"``; an unknown or unloadable name raises here.
 
@@ -111,6 +111,7 @@ class MoELayer(nn.Module):
         aux_loss_coeff: float = 0.0,
         z_loss_coeff: float = 0.0,
         recompute_activations: bool = False,
+        overlap: bool = True,
         backend: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -129,6 +130,7 @@ class MoELayer(nn.Module):
         self.aux_loss_coeff = check_float("aux_loss_coeff", aux_loss_coeff)
         self.z_loss_coeff = check_float("z_loss_coeff", z_loss_coeff)
         self.recompute_activations = check_bool("recompute_activations", recompute_activations)
+        self.overlap = check_bool("overlap", overlap)
         check_bool("use_expert_bias", use_expert_bias)
         if latent_dim is not None:
             check_int("latent_dim", latent_dim, 1, d_model - 1, "d_model - 1")
@@ -244,6 +246,7 @@ class MoELayer(nn.Module):
             recompute_activations=self.recompute_activations,
             backend=self.backend,
             communicator=self.communicator,
+            overlap=self.overlap,
         )
         return out_TD.view(x.shape), losses
 
