@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from flashfusemoe.comm.base import Communicator, Dispatched
+from flashfusemoe.comm.loopback import loopback_when_alone
 from flashfusemoe.spec import check_first_order, check_int
 
 __all__ = ["DeepEPCommunicator", "DeepEPHandle"]
@@ -61,7 +62,8 @@ class DeepEPCommunicator(Communicator):
     """EP over DeepEP's NVLink (intranode) / RDMA (internode) kernels, on a torch.distributed group
     (None: the default group). ``num_sms``: the SMs DeepEP's kernels take (even; DeepEP's default
     20). ``num_nvl_bytes`` / ``num_rdma_bytes``: buffer sizes; None sizes them from DeepEP's config
-    hints for the widest row dispatched so far."""
+    hints for the widest row dispatched so far. A group of one rank moves nothing: dispatch and
+    combine are then loopback's (no Buffer is made)."""
 
     def __init__(
         self,
@@ -108,6 +110,7 @@ class DeepEPCommunicator(Communicator):
             _BUFFERS[key] = (Buffer(self.group, num_nvl_bytes=nvl, num_rdma_bytes=rdma), hidden_bytes)
         return _BUFFERS[key][0]
 
+    @loopback_when_alone
     @torch.compiler.disable  # host reads and collectives: kept out of compiled graphs, run eagerly
     def dispatch(
         self,
@@ -130,6 +133,7 @@ class DeepEPCommunicator(Communicator):
         handle = DeepEPHandle(x_TD.shape[0], recv_x.shape[0], buffer, layout)
         return Dispatched(recv_x, recv_ids.to(topk_ids_TK.dtype), recv_w, handle, num_slots)
 
+    @loopback_when_alone
     @torch.compiler.disable
     def combine(self, y_RD: torch.Tensor, handle: DeepEPHandle) -> torch.Tensor:
         self.check_combine_args(y_RD, handle, DeepEPHandle)

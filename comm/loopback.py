@@ -9,13 +9,16 @@ Legend: T tokens, K top-k, D model dim.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 from flashfusemoe.comm.base import Communicator, Dispatched
 
-__all__ = ["LoopbackCommunicator", "LoopbackHandle"]
+__all__ = ["LoopbackCommunicator", "LoopbackHandle", "loopback_when_alone"]
 
 
 @dataclass(frozen=True)
@@ -47,3 +50,21 @@ class LoopbackCommunicator(Communicator):
     def combine(self, y_RD: torch.Tensor, handle: LoopbackHandle) -> torch.Tensor:
         self.check_combine_args(y_RD, handle, LoopbackHandle)
         return y_RD
+
+
+_LOOPBACK = LoopbackCommunicator()
+_Method = TypeVar("_Method", bound=Callable)
+
+
+def loopback_when_alone(method: _Method) -> _Method:
+    """Wrap a transport's ``dispatch`` or ``combine``: in a group of one rank there is nothing to move,
+    so the call is loopback's (zero-copy, no host sync, traceable by torch.compile), and EP = 1
+    through that transport costs what the single-GPU layer costs."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if self.world_size == 1:
+            return getattr(_LOOPBACK, method.__name__)(*args, **kwargs)
+        return method(self, *args, **kwargs)
+
+    return wrapper

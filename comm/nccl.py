@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from flashfusemoe.comm.alltoall import AllToAllCommunicator
+from flashfusemoe.comm.loopback import loopback_when_alone
 
 __all__ = ["NcclCommunicator"]
 
@@ -21,8 +22,11 @@ class NcclCommunicator(AllToAllCommunicator):
     split sizes (copied to pinned memory behind an event, after the packing is launched); a combine, and
     each backward, one payload all-to-all. ``sync_free=True``: no counts exchange and no host read, at
     the cost of worst-case buffers (:mod:`flashfusemoe.comm.alltoall`); every rank must then have the
-    same number of tokens.
+    same number of tokens. A group of one rank moves nothing: dispatch and combine are then loopback's.
     """
+
+    dispatch = loopback_when_alone(AllToAllCommunicator.dispatch)
+    combine = loopback_when_alone(AllToAllCommunicator.combine)
 
     def __init__(self, group: dist.ProcessGroup | None = None, *, sync_free: bool = False) -> None:
         if not dist.is_available() or not dist.is_initialized():

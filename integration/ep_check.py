@@ -9,7 +9,9 @@ with one GPU per rank. Every rank builds the same global inputs from a seed and 
    tokens, output and the gradients of x, router, w_up, w_down and shared experts (replicated ones
    summed over ranks). fp32: within 1e-5 of the largest reference value. bf16: the tolerance rule
    (error vs the fp32 reference at most twice the torch backend's own bf16 error, plus one bf16
-   rounding of the largest reference value).
+   rounding of the largest reference value);
+3. overlap: the sharded layer's overlapped schedule (shared experts beside the dispatch, on two CUDA
+   streams for CUDA tensors) equals its serial schedule bit for bit.
 Exits non-zero on any mismatch.
 
 Legend: W world size, T tokens of a rank, D model dim, E experts, K top-k.
@@ -60,11 +62,11 @@ def _inputs(args, device):
     return [x.to(device) for x in xs], [g_.to(device) for g_ in gs], layer.to(device)
 
 
-def _run(layer, x, cot, backend, compile_backend=None):
+def _run(layer, x, cot, backend, compile_backend=None, overlap=True):
     """Output and every gradient of one forward+backward, as fp32; with ``compile_backend``, the
     layer under ``torch.compile`` (the communicator's dispatch and combine run eagerly, outside)."""
     layer = copy.deepcopy(layer)
-    layer.backend = backend
+    layer.backend, layer.overlap = backend, overlap
     x = x.detach().clone().requires_grad_()
     fwd = layer if compile_backend is None else torch.compile(layer, backend=compile_backend)
     out, _ = fwd(x)
@@ -111,6 +113,10 @@ def _worker(rank: int, args, port: int) -> None:
         ep_layer = copy.deepcopy(low)
         ep_layer.shard_experts(None, communicator=comm)
         got = _run(ep_layer, xs[rank].to(dtype), cotangents[rank], args.backend, args.compile)
+        serial = _run(ep_layer, xs[rank].to(dtype), cotangents[rank], args.backend, args.compile, False)
+        for name, value in serial.items():  # before the all_reduces below change got's values
+            if not torch.equal(value, got[name]):
+                raise AssertionError(f"rank {rank}: {name} of the overlapped schedule differs from serial")
         lo = sum(x.shape[0] for x in xs[:rank])
         hi = lo + xs[rank].shape[0]
         e = E // W

@@ -456,3 +456,25 @@ def test_deepep_without_deep_ep_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "deep_ep", None)  # an import of it raises ImportError
     with pytest.raises(ImportError, match=r"communicator 'deepep' needs DeepEP .*tokenspeed-deepep==1.2.1"):
         get_communicator("deepep")
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_nccl_communicator_of_one_rank_is_loopback(sync_free):
+    """A group of one moves nothing: the very tensors come back, as from loopback (EP = 1 through
+    ``nccl`` costs what the single-GPU layer costs)."""
+    import torch.distributed as dist
+
+    from flashfusemoe.comm import NcclCommunicator
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        comm = NcclCommunicator(sync_free=sync_free)
+        x, ids, w = torch.randn(5, 3), torch.randint(0, 4, (5, 2)), torch.rand(5, 2)
+        d = comm.dispatch(x, ids, w, num_experts=4)
+        assert d.recv_x_RD is x and d.recv_topk_ids_RK is ids and d.recv_topk_weights_RK is w
+        y = torch.randn(5, 3)
+        assert comm.combine(y, d.handle) is y
+        with pytest.raises(TypeError, match="handle must come from this communicator's dispatch"):
+            comm.combine(y, object())
+    finally:
+        dist.destroy_process_group()
