@@ -15,10 +15,11 @@ from collections.abc import Sequence
 
 import torch
 
+from flashfusemoe.comm.alltoall import AllToAllCommunicator
 from flashfusemoe.comm.base import Dispatched
 from flashfusemoe.comm.loopback import LoopbackCommunicator
 
-__all__ = ["expected_normal_form", "normal_form"]
+__all__ = ["SelfAllToAll", "expected_normal_form", "normal_form"]
 
 Entry = tuple[tuple[float, ...], int, float]
 
@@ -55,3 +56,15 @@ def expected_normal_form(
             if rank * e <= en[1] < (rank + 1) * e
         ]
     return sorted(out)
+
+
+class SelfAllToAll(AllToAllCommunicator):
+    """A one-rank all-to-all communicator whose transport is a copy: the packed-row bookkeeping every
+    all-to-all rank pays on top of the wire (counts, packing, unpacking, the combine's rank sum),
+    measurable and testable on one device (``nccl`` of one rank is loopback and skips it)."""
+
+    def __init__(self, sync_free: bool = False) -> None:
+        self.rank, self.world_size, self.sync_free = 0, 1, sync_free
+
+    def _all_to_all(self, send_SX, send_splits, recv_splits, what):
+        return send_SX.clone()

@@ -478,3 +478,26 @@ def test_nccl_communicator_of_one_rank_is_loopback(sync_free):
             comm.combine(y, object())
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_self_all_to_all_layer_is_bit_identical_to_loopback(sync_free):
+    """The all-to-all bookkeeping alone (comm.testing.SelfAllToAll, bench_ep's W = 1 row): the same
+    numbers as loopback (x's gradient up to the order autograd adds its three parts in)."""
+    import copy
+
+    from flashfusemoe import MoELayer
+    from flashfusemoe.comm.testing import SelfAllToAll
+
+    torch.manual_seed(3)
+    ref = MoELayer(6, 8, 4, 2, num_shared_experts=1)
+    ep = copy.deepcopy(ref).shard_experts(None, communicator=SelfAllToAll(sync_free))
+    x = torch.randn(11, 6)
+    runs = []
+    for layer in (ref, ep):
+        xx = x.clone().requires_grad_()
+        out, _ = layer(xx)
+        out.backward(torch.ones_like(out))
+        runs.append([out, xx.grad] + [p.grad for p in layer.parameters()])
+    for got, want in zip(*runs, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from flashfusemoe import MoELayer
-from flashfusemoe.comm import AllToAllCommunicator
+from flashfusemoe.comm.testing import SelfAllToAll
 from tests.comm.test_gloo import run_ep_check
 from tests.cuda_graphs import check_graph_replays_match_eager
 
@@ -30,16 +30,6 @@ def test_gloo_on_cuda_ep_equals_unsharded(dtype, world, routing):
     run_ep_check([*flags, *SHAPE, *routing], timeout=900, interpret=False)
 
 
-class _NoTransport(AllToAllCommunicator):
-    """W = 1 with no transport: the all-to-all communicators' own bookkeeping, on CUDA."""
-
-    def __init__(self, sync_free: bool) -> None:
-        self.rank, self.world_size, self.sync_free = 0, 1, sync_free
-
-    def _all_to_all(self, send_SX, send_splits, recv_splits, what):
-        return send_SX.clone()
-
-
 def _layer():
     torch.manual_seed(0)
     layer = MoELayer(256, 512, 8, 2, num_shared_experts=1, backend="triton").cuda().to(torch.bfloat16)
@@ -56,7 +46,7 @@ def _step(layer, x, g):
 @pytest.mark.parametrize("sync_free", [False, True])
 def test_all_to_all_bookkeeping_at_w1_is_bit_identical_to_loopback(sync_free):
     ref = _layer()
-    ep = copy.deepcopy(ref).shard_experts(None, communicator=_NoTransport(sync_free))
+    ep = copy.deepcopy(ref).shard_experts(None, communicator=SelfAllToAll(sync_free))
     x = torch.randn(500, 256, device="cuda").bfloat16()
     g = torch.randn(500, 256, device="cuda").bfloat16()
     for got, want in zip(_step(ep, x, g), _step(ref, x, g), strict=True):
@@ -65,5 +55,5 @@ def test_all_to_all_bookkeeping_at_w1_is_bit_identical_to_loopback(sync_free):
 
 def test_sync_free_ep_path_has_no_host_sync_and_replays_in_a_cuda_graph():
     ref = _layer()
-    ep = copy.deepcopy(ref).shard_experts(None, communicator=_NoTransport(True))
+    ep = copy.deepcopy(ref).shard_experts(None, communicator=SelfAllToAll(True))
     check_graph_replays_match_eager(ep, ref, 512, 256, no_sync=True)
