@@ -73,7 +73,6 @@ def _tensors(obj: object) -> Iterator[torch.Tensor]:
             yield from _tensors(getattr(obj, field.name))
 
 
-@torch.compiler.disable
 def dispatch(
     communicator: Communicator,
     after: torch.cuda.Event | None,
@@ -84,9 +83,15 @@ def dispatch(
     num_experts: int,
 ) -> Dispatched:
     """``communicator.dispatch`` on the side stream, behind ``after`` (from :func:`begin`); the compute
-    stream waits for it before this returns (on the device, not the host). ``after`` None: inline."""
+    stream waits for it before this returns (on the device, not the host). ``after`` None: inline (and
+    traceable: loopback's dispatch compiles into the graph)."""
     if after is None:
         return communicator.dispatch(x_TD, topk_ids_TK, topk_weights_TK, num_experts=num_experts)
+    return _dispatch_on_side(communicator, after, x_TD, topk_ids_TK, topk_weights_TK, num_experts)
+
+
+@torch.compiler.disable
+def _dispatch_on_side(communicator, after, x_TD, topk_ids_TK, topk_weights_TK, num_experts) -> Dispatched:
     compute, side = torch.cuda.current_stream(x_TD.device), _side_stream(x_TD.device)
     side.wait_event(after)
     with torch.cuda.stream(side):

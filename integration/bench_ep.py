@@ -1,19 +1,27 @@
-"""Expert-parallel benchmark: what a dispatch sends, what a dispatch+combine costs the host, and the
-layer at EP = 1 through each communicator against the single-GPU (loopback) layer, same run.
+"""Expert-parallel benchmark: what a dispatch sends, dispatch+combine bandwidth per communicator, and
+the EP layer per GPU, each against a baseline measured in the same run.
 
-``python integration/bench_ep.py [--parts bytes,host,layer] [--write docs/benchmarks_ep.md]``
+    python -m integration.bench_ep [--parts bytes,comm,layer]           # one GPU: EP = 1 (+ bytes)
+    torchrun --nproc_per_node=W -m integration.bench_ep --comms nccl,deepep   # EP = W, a GPU per rank
+    python -m integration.bench_ep --smoke W                            # W gloo ranks sharing one GPU
 
-- ``bytes`` (any machine): bytes one rank's dispatch sends to the other ranks for the fine-grained
-  shape at W = 2, 4, 8, computed from its routing: one row per kept slot (the transport before the
-  per-(token, rank) packing), one row per (token, destination rank) (``nccl``, ``fake``), and
-  sync-free (every token to every rank).
-- ``host`` (GPU): host milliseconds of one ``nccl`` dispatch+combine over real NCCL with one rank (the
-  bookkeeping, the async split copy and its one host wait, two NCCL launches), against loopback.
-- ``layer`` (GPU): forward+backward of the layer through ``nccl`` (W = 1, default and sync-free)
-  against ``loopback``, eager and graphed, same inputs, interleaved rounds.
-Timings of ranks sharing a GPU are not EP timings; multi-GPU runs belong to their own issue.
+- ``bytes`` (any machine): bytes one rank's dispatch sends to other ranks, fine-grained shape,
+  W = 2, 4, 8, from its routing: per kept slot, per (token, destination rank) (``nccl``), sync-free.
+- ``comm`` (W > 1): dispatch+combine of each communicator in GB/s of token bytes that cross ranks
+  (rows to and from other ranks x D bf16, both directions), against ``all_to_all_single`` of a plain
+  bf16 buffer with the same splits, same run; T = 1024..16384 tokens per rank, D = 2048 and 7168,
+  K = 4 and 8, E = 64, balanced routing. Per GPU: the slowest rank's median.
+- ``layer``: the EP layer (triton, bf16, one shared expert) forward+backward per GPU at EP = W with
+  the shape's T tokens on every rank, seed-like and fine-grained shapes, overlap on/off, latent
+  ``D/2`` on/off. At EP = 1 (one process): loopback (the single-GPU layer) against ``nccl`` and
+  ``deepep`` (a group of one rank: loopback's path), the all-to-all bookkeeping alone
+  (``comm.testing.SelfAllToAll``: what every all-to-all rank pays on top of the wire), and latent's cost.
 
-Legend: T tokens, D model dim, I expert intermediate dim, E experts, K top-k, W EP world size.
+``--smoke W`` runs the same code with W gloo processes on one GPU: it checks that the multi-rank
+paths run end to end; its timings are not EP timings (ranks share one GPU, gloo goes through the
+host). The multi-GPU numbers and their targets belong to the multi-GPU issue: run the torchrun line.
+
+Legend: T tokens per rank, D model dim, I expert intermediate dim, E experts, K top-k, W EP size.
 """
 
 from __future__ import annotations
@@ -23,16 +31,19 @@ import json
 import os
 import socket
 import statistics
-import time
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
-from flashfusemoe import RouterConfig, fused_moe
+from flashfusemoe import MoELayer, RouterConfig
 from flashfusemoe.backends.torch import route, router_logits
-from flashfusemoe.comm import LoopbackCommunicator, NcclCommunicator
+from flashfusemoe.comm import get_communicator
 from flashfusemoe.comm.alltoall import dispatch_bytes
-from integration.bench_layer import SHAPES, emit, make_inputs, time_variant
+from flashfusemoe.comm.testing import SelfAllToAll
+from integration.bench_layer import SHAPES, emit, timed
+
+COMM_TOKENS, COMM_DIMS, COMM_TOPK, COMM_EXPERTS = (1024, 2048, 4096, 8192, 16384), (2048, 7168), (4, 8), 64
 
 
 def bytes_rows(shape_name: str = "fine", worlds=(2, 4, 8)) -> list[dict]:
@@ -46,109 +57,196 @@ def bytes_rows(shape_name: str = "fine", worlds=(2, 4, 8)) -> list[dict]:
     for W in worlds:
         per_slot = dispatch_bytes(ids, E, W, slot_row, rank=0, per_slot=True)
         per_pair = dispatch_bytes(ids, E, W, pair_row, rank=0)
-        sync_free = (W - 1) * T * pair_row
         rows.append(
             dict(
                 shape=shape_name,
                 W=W,
                 per_slot_MB=per_slot / 1e6,
                 per_pair_MB=per_pair / 1e6,
-                sync_free_MB=sync_free / 1e6,
+                sync_free_MB=(W - 1) * T * pair_row / 1e6,
             )
         )
     return rows
 
 
-def _init_single_rank_nccl() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
+def _slowest(ms: float) -> float:
+    """The slowest rank's time: what a step of W ranks waits for."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return ms
+    t = torch.tensor([ms], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
 
 
-def host_rows(shape_name: str = "fine", iters: int = 30) -> list[dict]:
-    T, D, I, E, K = SHAPES[shape_name]
-    x = torch.randn(T, D, device="cuda").bfloat16()
-    ids = torch.rand(T, E, device="cuda").topk(K, -1).indices.int()
-    w = torch.rand(T, K, device="cuda")
+def _splits(ids_TK: torch.Tensor, W: int, e: int) -> tuple[list[int], list[int]]:
+    """Rows per destination rank (one per token and rank it goes to) and rows from each source."""
+    goes_TW = torch.zeros(ids_TK.shape[0], W, dtype=torch.bool, device=ids_TK.device)
+    goes_TW.scatter_(1, ids_TK // e, True)
+    send = goes_TW.sum(0).to(torch.int64)
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send)
+    return send.tolist(), recv.tolist()
+
+
+def _comm_case(comms: dict, rank: int, W: int, T: int, D: int, K: int, iters: int) -> list[dict]:
+    """One (T, D, K) point: every communicator and the plain all-to-all, same inputs."""
+    E, e = COMM_EXPERTS, COMM_EXPERTS // W
+    g = torch.Generator(device="cuda").manual_seed(rank * 7919 + T + D + K)
+    x = torch.randn(T, D, device="cuda", generator=g).bfloat16()
+    ids = torch.rand(T, E, device="cuda", generator=g).topk(K, -1).indices
+    w = torch.rand(T, K, device="cuda", generator=g)
+    send, recv = _splits(ids, W, e)
+    crossing = (sum(send) - send[rank] + sum(recv) - recv[rank]) * D * 2
+    plain_send = torch.empty(sum(send), D, device="cuda", dtype=torch.bfloat16)
+    plain_recv = torch.empty(sum(recv), D, device="cuda", dtype=torch.bfloat16)
+
+    def plain():
+        dist.all_to_all_single(plain_recv, plain_send, recv, send)
+        dist.all_to_all_single(plain_send, plain_recv, send, recv)
+
+    def step(comm):
+        d = comm.dispatch(x, ids, w, num_experts=E)
+        comm.combine(d.recv_x_RD, d.handle)
+
+    times = {"all_to_all_single": _slowest(timed(plain, iters))}
+    for name, comm in comms.items():
+        times[name] = _slowest(timed(lambda c=comm: step(c), iters))
+    base = times["all_to_all_single"]
+    return [
+        dict(W=W, D=D, K=K, T=T, communicator=n, ms=ms, GBps=crossing / ms / 1e6, vs_plain=base / ms)
+        for n, ms in times.items()
+    ]
+
+
+def comm_rows(comms: dict, rank: int, W: int, tokens, dims, topks, iters: int) -> list[dict]:
     rows = []
-    for name, comm in (
-        ("loopback", LoopbackCommunicator()),
-        ("nccl W=1", NcclCommunicator()),
-        ("nccl W=1 sync-free", NcclCommunicator(sync_free=True)),
-    ):
-        host, total = [], []
-        for i in range(iters + 3):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            d = comm.dispatch(x, ids, w, num_experts=E)
-            comm.combine(d.recv_x_RD, d.handle)
-            t1 = time.perf_counter()
-            torch.cuda.synchronize()
-            t2 = time.perf_counter()
-            if i >= 3:
-                host.append((t1 - t0) * 1e3)
-                total.append((t2 - t0) * 1e3)
-        rows.append(
-            dict(
-                shape=shape_name,
-                communicator=name,
-                host_ms=statistics.median(host),
-                total_ms=statistics.median(total),
-            )
-        )
-        print(json.dumps(rows[-1]), flush=True)
+    for D in dims:
+        for K in topks:
+            for T in tokens:
+                rows += _comm_case(comms, rank, W, T, D, K, iters)
+                if rank == 0:
+                    print("\n".join(json.dumps(r) for r in rows[-len(comms) - 1 :]), flush=True)
     return rows
 
 
-def _layer_fn(K: int, comm):
-    return lambda x, gate, up, down, bias: fused_moe(
-        x, gate, up, down, RouterConfig(top_k=K), expert_bias=bias, backend="triton", communicator=comm
-    )[0]
+def _layer(shape, latent: bool, overlap: bool, comm) -> MoELayer:
+    T, D, I, E, K = shape
+    torch.manual_seed(0)
+    layer = MoELayer(
+        D, 2 * I, E, K, num_shared_experts=1, latent_dim=D // 2 if latent else None, overlap=overlap,
+        backend="triton", device="cuda", dtype=torch.bfloat16,
+    )  # fmt: skip
+    if comm is not None:
+        layer.shard_experts(getattr(comm, "group", None), communicator=comm)
+    return layer
 
 
-def layer_rows(shapes=("seed", "fine"), rounds: int = 3) -> list[dict]:
+def _layer_ms(layer: MoELayer, T: int, rank: int, iters: int) -> float:
+    g = torch.Generator(device="cuda").manual_seed(rank)
+    x = torch.randn(T, layer.d_model, device="cuda", generator=g).bfloat16().requires_grad_()
+    grad_out = torch.randn_like(x)
+    params = [x, *layer.parameters()]
+
+    def fwd_bwd():
+        for p in params:
+            p.grad = None
+        layer(x)[0].backward(grad_out)
+
+    return _slowest(timed(fwd_bwd, iters))
+
+
+def layer_variants(W: int, comms: dict) -> list[tuple[str, bool, bool, object]]:
+    """(communicator label, latent, overlap, communicator or None for loopback) to time at EP = W."""
+    if W == 1:
+        out = [("loopback", False, False, None), ("loopback", True, False, None)]
+        out += [(f"{n} (group of 1)", False, False, c) for n, c in comms.items()]
+        out += [("all-to-all bookkeeping (SelfAllToAll)", False, False, SelfAllToAll())]
+        return out
+    return [(n, lat, ov, c) for n, c in comms.items() for lat in (False, True) for ov in (True, False)]
+
+
+def layer_rows(comms: dict, rank: int, W: int, shapes, tokens: int | None, rounds: int, iters: int):
     rows = []
-    comms = {
-        "loopback": None,
-        "nccl W=1": NcclCommunicator(),
-        "nccl W=1 sync-free": NcclCommunicator(sync_free=True),
-    }
     for shape_name in shapes:
         T, D, I, E, K = SHAPES[shape_name]
-        inputs = make_inputs(SHAPES[shape_name], skew=False)
-        grad_out = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
-        fns = {name: _layer_fn(K, comm) for name, comm in comms.items()}
-        times = {n: [] for n in fns}
-        graphable = {n: n != "nccl W=1" for n in fns}  # a host sync cannot be captured
-        for _ in range(rounds):
-            for name, fn in fns.items():
-                try:
-                    times[name].append(time_variant(fn, inputs, grad_out, graph=graphable[name]))
-                except RuntimeError as exc:  # a transport that refuses capture: eager numbers only
-                    print(f"{name}: no CUDA graph ({exc})", flush=True)
-                    graphable[name] = False
-                    times[name].append(time_variant(fn, inputs, grad_out, graph=False))
-        for name in fns:
-            _, total, graph, _ = (statistics.median(c) for c in zip(*times[name], strict=True))
-            rows.append(dict(shape=shape_name, communicator=name, total_ms=total, graph_ms=graph))
-            print(json.dumps(rows[-1]), flush=True)
+        shape = (tokens or T, D, I, E, K)
+        variants = layer_variants(W, comms)
+        times = [[] for _ in variants]
+        for _ in range(rounds):  # interleaved rounds: drift spreads over every variant alike
+            for i, (_, latent, overlap, comm) in enumerate(variants):
+                layer = _layer(shape, latent, overlap, comm)
+                times[i].append(_layer_ms(layer, shape[0], rank, iters))
+                del layer
+        for (name, latent, overlap, _), ts in zip(variants, times, strict=True):
+            rows.append(
+                dict(
+                    shape=shape_name, T=shape[0], W=W, communicator=name, latent=latent,
+                    overlap=overlap, ms=statistics.median(ts),
+                )
+            )  # fmt: skip
+            if rank == 0:
+                print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
-def render(card: str, parts: dict) -> str:
-    lines = [f"# Expert parallelism benchmarks ({card})", ""]
+def _communicators(names: list[str], W: int) -> dict:
+    out = {}
+    for name in names:
+        try:
+            out[name] = get_communicator(name, None)
+        except ImportError as exc:  # deep_ep not installed: say so, time the others
+            print(f"skipping {name}: {exc}", flush=True)
+    return out
+
+
+def run_parts(rank: int, W: int, args) -> dict:
+    """The GPU parts on this rank (torch.distributed initialized with W ranks)."""
+    wanted = args.parts.split(",")
+    comms = _communicators(args.comms.split(","), W)
+    parts = {}
+    if "comm" in wanted:
+        if W > 1:
+            parts["comm"] = comm_rows(
+                comms, rank, W, args.comm_tokens, args.comm_dims, args.comm_topk, args.iters
+            )
+        elif rank == 0:
+            print("comm: no bytes cross ranks at W = 1; run it under torchrun (or --smoke W)", flush=True)
+    if "layer" in wanted:
+        parts["layer"] = layer_rows(
+            comms, rank, W, args.shapes.split(","), args.layer_tokens, args.rounds, args.iters
+        )
+    return parts
+
+
+def _init(rank: int, W: int, backend: str, port: int | None) -> None:
+    if port is not None:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    kw = {"device_id": torch.device("cuda", torch.cuda.current_device())} if backend == "nccl" else {}
+    dist.init_process_group(backend, rank=rank, world_size=W, **kw)
+
+
+def _smoke_worker(rank: int, args, port: int) -> None:
+    torch.cuda.set_device(0)
+    _init(rank, args.smoke, "gloo", port)
+    try:
+        parts = run_parts(rank, args.smoke, args)
+        if rank == 0:
+            _emit(args, parts, label=f"SMOKE: {args.smoke} gloo ranks sharing one GPU, not EP timings")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def render(card: str, label: str, parts: dict) -> str:
+    lines = [f"# Expert parallelism benchmarks ({card})", "", f"Run: {label}.", ""]
     if "bytes" in parts:
         lines += [
             "## Bytes one dispatch sends to other ranks (rank 0, fine-grained shape, balanced routing)",
             "",
-            "Computed from the routing of `integration/bench_ep.py`: per kept slot (D bf16 + an fp32 weight"
-            " per row: the transport before this redesign), per (token, destination rank) (D bf16 + K int32"
-            " ids + K fp32 weights per row: `nccl`, `fake`), and sync-free (every token to every rank).",
+            "Per kept slot (D bf16 + an fp32 weight a row), per (token, destination rank) (D bf16 + K int32"
+            " ids + K fp32 weights a row: `nccl`), sync-free (every token to every rank).",
             "",
-            "| W | per slot MB | per (token, rank) MB | ratio | sync-free MB | sync-free / per (token, rank) "
-            "|",
+            "| W | per slot MB | per (token, rank) MB | ratio | sync-free MB | sync-free / per pair |",
             "|---|---|---|---|---|---|",
         ]
         for r in parts["bytes"]:
@@ -158,64 +256,90 @@ def render(card: str, parts: dict) -> str:
                 f"{r['sync_free_MB'] / r['per_pair_MB']:.2f} |"
             )
         lines.append("")
-    if "host" in parts:
+    if "comm" in parts:
         lines += [
-            "## One dispatch+combine, fine-grained shape, W = 1 over real NCCL (ms, median of 30)",
+            "## dispatch+combine vs all_to_all_single of the same bytes (slowest rank's median)",
             "",
-            "`host` = until both calls return (the bookkeeping, launches and the one wait for the split"
-            " sizes); `total` = until the GPU is done.",
+            "GB/s of token bytes that cross ranks (rows to and from other ranks x D bf16). E = 64, balanced.",
             "",
-            "| communicator | host ms | total ms |",
-            "|---|---|---|",
+            "| W | D | K | T per rank | communicator | ms | GB/s | vs plain |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         lines += [
-            f"| {r['communicator']} | {r['host_ms']:.3f} | {r['total_ms']:.3f} |" for r in parts["host"]
+            f"| {r['W']} | {r['D']} | {r['K']} | {r['T']} | {r['communicator']} | {r['ms']:.3f} | "
+            f"{r['GBps']:.1f} | {r['vs_plain']:.2f} |"
+            for r in parts["comm"]
         ]
         lines.append("")
     if "layer" in parts:
         lines += [
-            "## The layer at EP = 1 through each communicator (forward+backward ms, same run)",
+            "## EP layer forward+backward per GPU (triton, bf16, 1 shared expert; slowest rank's median)",
             "",
-            "| shape | communicator | eager ms | graphed ms | eager vs loopback |",
-            "|---|---|---|---|---|",
+            "| shape | T per rank | W | communicator | latent D/2 | overlap | ms | vs first row |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r in parts["layer"]:
-            b = next(
-                x for x in parts["layer"] if x["shape"] == r["shape"] and x["communicator"] == "loopback"
-            )
-            graph = "n/a (host sync)" if r["graph_ms"] != r["graph_ms"] else f"{r['graph_ms']:.2f}"
+            base = next(x for x in parts["layer"] if x["shape"] == r["shape"])
+            latent, overlap = "yes" if r["latent"] else "no", "on" if r["overlap"] else "off"
             lines.append(
-                f"| {r['shape']} | {r['communicator']} | {r['total_ms']:.2f} | {graph} | "
-                f"{r['total_ms'] / b['total_ms']:.3f} |"
+                f"| {r['shape']} | {r['T']} | {r['W']} | {r['communicator']} | {latent} | {overlap} | "
+                f"{r['ms']:.2f} | {r['ms'] / base['ms']:.3f} |"
             )
-    return "\n".join(lines) + "\n"
+        lines.append("")
+    return "\n".join(lines)
 
 
-def main() -> None:
+def _emit(args, parts: dict, label: str) -> None:
+    if "bytes" in args.parts.split(","):
+        parts = {"bytes": bytes_rows(), **parts}
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "computed on CPU"
+    emit(render(card, label, parts), parts, args.write, args.json)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ints = lambda s: tuple(int(v) for v in s.split(","))  # noqa: E731
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default="bytes,host,layer")
+    p.add_argument("--parts", default="bytes,comm,layer")
+    p.add_argument("--comms", default="nccl,deepep", help="communicators to time (deepep: bf16, CUDA)")
+    p.add_argument("--shapes", default="seed,fine", help="bench_layer.py shapes for the layer part")
+    p.add_argument("--layer-tokens", type=int, default=None, help="tokens per rank (default: the shape's)")
+    p.add_argument("--comm-tokens", type=ints, default=COMM_TOKENS)
+    p.add_argument("--comm-dims", type=ints, default=COMM_DIMS)
+    p.add_argument("--comm-topk", type=ints, default=COMM_TOPK)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--smoke", type=int, default=0, help="W gloo ranks sharing GPU 0 (a smoke check)")
     p.add_argument("--write", default=None, help="write the markdown tables to this file")
     p.add_argument("--json", default=None)
-    args = p.parse_args()
-    wanted = args.parts.split(",")
-    gpu = torch.cuda.is_available()
-    parts = {"bytes": bytes_rows()} if "bytes" in wanted else {}
-    if gpu and {"host", "layer"} & set(wanted):
-        _init_single_rank_nccl()
-        if "host" in wanted:
-            parts["host"] = host_rows()
-        if "layer" in wanted:
-            parts["layer"] = layer_rows(rounds=args.rounds)
+    args = p.parse_args(argv)
+    gpu_parts = {"comm", "layer"} & set(args.parts.split(","))
+    if not torch.cuda.is_available() or not gpu_parts:
+        if gpu_parts:
+            print("no GPU: the comm and layer parts need one; bytes only", flush=True)
+        _emit(args, {}, label="computed from the routing")
+        return
+    if args.smoke:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.spawn(_smoke_worker, args=(args, port), nprocs=args.smoke, join=True)
+        return
+    W, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if W == 1:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        _init(0, 1, "nccl", port)
+    else:
+        _init(rank, W, "nccl", None)
+    try:
+        parts = run_parts(rank, W, args)
+        if rank == 0:
+            label = "one process (EP = 1)" if W == 1 else f"torchrun, {W} ranks, one GPU each, NCCL"
+            _emit(args, parts, label)
+    finally:
         dist.destroy_process_group()
-    elif not gpu:
-        print("no GPU: the host and layer parts need one (and NCCL); bytes only")
-    emit(
-        render(torch.cuda.get_device_name() if gpu else "computed on CPU", parts),
-        parts,
-        args.write,
-        args.json,
-    )
 
 
 if __name__ == "__main__":
