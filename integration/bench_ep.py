@@ -172,8 +172,10 @@ def layer_rows(comms: dict, rank: int, W: int, shapes, tokens: int | None, round
         shape = (tokens or T, D, I, E, K)
         variants = layer_variants(W, comms)
         times = [[] for _ in variants]
-        for _ in range(rounds):  # interleaved rounds: drift spreads over every variant alike
-            for i, (_, latent, overlap, comm) in enumerate(variants):
+        for r in range(rounds):  # interleaved rounds, each starting one variant later: drift and
+            for j in range(len(variants)):  # position effects spread over every variant alike
+                i = (j + r) % len(variants)
+                _, latent, overlap, comm = variants[i]
                 layer = _layer(shape, latent, overlap, comm)
                 times[i].append(_layer_ms(layer, shape[0], rank, iters))
                 del layer

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call for the EP work, stages in order, each under its own timeout, logs under $OUT:
-# BENCH (bench_ep parts at EP = 1), SMOKE (bench_ep --smoke W, tiny sizes), TESTS (pytest args),
+# BENCH (bench_ep parts at EP = 1; BENCH_ARGS more flags), SMOKE (bench_ep --smoke W, tiny sizes), TESTS (pytest paths) with
+# TESTS_K (a pytest -k expression),
 # AB_BASE (integration/ab_layer.py against a base checkout). Empty: the stage is skipped.
 # DeepEP: carry its wheel in .whl-deepep/ (../shared/tools/deepep-wheel.sh .whl-deepep).
 set -uo pipefail
@@ -14,7 +15,7 @@ python3 -c 'import torch, triton; print(torch.__version__, triton.__version__, t
 ln -sfn ../backends flashfusemoe/backends; ln -sfn ../comm flashfusemoe/comm  # the install's package-dir mapping
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if [ -n "${BENCH:-}" ]; then
-  timeout ${BENCH_TIMEOUT:-150} python3 -m integration.bench_ep --parts "$BENCH" --json "$OUT/bench_ep.json" \
+  timeout ${BENCH_TIMEOUT:-150} python3 -m integration.bench_ep --parts "$BENCH" ${BENCH_ARGS:-} --json "$OUT/bench_ep.json" \
     --write "$OUT/benchmarks_ep.md" 2>&1 | tee "$OUT/bench_ep.log" | tail -22
 fi
 if [ -n "${SMOKE:-}" ]; then
@@ -25,7 +26,9 @@ if [ -n "${SMOKE:-}" ]; then
   done
 fi
 if [ -n "${TESTS:-}" ]; then
-  timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider --durations=8 $TESTS 2>&1 \
+  read -ra test_args <<< "$TESTS"
+  [ -n "${TESTS_K:-}" ] && test_args+=(-k "$TESTS_K")
+  timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider --durations=8 "${test_args[@]}" 2>&1 \
     | tee "$OUT/tests.log" | tail -25
 fi
 if [ -n "${AB_BASE:-}" ]; then
