@@ -1,0 +1,1 @@
+"""Adapters to other libraries' MoE interfaces (imported on demand: ``flashfusemoe.integrations.hf``)."""
