@@ -1,0 +1,412 @@
+"""Train a decoder MoE LM end to end with MoELayer FFNs: one process, or expert-parallel under torchrun.
+
+    python integration/full_integration.py                               # tiny preset (CPU is fine)
+    python integration/full_integration.py --preset seed-1b --compile   # 1.16B total / 481M active, a GPU
+    torchrun --nproc_per_node=2 integration/full_integration.py --ep_size 2 [--comm nccl|deepep]
+
+The model: token embedding -> L x [RMSNorm -> causal SDPA attention (RoPE) -> RMSNorm -> MoELayer
+(top-k experts + shared experts, aux and z losses)] -> RMSNorm -> LM head. Under EP (``--ep_size W`` =
+the torchrun world) every rank holds all dense weights and E/W experts, takes 1/W of the global batch,
+and averages the dense gradients with OverlappedGradSync (expert gradients scaled by 1/W, so EP = W
+trains exactly like one process on the global batch; tested). Checkpoints gather the experts on save
+(one file, any EP size can resume it).
+
+At the end: p50 step time, tokens/s, peak memory, model TFLOP/s and MFU against a dense bf16 GEMM
+ceiling measured in the same run (GPU), and the bytes one MoE layer saves for backward. ``--plot``
+writes the loss curve and a tokens-per-expert heatmap (layer x expert), with matplotlib if installed.
+
+Legend: B sequences, S sequence length, D model dim, L layers, E experts, W EP world size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
+
+from flashfusemoe import MoELayer, OverlappedGradSync, get_dense_params, get_expert_params  # noqa: E402
+
+PRESETS = {
+    "tiny": dict(d_model=64, layers=2, heads=4, experts=8, top_k=2, ffn_dim=128, shared=1, vocab=256,
+                 seq=32, batch=4, steps=8, lr=3e-3),
+    "seed-1b": dict(d_model=1024, layers=18, heads=16, experts=8, top_k=2, ffn_dim=4096, shared=1,
+                    vocab=32000, seq=2048, batch=4, steps=30, lr=3e-4),
+}  # fmt: skip
+
+
+def _rope(x_BHSd: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding over the last dim (pairs of halves)."""
+    S, d = x_BHSd.shape[-2], x_BHSd.shape[-1]
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, device=x_BHSd.device, dtype=torch.float32) / d))
+    ang_Sd = torch.outer(torch.arange(S, device=x_BHSd.device, dtype=torch.float32), inv)
+    cos, sin = ang_Sd.cos().to(x_BHSd.dtype), ang_Sd.sin().to(x_BHSd.dtype)
+    a, b = x_BHSd[..., : d // 2], x_BHSd[..., d // 2 :]
+    return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, D: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(D, 3 * D, bias=False)
+        self.out = nn.Linear(D, D, bias=False)
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        B, S, D = x_BSD.shape
+        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(_rope(q), _rope(k), v, is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(B, S, D))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: dict, moe_kw: dict) -> None:
+        super().__init__()
+        D = cfg["d_model"]
+        self.norm1, self.norm2 = nn.RMSNorm(D), nn.RMSNorm(D)
+        self.attn = Attention(D, cfg["heads"])
+        self.moe = MoELayer(
+            D, cfg["ffn_dim"], cfg["experts"], cfg["top_k"], num_shared_experts=cfg["shared"], **moe_kw
+        )
+
+    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        x_BSD = x_BSD + self.attn(self.norm1(x_BSD))
+        y_BSD, losses = self.moe(self.norm2(x_BSD))
+        return x_BSD + y_BSD, losses
+
+
+class MoELM(nn.Module):
+    """A decoder LM whose FFNs are MoELayers. ``forward(ids [B, S])`` returns the next-token CE loss
+    (mean over this call's tokens), the aux + z losses summed over layers, and each layer's counts."""
+
+    def __init__(self, cfg: dict, **moe_kw) -> None:
+        super().__init__()
+        D = cfg["d_model"]
+        self.embed = nn.Embedding(cfg["vocab"], D)
+        self.blocks = nn.ModuleList(Block(cfg, moe_kw) for _ in range(cfg["layers"]))
+        self.norm = nn.RMSNorm(D)
+        self.head = nn.Linear(D, cfg["vocab"], bias=False)
+        with torch.no_grad():
+            self.embed.weight.normal_(0.0, 1.0)
+            for m in self.modules():
+                if isinstance(m, nn.Linear):
+                    m.weight.normal_(0.0, 1.0 / math.sqrt(m.in_features))
+
+    def moe_layers(self) -> list[MoELayer]:
+        return [b.moe for b in self.blocks]
+
+    def forward(self, ids_BS: torch.Tensor):
+        x = self.embed(ids_BS[:, :-1])
+        aux = x.new_zeros((), dtype=torch.float32)
+        counts = []
+        for block in self.blocks:
+            x, losses = block(x)
+            aux = aux + losses["aux_loss"] + losses["z_loss"]
+            counts.append(losses["tokens_per_expert"])
+        logits = self.head(self.norm(x)).float()
+        ce = F.cross_entropy(logits.flatten(0, 1), ids_BS[:, 1:].flatten())
+        return ce, aux, torch.stack(counts)
+
+
+def param_counts(cfg: dict) -> tuple[int, int]:
+    """(total, active per token) parameters of the unsharded model."""
+    D, L, E, K, F_, V = (cfg[k] for k in ("d_model", "layers", "experts", "top_k", "ffn_dim", "vocab"))
+    I = F_ // 2
+    expert = F_ * D + D * I
+    dense = V * D * 2 + L * (4 * D * D + 2 * D + E * D + cfg["shared"] * expert) + D
+    return dense + L * E * expert, dense + L * K * expert
+
+
+def batch(args, cfg: dict, step: int, data: torch.Tensor | None) -> torch.Tensor:
+    """The global batch of a step, ``[B, S+1]`` tokens, identical on every rank (a seeded generator)."""
+    g = torch.Generator().manual_seed(args.seed * 100003 + step)
+    B, S = cfg["batch"], cfg["seq"]
+    if data is None:
+        return torch.randint(0, cfg["vocab"], (B, S + 1), generator=g)
+    starts = torch.randint(0, data.numel() - S - 1, (B,), generator=g)
+    return torch.stack([data[s : s + S + 1] for s in starts.tolist()])
+
+
+def _group_reduce(t: torch.Tensor, W: int, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if W > 1:
+        dist.all_reduce(t, op=op)
+    return t
+
+
+def _gather_experts(t: torch.Tensor, W: int) -> torch.Tensor:
+    """[e, ...] on every rank -> [E, ...] in rank order."""
+    if W == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(W)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def save_checkpoint(path: Path, model: MoELM, opt, step: int, W: int, rank: int) -> None:
+    """One file with the unsharded model and AdamW state (experts gathered from every rank)."""
+    experts = {id(p) for p in get_expert_params(model)}
+    state, optim = {}, {}
+    for name, p in model.named_parameters():
+        full = _gather_experts(p.detach(), W) if id(p) in experts else p.detach()
+        state[name] = full.cpu()
+        s = opt.state.get(p, {})
+        optim[name] = {
+            k: (_gather_experts(v, W) if id(p) in experts and v.dim() > 0 else v).cpu() for k, v in s.items()
+        }
+    buffers = {n: b.cpu() for n, b in model.named_buffers()}
+    if rank == 0:
+        path.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": state, "buffers": buffers, "optim": optim, "step": step}, path / "checkpoint.pt")
+    if W > 1:
+        dist.barrier()
+
+
+def load_checkpoint(path: Path, model: MoELM) -> dict:
+    """Load the unsharded weights into ``model`` (before sharding); returns the checkpoint."""
+    ckpt = torch.load(path / "checkpoint.pt", map_location="cpu", weights_only=True)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(ckpt["model"][name])
+        for name, b in model.named_buffers():
+            b.copy_(ckpt["buffers"][name])
+    return ckpt
+
+
+def restore_optimizer(opt, model: MoELM, ckpt: dict, rank: int) -> None:
+    """AdamW state from the checkpoint, each expert tensor sliced to this rank's experts."""
+    experts = {id(p) for p in get_expert_params(model)}
+    for name, p in model.named_parameters():
+        saved = ckpt["optim"].get(name, {})
+        if not saved:
+            continue
+        e = p.shape[0]
+        opt.state[p] = {
+            k: (v[rank * e : (rank + 1) * e] if id(p) in experts and v.dim() > 0 else v).to(p.device)
+            for k, v in saved.items()
+        }
+
+
+def saved_bytes_of_one_layer(layer: MoELayer, x_TD: torch.Tensor) -> int:
+    """Bytes the layer's forward saves for backward (saved-tensor hooks; storages counted once)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out, _ = layer(x_TD.detach().requires_grad_())
+    del out
+    return sum(seen.values())
+
+
+def _progress(steps: int, quiet: bool):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    if tqdm is not None and not quiet:
+        return tqdm(total=steps, desc="train", dynamic_ncols=True)
+
+    class Plain:
+        def __init__(self):
+            self.n = 0
+
+        def update(self, k=1):
+            self.n += k
+            if not quiet and (self.n % max(1, steps // 10) == 0 or self.n == steps):
+                print(f"step {self.n}/{steps}", flush=True)
+
+        def set_postfix_str(self, s):
+            pass
+
+        def close(self):
+            pass
+
+    return Plain()
+
+
+def _plot(path: str, losses: list[float], counts_LE: torch.Tensor) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("--plot: matplotlib is not installed; no plot written", flush=True)
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))
+    a.plot(range(1, len(losses) + 1), losses)
+    a.set(xlabel="step", ylabel="loss", title="training loss")
+    share = counts_LE / counts_LE.sum(1, keepdim=True).clamp_min(1)
+    im = b.imshow(share.numpy(), aspect="auto", cmap="viridis")
+    b.set(xlabel="expert", ylabel="layer", title="share of tokens per expert")
+    fig.colorbar(im, ax=b)
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"wrote {path}", flush=True)
+
+
+def train(args) -> dict:
+    """Run the training loop; returns the per-step global losses and the summary."""
+    W = int(os.environ.get("WORLD_SIZE", 1))
+    if args.ep_size != W:
+        raise SystemExit(f"--ep_size {args.ep_size} must equal the torchrun world size {W} (EP only)")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank = int(os.environ.get("RANK", 0))
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if W > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    cfg = dict(PRESETS[args.preset])
+    for key in ("steps", "batch", "seq", "layers"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+    if cfg["batch"] % W:
+        raise SystemExit(f"the global batch {cfg['batch']} must divide by the EP size {W}")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[
+        args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    ]
+    torch.manual_seed(args.seed)
+    model = MoELM(
+        cfg, aux_loss_coeff=args.aux_loss_coeff, z_loss_coeff=args.z_loss_coeff,
+        use_expert_bias=args.expert_bias, backend=args.backend,
+    )  # fmt: skip
+    ckpt = load_checkpoint(Path(args.resume), model) if args.resume else None
+    model = model.to(device=device, dtype=dtype)
+    for layer in model.moe_layers():
+        if layer.expert_bias is not None:
+            layer.expert_bias.data = layer.expert_bias.data.float()  # the bias stays fp32
+        if W > 1:
+            layer.shard_experts(None, communicator=args.comm)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
+    start = 0
+    if ckpt is not None:
+        restore_optimizer(opt, model, ckpt, rank)
+        start = ckpt["step"]
+    sync = (
+        OverlappedGradSync(
+            get_dense_params(model), None, num_buckets=4, expert_params=get_expert_params(model)
+        )
+        if W > 1
+        else None
+    )
+    fwd = torch.compile(model) if args.compile else model
+    data = None
+    if args.data:
+        data = torch.frombuffer(bytearray(Path(args.data).read_bytes()), dtype=torch.uint8).long()
+        if cfg["vocab"] < 256 or data.numel() < cfg["seq"] + 2:
+            raise SystemExit("--data needs vocab >= 256 (byte tokens) and a file longer than a sequence")
+    per_rank = cfg["batch"] // W
+    losses, times, counts_LE = [], [], None
+    bar = _progress(cfg["steps"] - start, args.quiet or rank != 0)
+    for step in range(start, cfg["steps"]):
+        ids = batch(args, cfg, step, data)[rank * per_rank : (rank + 1) * per_rank].to(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        ce, aux, counts = fwd(ids)
+        (ce + aux).backward()
+        if sync is not None:
+            sync.finish()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        counts = _group_reduce(counts.float(), W)
+        if args.expert_bias:
+            for layer, c in zip(model.moe_layers(), counts, strict=True):
+                layer.update_expert_bias(c)
+        loss = _group_reduce(ce.detach().float().clone(), W) / W
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+        counts_LE = counts.cpu() if counts_LE is None else counts_LE + counts.cpu()
+        bar.update(1)
+        bar.set_postfix_str(f"loss {losses[-1]:.4f}")
+    bar.close()
+    if args.save:
+        save_checkpoint(Path(args.save), model, opt, cfg["steps"], W, rank)
+    summary = summarize(args, cfg, model, times, device, dtype, W)
+    if W > 1:
+        dist.destroy_process_group()
+    result = {
+        "losses": losses,
+        "summary": summary,
+        "counts": counts_LE.tolist() if counts_LE is not None else [],
+    }
+    if rank == 0:
+        if args.metrics:
+            Path(args.metrics).write_text(json.dumps(result))
+        if args.plot and counts_LE is not None:
+            _plot(args.plot, losses, counts_LE)
+    return result
+
+
+def summarize(args, cfg: dict, model: MoELM, times: list[float], device, dtype, W: int) -> dict:
+    total, active = param_counts(cfg)
+    tokens = cfg["batch"] * cfg["seq"]
+    timed = times[2:] if len(times) > 4 else times  # the first steps compile and tune
+    p50 = statistics.median(timed) if timed else float("nan")
+    # 6 FLOPs per active parameter and token (forward + backward), plus causal attention's scores
+    flops = 6 * active * tokens + 6 * cfg["layers"] * cfg["d_model"] * cfg["seq"] * tokens
+    out = dict(
+        preset=args.preset, ep_size=W, backend=model.moe_layers()[0].backend, params_total=total,
+        params_active=active, p50_step_s=p50, tokens_per_s=tokens / p50, model_tflops=flops / p50 / 1e12,
+    )  # fmt: skip
+    layer = model.moe_layers()[0]
+    x = torch.randn(cfg["seq"], cfg["d_model"], device=device, dtype=dtype)
+    out["saved_bytes_per_moe_layer"] = saved_bytes_of_one_layer(layer, x)
+    if device.type == "cuda":
+        from integration.bench_layer import dense_ceiling_tflops
+
+        out["peak_memory_GB"] = torch.cuda.max_memory_allocated() / 1e9
+        out["gemm_ceiling_tflops"] = dense_ceiling_tflops()
+        out["mfu"] = out["model_tflops"] / W / out["gemm_ceiling_tflops"]
+        out["card"] = torch.cuda.get_device_name()
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps(out), flush=True)
+    return out
+
+
+def parse_args(argv: list[str] | None = None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch", type=int, default=None, help="global batch (sequences), split over EP ranks")
+    p.add_argument("--seq", type=int, default=None)
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--ep_size", type=int, default=1, help="EP world size: the torchrun world")
+    p.add_argument("--comm", default=None, help="communicator under EP (nccl, deepep; default: auto)")
+    p.add_argument("--backend", default=None, help="compute backend (triton, torch: the unfused reference)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument(
+        "--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on GPU, fp32 on CPU"
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--aux-loss-coeff", type=float, default=0.01)
+    p.add_argument("--z-loss-coeff", type=float, default=0.001)
+    p.add_argument("--expert-bias", action="store_true", help="aux-loss-free balancing (all-reduced counts)")
+    p.add_argument("--data", default=None, help="a file of bytes to train on (byte-level tokens)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save", default=None, help="write a checkpoint here at the end")
+    p.add_argument("--resume", default=None, help="resume from a checkpoint (written at any EP size)")
+    p.add_argument("--metrics", default=None, help="write the losses and the summary here as JSON")
+    p.add_argument("--plot", default=None, help="loss curve and tokens-per-expert heatmap (PNG)")
+    p.add_argument("--quiet", action="store_true")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    train(parse_args())
