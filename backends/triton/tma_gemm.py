@@ -315,14 +315,20 @@ def _tma_wgrad_kernel(
         _store_tile(c_e, s_cp, ps, P, qs, Q, acc)
 
 
-def _tiles(dtype: torch.dtype, glu: bool) -> tuple[int, int, int, int, int]:
+def _tiles(dtype: torch.dtype, glu: bool, aligned_out: bool = True) -> tuple[int, int, int, int, int]:
     """(rows, cols, depth, warps, stages): 128x256x64 for 16-bit operands (a GLU tile: 128 gate and the
     same 128 up columns), the best of a sweep on H100 at the benchmark shapes (GLU: 4 stages, 3-8%
     faster than 3 at fine-grained and Qwen2-like shapes; 7 other GLU tiles were slower); small tiles
-    for fp32 (exact dot on FMA units, 4-byte shared memory; the interpreter's tests)."""
+    for fp32 (exact dot on FMA units, 4-byte shared memory; the interpreter's tests).
+
+    ``aligned_out`` False (an output row stride or the GLU half width not a multiple of 16 elements):
+    Triton then stages the GLU epilogue's stores through 64 KiB of shared memory, which with 4 stages
+    of 48 KiB exceeds Hopper's 227 KiB (seen at I = 20 on an H200): 3 stages."""
     if dtype == torch.float32:
         return 64, 32 if glu else 64, 32, 4, 2
-    return (128, 128, 64, 8, 4) if glu else (128, 256, 64, 8, 3)
+    if glu:
+        return (128, 128, 64, 8, 4) if aligned_out else (128, 128, 64, 8, 3)
+    return 128, 256, 64, 8, 3
 
 
 def tma_grouped_mm(
@@ -346,7 +352,7 @@ def tma_grouped_mm(
     kmajor = b_EKN.stride(1) == 1
     if M and N and K:
         _ensure_allocator()
-        BM, BN, BK, warps, stages = _tiles(a_MK.dtype, glu)
+        BM, BN, BK, warps, stages = _tiles(a_MK.dtype, glu, N % 16 == 0 and I % 16 == 0)
         progs = min(_num_programs(a_MK.device), (cdiv(M, BM) + E) * cdiv(I, BN))
         _tma_mm_kernel[(progs,)](
             a_MK,

@@ -61,8 +61,8 @@ def _run(layer, x, cot, backend, existing_grads=None):
 @pytest.mark.parametrize("skew", [False, True], ids=["balanced", "skewed"])
 @pytest.mark.parametrize(
     "shape",
-    [(512, 256, 512, 8, 2), (384, 1000, 2800, 4, 2), (256, 128, 192, 16, 16)],
-    ids=["small", "odd-D1000-I1400", "K=E"],
+    [(512, 256, 512, 8, 2), (384, 1000, 2800, 4, 2), (256, 128, 192, 16, 16), (200, 32, 40, 5, 2)],
+    ids=["small", "odd-D1000-I1400", "K=E", "I20"],  # I20: unaligned GLU halves (a 4-stage tile overflowed)
 )
 @pytest.mark.parametrize("grads", ["new", "existing"])
 def test_triton_low_precision_within_tolerance_rule(dtype, skew, shape, grads):
