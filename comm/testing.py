@@ -4,7 +4,7 @@ A rank's normal form is the sorted list of ``(token row, global expert, weight)`
 slot with a local id. Rank r of any communicator must receive exactly the loopback entries, over all
 source ranks, whose expert lies in r's block: ``normal_form(d, rank=r, world_size=W, num_experts=E) ==
 expected_normal_form(inputs, r, W, E)``, bit for bit. Token rows stand for their tokens, so make them
-distinct (random rows are). Use it to test your own communicator (docs/moe_layer.md).
+distinct (random rows are). Use it to test your own communicator (docs/expert_parallelism.md).
 
 Legend: T tokens, K top-k, E experts, e = E/W, W world size, D model dim, R rows received.
 """

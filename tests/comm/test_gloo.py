@@ -1,5 +1,5 @@
 """The all-to-all communicators over real gloo processes on CPU, and the custom communicator of
-docs/moe_layer.md: dispatch has loopback's normal form and the EP-sharded layer equals the unsharded
+docs/expert_parallelism.md: dispatch has loopback's normal form and the EP-sharded layer equals the unsharded
 one (integration/ep_check.py does the checking per rank)."""
 
 import os
@@ -60,7 +60,7 @@ def test_gloo_ep_equals_unsharded(flags):
 
 
 def _docs_communicator_source() -> str:
-    text = (ROOT / "docs" / "moe_layer.md").read_text()
+    text = (ROOT / "docs" / "expert_parallelism.md").read_text()
     section = text[text.index("### Writing your own") :]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
