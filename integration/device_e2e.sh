@@ -10,6 +10,7 @@ ln -sfn ../backends flashfusemoe/backends; ln -sfn ../comm flashfusemoe/comm
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 timeout 100 python3 -m pytest -q -p no:cacheprovider tests/integrations -k "gpu or torch or refused or sentinels or import" 2>&1 | tee "$OUT/tests.log" | tail -6
 timeout 120 python3 -m integration.bench_hf --json "$OUT/bench_hf.json" --write "$OUT/bench_hf.md" 2>&1 | tee "$OUT/bench_hf.log" | tail -8
+# (integration/bench_e2e.py runs the same backends x EP sizes and writes the table)
 for run in "triton eager" "torch eager" "triton compile"; do
   set -- $run
   flag=""; [ "$2" = compile ] && flag="--compile"
