@@ -70,3 +70,14 @@ def test_byte_data_is_learned_and_plot_is_written(tmp_path):
         assert not plot.exists()
     else:
         assert plot.stat().st_size > 0
+
+
+def test_bench_e2e_writes_its_table_on_cpu(tmp_path, monkeypatch):
+    from integration import bench_e2e
+
+    monkeypatch.setattr(bench_e2e.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(bench_e2e.torch.cuda, "device_count", lambda: 0)
+    out = tmp_path / "e2e.md"
+    bench_e2e.main(["--backends", "torch", "--ep-sizes", "1,2", "--steps", "3", "--write", str(out)])
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| torch |")]
+    assert len(rows) == 2 and not any("failed" in r for r in rows), out.read_text()
