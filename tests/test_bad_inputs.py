@@ -213,6 +213,7 @@ CASES = [
         TypeError,
         "recompute_activations=1 must be a bool",
     ),
+    ("overlap int", lambda: fused(overlap=1), TypeError, "overlap=1 must be a bool"),
     (
         "backend name",
         lambda: fused(backend="cuda-magic"),
@@ -322,6 +323,7 @@ CASES = [
         TypeError,
         "recompute_activations=None must be a bool",
     ),
+    ("layer overlap", lambda: layer(overlap="yes"), TypeError, "overlap='yes' must be a bool"),
     ("activation layer", lambda: layer(activation="tanh"), ValueError, "activation='tanh' is not supported"),
     (
         "latent >= D",

@@ -161,3 +161,8 @@ def test_import_flashfusemoe_does_not_import_transformers():
 
     code = "import sys, flashfusemoe; assert 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_register_rejects_an_unknown_backend():
+    with pytest.raises(ValueError, match="backend='nope' is unknown"):
+        hf.register(backend="nope")
