@@ -198,11 +198,15 @@ def restore_optimizer(opt, model: MoELM, ckpt: dict, rank: int) -> None:
 
 
 def saved_bytes_of_one_layer(layer: MoELayer, x_TD: torch.Tensor) -> int:
-    """Bytes the layer's forward saves for backward (saved-tensor hooks; storages counted once)."""
+    """Activation bytes the layer's forward saves for backward: saved-tensor hooks, storages counted once,
+    the layer's own parameters (saved by reference, not copied) left out."""
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
