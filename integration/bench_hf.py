@@ -3,10 +3,13 @@
     python -m integration.bench_hf [--layers 4] [--tokens 8192] [--rounds 3]
 
 Implementations: HF's ``grouped_mm`` (its default), ``flashfusemoe`` (ours, through
-``flashfusemoe.integrations.hf``), and ``sonicmoe`` where it loads. A step = forward + backward +
-AdamW, bf16, on one GPU; interleaved rounds, median of each round's median; the ratio is against
-``grouped_mm`` in the same run. The loss of the first step is printed per implementation (same
-weights, same tokens) as a numerics check.
+``flashfusemoe.integrations.hf``), HF's ``sonicmoe`` where it loads (it fetches its kernel from the
+``kernels`` hub), and ``sonicmoe_wheel``: the same SonicMoE kernels from an installed ``sonic-moe`` wheel
+(``../shared/tools/sonicmoe-wheels.sh``) through a small adapter here, where ``import sonicmoe`` works.
+SonicMoE's first call per shape autotunes (minutes): it happens in the untimed first step.
+A step = forward + backward + AdamW, bf16, on one GPU; interleaved rounds, median of each round's
+median; the ratio is against ``grouped_mm`` in the same run. The loss of the first step is printed per
+implementation (same weights, same tokens) as a numerics check.
 
 Legend: T tokens per step, H hidden size, E experts, K top-k.
 """
@@ -36,6 +39,35 @@ def _model(args):
     return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).cuda()
 
 
+def sonic_wheel_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """HF experts interface over the ``sonic-moe`` wheel's general-routing entry point (gated SiLU
+    experts in HF's concatenated gate-then-up layout: SonicMoE's ``concat_layout``)."""
+    import sonicmoe
+    from sonicmoe.enums import ActivationType
+
+    S, K = top_k_index.shape
+    token_idx = torch.arange(S, device=hidden_states.device, dtype=torch.int32).repeat_interleave(K)
+    out, _ = sonicmoe.moe_general_routing_inputs(
+        hidden_states, top_k_weights.reshape(-1).float(), token_idx, top_k_index.reshape(-1).int(),
+        self.gate_up_proj.permute(1, 2, 0), None, self.down_proj.permute(1, 2, 0), None,
+        E=self.num_experts, stream_id=torch.cuda.current_stream().cuda_stream,
+        activation_type=ActivationType.SWIGLU, is_inference_mode_enabled=not torch.is_grad_enabled(),
+        concat_layout=True,
+    )  # fmt: skip
+    return out
+
+
+def _register_sonic_wheel() -> bool:
+    try:
+        import sonicmoe  # noqa: F401
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    except ImportError as exc:
+        print(f"sonicmoe_wheel: not run ({exc})", flush=True)
+        return False
+    ALL_EXPERTS_FUNCTIONS.register("sonicmoe_wheel", sonic_wheel_experts_forward)
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=4)
@@ -48,7 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     base = _model(args)
     ids = torch.randint(0, 32000, (args.tokens // 2048, 2048), device="cuda")
     steps, first_loss = {}, {}
-    for impl in ("grouped_mm", hf.NAME, "sonicmoe"):
+    impls = ["grouped_mm", hf.NAME, "sonicmoe"] + ["sonicmoe_wheel"] * _register_sonic_wheel()
+    for impl in impls:
         model = copy.deepcopy(base)
         try:
             model.set_experts_implementation(impl)

@@ -6,10 +6,16 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -c 'import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())' | tee "$OUT/env.txt"
+if [ -f .whl-sonic/libs_base.tar.xz ]; then  # SonicMoE for bench_hf (../shared/tools/sonicmoe-wheels.sh)
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl-sonic/*.whl
+  tar -C /tmp/site -xJf .whl-sonic/libs_base.tar.xz
+  export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/python_packages${PYTHONPATH:+:$PYTHONPATH}
+  export QUACK_COMPILE_WORKERS=16
+fi
 ln -sfn ../backends flashfusemoe/backends; ln -sfn ../comm flashfusemoe/comm
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 timeout 100 python3 -m pytest -q -p no:cacheprovider tests/integrations -k "gpu or torch or refused or sentinels or import" 2>&1 | tee "$OUT/tests.log" | tail -6
-timeout 120 python3 -m integration.bench_hf --json "$OUT/bench_hf.json" --write "$OUT/bench_hf.md" 2>&1 | tee "$OUT/bench_hf.log" | tail -8
+timeout ${HF_TIMEOUT:-120} python3 -m integration.bench_hf --json "$OUT/bench_hf.json" --write "$OUT/bench_hf.md" 2>&1 | tee "$OUT/bench_hf.log" | tail -8
 # (integration/bench_e2e.py runs the same backends x EP sizes and writes the table)
 for run in "triton eager" "torch eager" "triton compile"; do
   set -- $run
