@@ -166,3 +166,17 @@ def test_import_flashfusemoe_does_not_import_transformers():
 def test_register_rejects_an_unknown_backend():
     with pytest.raises(ValueError, match="backend='nope' is unknown"):
         hf.register(backend="nope")
+
+
+def test_hf_model_compiles_whole_with_our_experts():
+    """torch.compile(fullgraph=True) over a HF model whose experts run through the triton backend (its
+    custom ops trace; the CPU interpreter here): the compiled loss equals eager's and backpropagates."""
+    hf.register(backend="triton")
+    model = _model("qwen3_moe")
+    model.set_experts_implementation(hf.NAME)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(4))
+    want = model(input_ids=ids, labels=ids).loss
+    got = torch.compile(model, backend="aot_eager", fullgraph=True)(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(got, want)
+    got.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "experts" in n)
