@@ -86,7 +86,10 @@ def check_ep_layer_equals_unsharded(
     )
     for name in replicated:  # replicated: the ranks' shares sum up
         total = sum(getattr(layer, name).grad for _, _, layer in results)
-        torch.testing.assert_close(total, getattr(ref, name).grad, **tol)
+        want = getattr(ref, name).grad
+        # W partial sums added in another order: fp32 rounding scales with the largest entry, not each one
+        scale = max(1.0, want.abs().max().item())
+        torch.testing.assert_close(total, want, rtol=1e-5, atol=1e-5 * scale)
 
 
 @given(ep_problems(), st.sampled_from(["swiglu", "relu2", "gelu"]), st.booleans(), st.booleans())
