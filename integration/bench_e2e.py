@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,21 +24,16 @@ from pathlib import Path
 import torch
 
 from integration.bench_layer import emit
+from integration.ports import free_port
 
 SCRIPT = Path(__file__).resolve().parent / "full_integration.py"
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_one(preset: str, backend: str, W: int, args, out_dir: Path) -> dict:
     metrics = out_dir / f"{preset}_{backend}_ep{W}.json"
     launcher = [sys.executable]
     if W > 1:
-        launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={W}", f"--master_port={_port()}"]
+        launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={W}", f"--master_port={free_port()}"]
     cmd = [*launcher, str(SCRIPT), "--preset", preset, "--backend", backend, "--ep_size", str(W)]
     cmd += ["--steps", str(args.steps), "--quiet", "--metrics", str(metrics)]
     cmd += ["--compile"] * args.compile + (["--comm", args.comm] if W > 1 else [])

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 
 import torch
@@ -42,6 +41,7 @@ from flashfusemoe.comm import get_communicator
 from flashfusemoe.comm.alltoall import dispatch_bytes
 from flashfusemoe.comm.testing import SelfAllToAll
 from integration.bench_layer import SHAPES, emit, timed
+from integration.ports import free_port
 
 COMM_TOKENS, COMM_DIMS, COMM_TOPK, COMM_EXPERTS = (1024, 2048, 4096, 8192, 16384), (2048, 7168), (4, 8), 64
 
@@ -191,7 +191,7 @@ def layer_rows(comms: dict, rank: int, W: int, shapes, tokens: int | None, round
     return rows
 
 
-def _communicators(names: list[str], W: int) -> dict:
+def _communicators(names: list[str]) -> dict:
     out = {}
     for name in names:
         try:
@@ -204,7 +204,7 @@ def _communicators(names: list[str], W: int) -> dict:
 def run_parts(rank: int, W: int, args) -> dict:
     """The GPU parts on this rank (torch.distributed initialized with W ranks)."""
     wanted = args.parts.split(",")
-    comms = _communicators(args.comms.split(","), W)
+    comms = _communicators(args.comms.split(","))
     parts = {}
     if "comm" in wanted:
         if W > 1:
@@ -321,20 +321,11 @@ def main(argv: list[str] | None = None) -> None:
         _emit(args, {}, label="computed from the routing")
         return
     if args.smoke:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        mp.spawn(_smoke_worker, args=(args, port), nprocs=args.smoke, join=True)
+        mp.spawn(_smoke_worker, args=(args, free_port()), nprocs=args.smoke, join=True)
         return
     W, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    if W == 1:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        _init(0, 1, "nccl", port)
-    else:
-        _init(rank, W, "nccl", None)
+    _init(rank, W, "nccl", free_port() if W == 1 else None)
     try:
         parts = run_parts(rank, W, args)
         if rank == 0:

@@ -22,24 +22,21 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import socket
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from flashfusemoe import MoELayer
-from flashfusemoe.comm import NcclCommunicator, get_communicator
-from flashfusemoe.comm.testing import expected_normal_form, normal_form
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: integration/ importable
+
+from flashfusemoe import MoELayer  # noqa: E402
+from flashfusemoe.comm import NcclCommunicator, get_communicator  # noqa: E402
+from flashfusemoe.comm.testing import expected_normal_form, normal_form  # noqa: E402
+from integration.ports import free_port  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tokens(args, rank: int) -> int:
@@ -183,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     args.same_tokens = args.same_tokens or args.sync_free
     if args.world < 1 or args.tokens < 0:
         p.error("--world must be >= 1 and --tokens >= 0")
-    mp.spawn(_worker, args=(args, _free_port()), nprocs=args.world, join=True)
+    mp.spawn(_worker, args=(args, free_port()), nprocs=args.world, join=True)
     print(f"ep_check: all {args.world} ranks OK")
 
 

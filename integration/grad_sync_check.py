@@ -19,16 +19,19 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import socket
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from flashfusemoe import MoELayer, OverlappedGradSync, get_dense_params, get_expert_params
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: integration/ importable
+
+from flashfusemoe import MoELayer, OverlappedGradSync, get_dense_params, get_expert_params  # noqa: E402
+from integration.ports import free_port  # noqa: E402
 
 
 class TinyMoEModel(nn.Module):
@@ -125,12 +128,6 @@ def run_checks(
         _close(f"EP=W {n}", p.grad, want)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, args, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -157,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: the ranks share one GPU")
     args = p.parse_args(argv)
-    mp.spawn(_worker, args=(args, _free_port()), nprocs=args.world, join=True)
+    mp.spawn(_worker, args=(args, free_port()), nprocs=args.world, join=True)
     print(f"grad_sync_check: all {args.world} ranks OK")
 
 

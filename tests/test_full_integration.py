@@ -3,12 +3,13 @@ it gives the losses of one process on the same global batch; a checkpoint writte
 resumes at another with the losses of an uninterrupted run; --data and --plot work."""
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from integration.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "integration" / "full_integration.py"
@@ -16,17 +17,11 @@ SCRIPT = ROOT / "integration" / "full_integration.py"
 COMMON = ["--quiet", "--device", "cpu", "--backend", "torch", "--aux-loss-coeff", "0", "--expert-bias"]
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(tmp_path: Path, name: str, *flags: str, ep: int = 1) -> list[float]:
     metrics = tmp_path / f"{name}.json"
     launcher = [sys.executable]
     if ep > 1:
-        launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={ep}", f"--master_port={_port()}"]
+        launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={ep}", f"--master_port={free_port()}"]
     cmd = [*launcher, str(SCRIPT), *COMMON, "--ep_size", str(ep), "--metrics", str(metrics), *flags]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
