@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# One device call for the integration work, each stage under its own timeout, logs under $OUT:
-# the HF GPU tests (and the CPU ones on this transformers), bench_hf, and full_integration.py seed-1b
-# with the triton and torch backends (eager) and triton compiled.
+# One device call for the integration work, each stage under its own timeout; logs in $OUT/logs.tgz
+# (a call brings back only a few files).
+#   HF=1 (default): the HF GPU tests (and the CPU ones on this transformers) and bench_hf.
+#   SEED_RUNS (default "triton:eager torch:eager triton:compile"): full_integration.py --preset seed-1b runs,
+#     each "backend:eager|compile[:extra flag]"; PROFILE=1 adds --profile to the compiled triton runs.
+#   SEED_BASE: an older full_integration.py (e.g. in the carried .ab_base/) run compiled as an A/B row.
+#   TESTS: extra pytest targets run first.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -c 'import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())' | tee "$OUT/env.txt"
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; LOG=/tmp/logs; mkdir -p "$LOG"
+trap 'tar -C "$LOG" -czf "$OUT/logs.tgz" .' EXIT
+python3 -c 'import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())' | tee "$LOG/env.txt"
 if [ -f .whl-sonic/libs_base.tar.xz ]; then  # SonicMoE for bench_hf (../shared/tools/sonicmoe-wheels.sh)
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl-sonic/*.whl
   tar -C /tmp/site -xJf .whl-sonic/libs_base.tar.xz
@@ -14,12 +19,26 @@ if [ -f .whl-sonic/libs_base.tar.xz ]; then  # SonicMoE for bench_hf (../shared/
 fi
 ln -sfn ../backends flashfusemoe/backends; ln -sfn ../comm flashfusemoe/comm
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-timeout 100 python3 -m pytest -q -p no:cacheprovider tests/integrations -k "gpu or torch or refused or sentinels or import" 2>&1 | tee "$OUT/tests.log" | tail -6
-timeout ${HF_TIMEOUT:-120} python3 -m integration.bench_hf --json "$OUT/bench_hf.json" --write "$OUT/bench_hf.md" 2>&1 | tee "$OUT/bench_hf.log" | tail -8
+if [ -n "${TESTS:-}" ]; then
+  timeout 150 python3 -m pytest -q -p no:cacheprovider $TESTS 2>&1 | tee "$LOG/tests_extra.log" | tail -6
+fi
+if [ "${HF:-1}" = 1 ]; then
+  timeout 100 python3 -m pytest -q -p no:cacheprovider tests/integrations -k "gpu or torch or refused or sentinels or import" 2>&1 | tee "$LOG/tests.log" | tail -6
+  timeout ${HF_TIMEOUT:-120} python3 -m integration.bench_hf --json "$LOG/bench_hf.json" --write "$LOG/bench_hf.md" 2>&1 | tee "$LOG/bench_hf.log" | tail -8
+fi
 # (integration/bench_e2e.py runs the same backends x EP sizes and writes the table)
-for run in "triton eager" "torch eager" "triton compile"; do
-  set -- $run
-  flag=""; [ "$2" = compile ] && flag="--compile"
-  timeout ${SEED_TIMEOUT:-110} python3 integration/full_integration.py --preset seed-1b --steps ${SEED_STEPS:-12} \
-    --backend "$1" $flag --quiet --metrics "$OUT/seed_$1_$2.json" 2>&1 | tee "$OUT/seed_$1_$2.log" | tail -3
+seed() {  # name script flags...
+  local name=$1 script=$2; shift 2
+  timeout ${SEED_TIMEOUT:-110} python3 "$script" --preset seed-1b --steps ${SEED_STEPS:-12} --quiet \
+    --metrics "$LOG/seed_$name.json" "$@" 2>&1 | tee "$LOG/seed_$name.log" | tail -${SEED_TAIL:-3}
+}
+for run in ${SEED_RUNS-triton:eager torch:eager triton:compile}; do
+  IFS=: read -r backend mode extra <<< "$run"
+  flags=(--backend "$backend"); [ -n "$extra" ] && flags+=("$extra")
+  name=${backend}_${mode}${extra//-/_}
+  if [ "$mode" = compile ]; then
+    flags+=(--compile); [ "${PROFILE:-0}" = 1 ] && [ "$backend" = triton ] && flags+=(--profile "$LOG/profile_$name.md")
+  fi
+  seed "$name" integration/full_integration.py "${flags[@]}"
 done
+[ -n "${SEED_BASE:-}" ] && seed base_compile "$SEED_BASE" --backend triton --compile

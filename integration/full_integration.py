@@ -37,6 +37,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
 
 from flashfusemoe import MoELayer, OverlappedGradSync, get_dense_params, get_expert_params  # noqa: E402
+from integration.lm_loss import lm_head_cross_entropy  # noqa: E402
 
 PRESETS = {
     "tiny": dict(d_model=64, layers=2, heads=4, experts=8, top_k=2, ffn_dim=128, shared=1, vocab=256,
@@ -114,8 +115,8 @@ class MoELM(nn.Module):
             x, losses = block(x)
             aux = aux + losses["aux_loss"] + losses["z_loss"]
             counts.append(losses["tokens_per_expert"])
-        logits = self.head(self.norm(x)).float()
-        ce = F.cross_entropy(logits.flatten(0, 1), ids_BS[:, 1:].flatten())
+        # fp32 logits chunk by chunk, never all [B*S, vocab] of them (integration/lm_loss.py)
+        ce = lm_head_cross_entropy(self.norm(x).flatten(0, 1), self.head.weight, ids_BS[:, 1:].flatten())
         return ce, aux, torch.stack(counts)
 
 
@@ -262,6 +263,24 @@ def _plot(path: str, losses: list[float], counts_LE: torch.Tensor) -> None:
     print(f"wrote {path}", flush=True)
 
 
+def _profile(path: str, train_step, rank: int, steps: int = 3) -> None:
+    """GPU kernel time of ``steps`` more steps (after the timed ones and the checkpoint) by category."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from integration.kernel_table import kernel_table
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        for i in range(steps):
+            train_step(i)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    if rank == 0:
+        table = kernel_table(prof, steps)
+        Path(path).write_text(table + "\n")
+        print(table, flush=True)
+
+
 def train(args) -> dict:
     """Run the training loop; returns the per-step global losses and the summary."""
     W = int(os.environ.get("WORLD_SIZE", 1))
@@ -286,7 +305,7 @@ def train(args) -> dict:
     torch.manual_seed(args.seed)
     model = MoELM(
         cfg, aux_loss_coeff=args.aux_loss_coeff, z_loss_coeff=args.z_loss_coeff,
-        use_expert_bias=args.expert_bias, backend=args.backend,
+        use_expert_bias=args.expert_bias, backend=args.backend, recompute_activations=args.recompute,
     )  # fmt: skip
     ckpt = load_checkpoint(Path(args.resume), model) if args.resume else None
     model = model.to(device=device, dtype=dtype)
@@ -295,7 +314,8 @@ def train(args) -> dict:
             layer.expert_bias.data = layer.expert_bias.data.float()  # the bias stays fp32
         if W > 1:
             layer.shard_experts(None, communicator=args.comm)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
+    # fused: one kernel over all parameters, no foreach temporaries the size of the model
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0, fused=device.type == "cuda")
     start = 0
     if ckpt is not None:
         restore_optimizer(opt, model, ckpt, rank)
@@ -307,7 +327,9 @@ def train(args) -> dict:
         if W > 1
         else None
     )
-    fwd = torch.compile(model) if args.compile else model
+    if args.compile:  # block by block: the 18 identical blocks share one compiled graph
+        for block in model.blocks:
+            block.compile()
     data = None
     if args.data:
         data = torch.frombuffer(bytearray(Path(args.data).read_bytes()), dtype=torch.uint8).long()
@@ -316,12 +338,11 @@ def train(args) -> dict:
     per_rank = cfg["batch"] // W
     losses, times, counts_LE = [], [], None
     bar = _progress(cfg["steps"] - start, args.quiet or rank != 0)
-    for step in range(start, cfg["steps"]):
+
+    def train_step(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on this rank's share of the global batch; (global CE loss, counts [L, E])."""
         ids = batch(args, cfg, step, data)[rank * per_rank : (rank + 1) * per_rank].to(device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        ce, aux, counts = fwd(ids)
+        ce, aux, counts = model(ids)
         (ce + aux).backward()
         if sync is not None:
             sync.finish()
@@ -331,7 +352,13 @@ def train(args) -> dict:
         if args.expert_bias:
             for layer, c in zip(model.moe_layers(), counts, strict=True):
                 layer.update_expert_bias(c)
-        loss = _group_reduce(ce.detach().float().clone(), W) / W
+        return _group_reduce(ce.detach().float().clone(), W) / W, counts
+
+    for step in range(start, cfg["steps"]):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss, counts = train_step(step)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
@@ -343,6 +370,8 @@ def train(args) -> dict:
     if args.save:
         save_checkpoint(Path(args.save), model, opt, cfg["steps"], W, rank)
     summary = summarize(args, cfg, model, times, device, dtype, W)
+    if args.profile:
+        _profile(args.profile, lambda i: train_step(cfg["steps"] + i), rank)
     if W > 1:
         dist.destroy_process_group()
     result = {
@@ -368,6 +397,7 @@ def summarize(args, cfg: dict, model: MoELM, times: list[float], device, dtype, 
     out = dict(
         preset=args.preset, ep_size=W, backend=model.moe_layers()[0].backend, params_total=total,
         params_active=active, p50_step_s=p50, tokens_per_s=tokens / p50, model_tflops=flops / p50 / 1e12,
+        first_step_s=times[0] if times else float("nan"),
     )  # fmt: skip
     layer = model.moe_layers()[0]
     x = torch.randn(cfg["seq"], cfg["d_model"], device=device, dtype=dtype)
@@ -398,7 +428,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument(
         "--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on GPU, fp32 on CPU"
     )
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block")
+    p.add_argument("--recompute", action="store_true", help="MoE layers recompute expert activations")
     p.add_argument("--aux-loss-coeff", type=float, default=0.01)
     p.add_argument("--z-loss-coeff", type=float, default=0.001)
     p.add_argument("--expert-bias", action="store_true", help="aux-loss-free balancing (all-reduced counts)")
@@ -408,6 +439,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--resume", default=None, help="resume from a checkpoint (written at any EP size)")
     p.add_argument("--metrics", default=None, help="write the losses and the summary here as JSON")
     p.add_argument("--plot", default=None, help="loss curve and tokens-per-expert heatmap (PNG)")
+    p.add_argument("--profile", default=None, help="profile 3 more steps; GPU kernel time by category here")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
 

@@ -1,0 +1,47 @@
+"""GPU kernel time of profiled steps by category (MoE kernels, grouped GEMMs, attention, dense GEMMs,
+compiler-fused elementwise, optimizer) and by kernel, for ``full_integration.py --profile``.
+
+``kernel_table(prof, steps)`` -> printable text; ``categorize(name)`` -> the category of one kernel.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from torch.autograd import DeviceType
+
+_RULES = (  # (category, substrings of the kernel name); first match wins
+    ("optimizer", ("adam", "multi_tensor")),
+    ("attention (SDPA)", ("flash", "fmha", "attention", "cudnn")),
+    ("MoE grouped GEMM (CUTLASS)", ("grouped", "groupproblem", "ptrarray")),
+    ("MoE Triton kernels (ours)", ("_kernel",)),
+    ("compiler-fused elementwise/reductions", ("triton_",)),
+    ("dense GEMM (cuBLAS)", ("gemm", "nvjet", "xmma", "cutlass", "sm90")),
+    ("copies and fills", ("copy", "fill", "memcpy", "memset", "cat")),
+)
+
+
+def categorize(name: str) -> str:
+    low = name.lower()
+    for category, keys in _RULES:
+        if any(k in low for k in keys):
+            return category
+    return "other"
+
+
+def kernel_table(prof, steps: int, top: int = 25) -> str:
+    """Per-step milliseconds of GPU kernels, summed by category and by name (longest first)."""
+    by_name: dict[str, float] = defaultdict(float)
+    for evt in prof.events():
+        if evt.device_type == DeviceType.CUDA:
+            by_name[evt.name] += evt.self_device_time_total / 1e3 / steps
+    by_cat: dict[str, float] = defaultdict(float)
+    for name, ms in by_name.items():
+        by_cat[categorize(name)] += ms
+    total = max(sum(by_cat.values()), 1e-9)
+    lines = [f"GPU kernel time per step: {total:.2f} ms", "| category | ms/step | share |", "| --- | --- | --- |"]
+    lines += [f"| {c} | {ms:.2f} | {ms / total:.0%} |" for c, ms in sorted(by_cat.items(), key=lambda kv: -kv[1])]
+    lines += ["", "| kernel | category | ms/step |", "| --- | --- | --- |"]
+    for name, ms in sorted(by_name.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"| {name[:90]} | {categorize(name)} | {ms:.3f} |")
+    return "\n".join(lines)

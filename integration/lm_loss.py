@@ -1,0 +1,66 @@
+"""Next-token cross-entropy of an LM head without the ``[T, V]`` logits: chunked, gradients in forward.
+
+``lm_head_cross_entropy(x_TD, w_VD, targets_T)`` equals
+``F.cross_entropy((x_TD @ w_VD.T).float(), targets_T)`` (mean over T) in value and in the gradients of
+``x`` and ``w``, but holds one ``[C, V]`` chunk of fp32 logits at a time instead of the whole
+``[T, V]`` logits, their fp32 copy and their gradient (~2.6 GB at T 8192, V 32000). The loss is a
+scalar, so its gradient is known up to the incoming scale while the chunk is live: forward computes
+``grad_x`` and ``grad_w`` chunk by chunk (``grad_w`` summed in fp32), backward only scales them.
+
+Legend: T tokens, D model dim, V vocabulary, C tokens per chunk.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["lm_head_cross_entropy"]
+
+CHUNK = 2048
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` rounded once, to fp32 (CUDA 16-bit: the GEMM's fp32 accumulator as it is)."""
+    if a.is_cuda and a.dtype != torch.float32:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return (a @ b).float()
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TD: torch.Tensor, w_VD: torch.Tensor, targets_T: torch.Tensor, chunk: int):
+        T = x_TD.shape[0]
+        loss = x_TD.new_zeros((), dtype=torch.float32)
+        grad_x_TD = torch.empty_like(x_TD)
+        grad_w_VD = torch.zeros(w_VD.shape, dtype=torch.float32, device=w_VD.device)
+        for start in range(0, T, chunk):
+            x_CD, tgt_C = x_TD[start : start + chunk], targets_T[start : start + chunk]
+            logits_CV = (x_CD @ w_VD.t()).float()
+            lse_C = torch.logsumexp(logits_CV, dim=1)
+            loss = loss + (lse_C - logits_CV.gather(1, tgt_C[:, None])[:, 0]).sum()
+            # d(mean CE)/d logits = (softmax - onehot) / T, formed in place over the chunk's logits
+            grad_CV = logits_CV.sub_(lse_C[:, None]).exp_()
+            grad_CV.scatter_add_(1, tgt_C[:, None], grad_CV.new_full((tgt_C.shape[0], 1), -1.0))
+            grad_CV = grad_CV.div_(T).to(x_TD.dtype)
+            grad_x_TD[start : start + chunk] = grad_CV @ w_VD
+            grad_w_VD += _mm_fp32(grad_CV.t(), x_CD)
+        ctx.save_for_backward(grad_x_TD, grad_w_VD.to(w_VD.dtype))
+        return loss / max(T, 1)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x_TD, grad_w_VD = ctx.saved_tensors
+        scale = grad_loss.to(grad_x_TD.dtype)
+        return grad_x_TD * scale, grad_w_VD * scale, None, None
+
+
+def lm_head_cross_entropy(
+    x_TD: torch.Tensor, w_VD: torch.Tensor, targets_T: torch.Tensor, chunk: int = CHUNK
+) -> torch.Tensor:
+    """Mean next-token cross-entropy of logits ``x_TD @ w_VD.T`` (computed in fp32) against
+    ``targets_T`` (int64 in ``[0, V)``); an fp32 scalar, differentiable in ``x`` and ``w``."""
+    if x_TD.dim() != 2 or w_VD.dim() != 2 or x_TD.shape[1] != w_VD.shape[1]:
+        raise ValueError(f"x must be [T, D] and w [V, D], got {tuple(x_TD.shape)} and {tuple(w_VD.shape)}")
+    if targets_T.shape != x_TD.shape[:1]:
+        raise ValueError(f"targets must be [T={x_TD.shape[0]}], got {tuple(targets_T.shape)}")
+    return _HeadCrossEntropy.apply(x_TD, w_VD, targets_T, chunk)
