@@ -13,6 +13,7 @@ W EP world size.
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from flashfusemoe import overlap as _overlap
 from flashfusemoe.backends import get_backend
@@ -134,8 +135,9 @@ def fused_moe(
             width L (Megatron's ``moe_latent_size``): tokens are projected down after routing (the
             router and shared experts see the full D) and back up after combine, so dispatch moves
             L values per row; ``w_up`` / ``w_down`` are then ``[e, F, L]`` / ``[e, L, I]``.
-        recompute_activations: keep no expert activations for backward; recompute them there. Needed
-            to backpropagate twice through one graph on the ``triton`` backend (docs/moe_layer.md).
+        recompute_activations: keep no expert activations (routed or shared) for backward; recompute
+            them there. Needed to backpropagate twice through one graph on the ``triton`` backend
+            (docs/moe_layer.md).
         backend: compute backend name (``torch``, ``triton``); None: ``FLASHFUSEMOE_BACKEND``, then auto.
         communicator: moves tokens to their experts' ranks (:mod:`flashfusemoe.comm`); None: loopback.
         overlap: with shared experts and a communicator of W > 1 ranks, run the shared experts (and
@@ -173,6 +175,8 @@ def fused_moe(
     be = get_backend(backend, x_TD.device)
 
     def shared_mlp() -> torch.Tensor:
+        if recompute_activations and torch.is_grad_enabled():  # keeps only x: [T, F] + [T, I] less a layer
+            return checkpoint(be.expert_mlp, x_TD, shared_w_up, shared_w_down, activation, use_reentrant=False)
         return be.expert_mlp(x_TD, shared_w_up, shared_w_down, activation)
 
     routing = be.route(be.router_logits(x_TD, gate_weight_ED), router, expert_bias)

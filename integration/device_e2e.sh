@@ -3,7 +3,7 @@
 # (a call brings back only a few files).
 #   HF=1 (default): the HF GPU tests (and the CPU ones on this transformers) and bench_hf.
 #   SEED_RUNS (default "triton:eager torch:eager triton:compile"): full_integration.py --preset seed-1b runs,
-#     each "backend:eager|compile[:extra flag]"; PROFILE=1 adds --profile to the compiled triton runs.
+#     each "backend:eager|compile[:flag+flag...]"; PROFILE=1 adds --profile to the compiled triton runs.
 #   SEED_BASE: an older full_integration.py (e.g. in the carried .ab_base/) run compiled as an A/B row.
 #   TESTS: extra pytest targets run first.
 set -uo pipefail
@@ -34,8 +34,9 @@ seed() {  # name script flags...
 }
 for run in ${SEED_RUNS-triton:eager torch:eager triton:compile}; do
   IFS=: read -r backend mode extra <<< "$run"
-  flags=(--backend "$backend"); [ -n "$extra" ] && flags+=("$extra")
-  name=${backend}_${mode}${extra//-/_}
+  IFS=+ read -ra extras <<< "$extra"
+  flags=(--backend "$backend" "${extras[@]}")
+  name=${backend}_${mode}$(echo "$extra" | tr -c 'a-z0-9\n' _)
   if [ "$mode" = compile ]; then
     flags+=(--compile); [ "${PROFILE:-0}" = 1 ] && [ "$backend" = triton ] && flags+=(--profile "$LOG/profile_$name.md")
   fi

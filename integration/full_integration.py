@@ -47,13 +47,19 @@ PRESETS = {
 }  # fmt: skip
 
 
-def _rope(x_BHSd: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding over the last dim (pairs of halves)."""
-    S, d = x_BHSd.shape[-2], x_BHSd.shape[-1]
-    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, device=x_BHSd.device, dtype=torch.float32) / d))
-    ang_Sd = torch.outer(torch.arange(S, device=x_BHSd.device, dtype=torch.float32), inv)
-    cos, sin = ang_Sd.cos().to(x_BHSd.dtype), ang_Sd.sin().to(x_BHSd.dtype)
-    a, b = x_BHSd[..., : d // 2], x_BHSd[..., d // 2 :]
+def rope_table(S: int, d: int) -> torch.Tensor:
+    """``[2, S, 1, d/2]``: cos and sin of the rotary angles, position x frequency (fp32)."""
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    ang_Sd = torch.outer(torch.arange(S, dtype=torch.float32), inv)
+    return torch.stack([ang_Sd.cos(), ang_Sd.sin()])[:, :, None, :]
+
+
+def _rope(x_BSHd: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding over the last dim (pairs of halves); ``table`` from :func:`rope_table`.
+    In ``[B, S, H, d]`` layout, before the heads move forward: the pass reads whole rows."""
+    S, d = x_BSHd.shape[1], x_BSHd.shape[-1]
+    cos, sin = table[0, :S], table[1, :S]
+    a, b = x_BSHd[..., : d // 2], x_BSHd[..., d // 2 :]
     return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
 
 
@@ -64,10 +70,11 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(D, 3 * D, bias=False)
         self.out = nn.Linear(D, D, bias=False)
 
-    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         B, S, D = x_BSD.shape
-        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(_rope(q), _rope(k), v, is_causal=True)
+        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.heads, D // self.heads).unbind(2)
+        q, k, v = (t.transpose(1, 2) for t in (_rope(q, rope), _rope(k, rope), v))  # [B, H, S, d]
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.out(y.transpose(1, 2).reshape(B, S, D))
 
 
@@ -81,8 +88,8 @@ class Block(nn.Module):
             D, cfg["ffn_dim"], cfg["experts"], cfg["top_k"], num_shared_experts=cfg["shared"], **moe_kw
         )
 
-    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        x_BSD = x_BSD + self.attn(self.norm1(x_BSD))
+    def forward(self, x_BSD: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        x_BSD = x_BSD + self.attn(self.norm1(x_BSD), rope)
         y_BSD, losses = self.moe(self.norm2(x_BSD))
         return x_BSD + y_BSD, losses
 
@@ -98,6 +105,8 @@ class MoELM(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, moe_kw) for _ in range(cfg["layers"]))
         self.norm = nn.RMSNorm(D)
         self.head = nn.Linear(D, cfg["vocab"], bias=False)
+        # computed once, not per call; cast with the model like the rest (not in the state dict)
+        self.register_buffer("rope", rope_table(cfg["seq"], D // cfg["heads"]), persistent=False)
         with torch.no_grad():
             self.embed.weight.normal_(0.0, 1.0)
             for m in self.modules():
@@ -112,7 +121,7 @@ class MoELM(nn.Module):
         aux = x.new_zeros((), dtype=torch.float32)
         counts = []
         for block in self.blocks:
-            x, losses = block(x)
+            x, losses = block(x, self.rope)
             aux = aux + losses["aux_loss"] + losses["z_loss"]
             counts.append(losses["tokens_per_expert"])
         # fp32 logits chunk by chunk, never all [B*S, vocab] of them (integration/lm_loss.py)
@@ -154,6 +163,12 @@ def _gather_experts(t: torch.Tensor, W: int) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def _saved_buffers(model: MoELM):
+    """The buffers a checkpoint holds: the state dict's (expert biases), not the RoPE table."""
+    keys = model.state_dict().keys()
+    return [(n, b) for n, b in model.named_buffers() if n in keys]
+
+
 def save_checkpoint(path: Path, model: MoELM, opt, step: int, W: int, rank: int) -> None:
     """One file with the unsharded model and AdamW state (experts gathered from every rank)."""
     experts = {id(p) for p in get_expert_params(model)}
@@ -165,7 +180,7 @@ def save_checkpoint(path: Path, model: MoELM, opt, step: int, W: int, rank: int)
         optim[name] = {
             k: (_gather_experts(v, W) if id(p) in experts and v.dim() > 0 else v).cpu() for k, v in s.items()
         }
-    buffers = {n: b.cpu() for n, b in model.named_buffers()}
+    buffers = {n: b.cpu() for n, b in _saved_buffers(model)}
     if rank == 0:
         path.mkdir(parents=True, exist_ok=True)
         torch.save({"model": state, "buffers": buffers, "optim": optim, "step": step}, path / "checkpoint.pt")
@@ -179,7 +194,7 @@ def load_checkpoint(path: Path, model: MoELM) -> dict:
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(ckpt["model"][name])
-        for name, b in model.named_buffers():
+        for name, b in _saved_buffers(model):
             b.copy_(ckpt["buffers"][name])
     return ckpt
 
@@ -329,7 +344,7 @@ def train(args) -> dict:
     )
     if args.compile:  # block by block: the 18 identical blocks share one compiled graph
         for block in model.blocks:
-            block.compile()
+            block.compile(mode=args.compile_mode)
     data = None
     if args.data:
         data = torch.frombuffer(bytearray(Path(args.data).read_bytes()), dtype=torch.uint8).long()
@@ -400,7 +415,7 @@ def summarize(args, cfg: dict, model: MoELM, times: list[float], device, dtype, 
         first_step_s=times[0] if times else float("nan"),
     )  # fmt: skip
     layer = model.moe_layers()[0]
-    x = torch.randn(cfg["seq"], cfg["d_model"], device=device, dtype=dtype)
+    x = torch.randn(cfg["batch"] // W * cfg["seq"], cfg["d_model"], device=device, dtype=dtype)  # a step's rows
     out["saved_bytes_per_moe_layer"] = saved_bytes_of_one_layer(layer, x)
     if device.type == "cuda":
         from integration.bench_layer import dense_ceiling_tflops
@@ -429,6 +444,7 @@ def parse_args(argv: list[str] | None = None):
         "--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on GPU, fp32 on CPU"
     )
     p.add_argument("--compile", action="store_true", help="torch.compile each block")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead")
     p.add_argument("--recompute", action="store_true", help="MoE layers recompute expert activations")
     p.add_argument("--aux-loss-coeff", type=float, default=0.01)
     p.add_argument("--z-loss-coeff", type=float, default=0.001)

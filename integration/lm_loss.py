@@ -5,12 +5,15 @@
 ``x`` and ``w``, but holds one ``[C, V]`` chunk of fp32 logits at a time instead of the whole
 ``[T, V]`` logits, their fp32 copy and their gradient (~2.6 GB at T 8192, V 32000). The loss is a
 scalar, so its gradient is known up to the incoming scale while the chunk is live: forward computes
-``grad_x`` and ``grad_w`` chunk by chunk (``grad_w`` summed in fp32), backward only scales them.
+``grad_x`` and ``grad_w`` chunk by chunk (``grad_w`` summed in fp32), backward only scales them. On
+GPUs the per-chunk softmax/gradient pass is compiled (one kernel); the GEMMs are cuBLAS's.
 
 Legend: T tokens, D model dim, V vocabulary, C tokens per chunk.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -26,22 +29,36 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a @ b).float()
 
 
+def _chunk_loss_and_grad(logits_CV: torch.Tensor, targets_C: torch.Tensor, inv_T: torch.Tensor):
+    """Summed CE of one chunk (fp32) and its logits' gradient ``(softmax - onehot) * inv_T`` in the
+    logits' dtype: the d(mean CE)/d logits of the whole call, rounded once as autograd would."""
+    z_CV = logits_CV.float()
+    lse_C = torch.logsumexp(z_CV, dim=1)
+    loss = (lse_C - z_CV.gather(1, targets_C[:, None])[:, 0]).sum()
+    p_CV = (z_CV - lse_C[:, None]).exp()
+    hit_CV = torch.arange(z_CV.shape[1], device=z_CV.device) == targets_C[:, None]
+    return loss, ((p_CV - hit_CV.float()) * inv_T).to(logits_CV.dtype)
+
+
+@functools.cache
+def _compiled_chunk():
+    """On GPUs: one fused pass over the chunk's logits instead of ~6 eager ones (~3 ms a step at seed-1b)."""
+    return torch.compile(_chunk_loss_and_grad, dynamic=False)
+
+
 class _HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD: torch.Tensor, w_VD: torch.Tensor, targets_T: torch.Tensor, chunk: int):
         T = x_TD.shape[0]
+        chunk_fn = _compiled_chunk() if x_TD.is_cuda else _chunk_loss_and_grad
+        inv_T = torch.full((), 1.0 / max(T, 1), device=x_TD.device)  # a tensor: no recompile per T
         loss = x_TD.new_zeros((), dtype=torch.float32)
         grad_x_TD = torch.empty_like(x_TD)
         grad_w_VD = torch.zeros(w_VD.shape, dtype=torch.float32, device=w_VD.device)
         for start in range(0, T, chunk):
             x_CD, tgt_C = x_TD[start : start + chunk], targets_T[start : start + chunk]
-            logits_CV = (x_CD @ w_VD.t()).float()
-            lse_C = torch.logsumexp(logits_CV, dim=1)
-            loss = loss + (lse_C - logits_CV.gather(1, tgt_C[:, None])[:, 0]).sum()
-            # d(mean CE)/d logits = (softmax - onehot) / T, formed in place over the chunk's logits
-            grad_CV = logits_CV.sub_(lse_C[:, None]).exp_()
-            grad_CV.scatter_add_(1, tgt_C[:, None], grad_CV.new_full((tgt_C.shape[0], 1), -1.0))
-            grad_CV = grad_CV.div_(T).to(x_TD.dtype)
+            loss_C, grad_CV = chunk_fn(x_CD @ w_VD.t(), tgt_C, inv_T)
+            loss = loss + loss_C
             grad_x_TD[start : start + chunk] = grad_CV @ w_VD
             grad_w_VD += _mm_fp32(grad_CV.t(), x_CD)
         ctx.save_for_backward(grad_x_TD, grad_w_VD.to(w_VD.dtype))

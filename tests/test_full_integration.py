@@ -34,10 +34,29 @@ def _close(a: list[float], b: list[float]) -> None:
 
 
 def test_tiny_preset_trains_in_one_process(tmp_path):
-    losses = _run(tmp_path, "one")
+    losses = _run(tmp_path, "one", "--profile", str(tmp_path / "profile.md"))
     assert len(losses) == 8 and all(0 < x < 20 for x in losses)
     summary = json.loads((tmp_path / "one.json").read_text())["summary"]
     assert summary["params_total"] == 288064 and summary["saved_bytes_per_moe_layer"] > 0
+    assert (tmp_path / "profile.md").read_text().startswith("GPU kernel time per step")
+
+
+def test_recompute_lowers_saved_bytes_and_keeps_the_losses(tmp_path):
+    plain = _run(tmp_path, "plain")
+    _close(_run(tmp_path, "recompute", "--recompute"), plain)
+    saved = [json.loads((tmp_path / f"{n}.json").read_text())["summary"]["saved_bytes_per_moe_layer"]
+             for n in ("plain", "recompute")]  # fmt: skip
+    assert saved[1] < saved[0] / 2, saved
+
+
+def test_kernel_table_categories_and_busy_time():
+    from integration.kernel_table import _busy_ms, categorize
+
+    assert _busy_ms([(0, 10), (5, 12), (20, 30), (25, 26)]) == (0.03, 0.022)
+    assert categorize("_tma_mm_kernel") == "MoE Triton kernels (ours)"
+    assert categorize("void at::native::vectorized_elementwise_kernel<4>") == "ATen elementwise (eager)"
+    assert categorize("triton_poi_fused_add_0") == "compiler-fused elementwise/reductions"
+    assert categorize("nvjet_sm90_tst_256x128") == "dense GEMM (cuBLAS)"
 
 
 def test_ep2_under_torchrun_equals_one_process(tmp_path):

@@ -256,6 +256,28 @@ def test_shared_experts_are_added():
     torch.testing.assert_close(out, routed + expert_mlp(x, layer.shared_w_up, layer.shared_w_down, "swiglu"))
 
 
+@pytest.mark.parametrize("backend", available_backends())
+def test_recompute_keeps_no_shared_expert_activations_and_same_gradients(backend):
+    """recompute_activations=True also recomputes the shared experts: no [T, S*F] or [T, S*I] tensor is
+    saved for backward, and the output and every gradient are bit-identical to keeping them."""
+    T, D, F_, S = 7, 8, 12, 2
+    results, shapes = [], []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        layer = MoELayer(D, F_, 4, 2, num_shared_experts=S, recompute_activations=recompute, backend=backend)
+        x = torch.randn(T, D, requires_grad=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+            out, _ = layer(x)
+        out.square().sum().backward()
+        results.append([out.detach(), x.grad, *(p.grad for p in layer.parameters())])
+        shapes.append(saved)
+    wide = {(T, S * F_), (T, S * F_ // 2)}
+    assert wide & set(shapes[0]) and not wide & set(shapes[1])
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_losses_are_weighted_and_backprop():
     torch.manual_seed(1)
     layer = MoELayer(8, 8, 4, 2, aux_loss_coeff=0.5, z_loss_coeff=0.25)
