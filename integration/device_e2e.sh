@@ -5,7 +5,7 @@
 #   SEED_RUNS (default "triton:eager torch:eager triton:compile"): full_integration.py --preset seed-1b runs,
 #     each "backend:eager|compile[:flag+flag...]"; PROFILE=1 adds --profile to the compiled triton runs.
 #   SEED_BASE: an older full_integration.py (e.g. in the carried .ab_base/) run compiled as an A/B row.
-#   TESTS: extra pytest targets run first.
+#   TESTS: extra pytest targets run first. E2E: flags of an integration/bench_e2e.py run.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; LOG=/tmp/logs; mkdir -p "$LOG"
@@ -26,7 +26,10 @@ if [ "${HF:-1}" = 1 ]; then
   timeout 100 python3 -m pytest -q -p no:cacheprovider tests/integrations -k "gpu or torch or refused or sentinels or import" 2>&1 | tee "$LOG/tests.log" | tail -6
   timeout ${HF_TIMEOUT:-120} python3 -m integration.bench_hf --json "$LOG/bench_hf.json" --write "$LOG/bench_hf.md" 2>&1 | tee "$LOG/bench_hf.log" | tail -8
 fi
-# (integration/bench_e2e.py runs the same backends x EP sizes and writes the table)
+if [ -n "${E2E:-}" ]; then  # bench_e2e's table (backends x EP sizes this machine has), E2E = its flags
+  timeout ${E2E_TIMEOUT:-240} python3 -m integration.bench_e2e $E2E --write "$LOG/e2e.md" --json "$LOG/e2e.json" \
+    2>&1 | tee "$LOG/e2e.log" | tail -12
+fi
 seed() {  # name script flags...
   local name=$1 script=$2; shift 2
   timeout ${SEED_TIMEOUT:-110} python3 "$script" --preset seed-1b --steps ${SEED_STEPS:-12} --quiet \

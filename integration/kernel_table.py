@@ -46,12 +46,10 @@ def _busy_ms(intervals: list[tuple[float, float]]) -> tuple[float, float]:
 def kernel_table(prof, steps: int, top: int = 40) -> str:
     """Per-step milliseconds of GPU kernels, summed by category and by name (longest first), and how
     much of the profiled span the GPU was busy (the rest: waiting for the host)."""
-    events = prof.events()
-    host_ranges = {evt.name for evt in events if evt.device_type != DeviceType.CUDA}
     by_name: dict[str, float] = defaultdict(float)
     intervals = []
-    for evt in events:  # a GPU event named like a host range is its annotation, not a kernel
-        if evt.device_type == DeviceType.CUDA and evt.name not in host_ranges:
+    for evt in prof.events():  # GPU-side user annotations (record_function ranges) are not kernels
+        if evt.device_type == DeviceType.CUDA and not getattr(evt, "is_user_annotation", False):
             by_name[evt.name] += evt.self_device_time_total / 1e3 / steps
             intervals.append((evt.time_range.start, evt.time_range.end))
     span, busy = _busy_ms(intervals)
