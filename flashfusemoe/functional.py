@@ -176,7 +176,9 @@ def fused_moe(
 
     def shared_mlp() -> torch.Tensor:
         if recompute_activations and torch.is_grad_enabled():  # keeps only x: [T, F] + [T, I] less a layer
-            return checkpoint(be.expert_mlp, x_TD, shared_w_up, shared_w_down, activation, use_reentrant=False)
+            return checkpoint(
+                be.expert_mlp, x_TD, shared_w_up, shared_w_down, activation, use_reentrant=False
+            )
         return be.expert_mlp(x_TD, shared_w_up, shared_w_down, activation)
 
     routing = be.route(be.router_logits(x_TD, gate_weight_ED), router, expert_bias)

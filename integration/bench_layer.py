@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,10 @@ SHAPES = {  # T, D, I, E, K
     "seed": (8192, 1024, 2048, 8, 2),
     "fine": (16384, 2048, 768, 128, 8),
     "mixtral": (8192, 4096, 14336, 8, 2),
+    "sonic-default": (32768, 4096, 1024, 128, 8),  # SonicMoE's own benchmark default
+    "olmoe": (16384, 2048, 1024, 64, 8),
 }
+SONIC = "SonicMoE"
 
 
 def timed(fn, iters: int = 20, warmup: int = 3) -> float:
@@ -96,12 +100,35 @@ def variants(shape):
             recompute_activations=recompute,
         )[0]
 
-    return {
+    out = {
         "ours": ours("triton"),
         "ours+recompute": ours("triton", True),
         "grouped_mm baseline": lambda x, gate, up, down, bias: titan_moe(x, gate, up, down, bias, K),
         "torch reference": ours("torch"),
     }
+    sonic = _sonic_layer(K)
+    if sonic is not None:
+        out[SONIC] = sonic
+    return out
+
+
+def _sonic_layer(K: int):
+    """SonicMoE's fused layer (softmax over the top-k logits = our renormalized softmax top-k) on our
+    weight layout, where the ``sonic-moe`` wheel imports (a baseline, never a dependency); else None.
+    It takes no selection bias: run it on balanced routing only."""
+    try:
+        from sonicmoe import moe_TC_softmax_topk_layer
+    except ImportError:
+        return None
+
+    def layer(x, gate, up, down, bias):
+        stream = torch.cuda.current_stream().cuda_stream
+        out = moe_TC_softmax_topk_layer(
+            x, gate, up.permute(1, 2, 0), None, down.permute(1, 2, 0), None, K, stream, concat_layout=True
+        )
+        return out[0]
+
+    return layer
 
 
 def _bind(fn, inputs):
@@ -130,6 +157,18 @@ def time_variant(fn, inputs, grad_out, graph: bool) -> tuple[float, float, float
     for p in params:
         p.grad = None
     return fwd_ms, total_ms, graph_ms, acc_ms
+
+
+def first_call_s(fn, inputs, grad_out) -> float:
+    """Seconds of the first forward+backward at this shape: compilation and autotuning included."""
+    fwd, params = _bind(fn, inputs)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fwd().backward(grad_out)
+    torch.cuda.synchronize()
+    for p in params:
+        p.grad = None
+    return time.perf_counter() - start
 
 
 def memory_variant(fn, inputs, grad_out) -> tuple[int, int, int]:
@@ -208,6 +247,14 @@ def _best_of(paths: dict) -> dict:
     return {k: min(t[k] for t in paths.values()) for k in ("fwd", "dx", "dw")}
 
 
+def _vs_sonic(rows: list, r: dict) -> str:
+    """``r``'s eager forward+backward time over SonicMoE's, same shape and routing; '' without it."""
+    sonic = [
+        b for b in rows if b["variant"] == SONIC and (b["shape"], b["routing"]) == (r["shape"], r["routing"])
+    ]
+    return f"{r['total_ms'] / sonic[0]['total_ms']:.2f}" if sonic else ""
+
+
 def render(card: str, ceiling: float, rows: list, floors: dict) -> str:
     """The markdown table written to docs/benchmarks.md."""
     lines = [
@@ -222,12 +269,16 @@ def render(card: str, ceiling: float, rows: list, floors: dict) -> str:
         "forward+backward above the inputs, weights and those gradient buffers; `peak, new .grad` = above "
         "the inputs and weights when this backward creates the gradients (the first micro-batch after "
         "`zero_grad()`: the gradients themselves count); `saved` = what the forward keeps for backward. "
-        "`non-GEMM` = share of the graphed time above the GEMM floor (fastest path per GEMM, table below).",
+        "`non-GEMM` = share of the graphed time above the GEMM floor (fastest path per GEMM, table below). "
+        "`time / SonicMoE's` = eager forward+backward time over SonicMoE's (where its wheel imports; "
+        "balanced routing only: it takes no selection bias); `first call` = the first forward+backward at "
+        "the shape, compilation and autotuning included.",
         "",
         "| shape (T,D,I,E,K) | routing | max load | variant | fwd ms | fwd+bwd ms | graphed ms | "
         "into .grad ms | TFLOP/s | % ceiling | peak GiB | peak, new .grad | saved GiB | vs baseline | "
-        "graphed vs baseline | into .grad vs baseline | peak vs baseline | non-GEMM |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "graphed vs baseline | into .grad vs baseline | peak vs baseline | non-GEMM | time / SonicMoE's | "
+        "first call s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         base = next(
@@ -244,7 +295,8 @@ def render(card: str, ceiling: float, rows: list, floors: dict) -> str:
             f"{r['peak_gib']:.2f} | {r['peak_fresh_gib']:.2f} | {r['saved_gib']:.2f} | "
             f"{base['total_ms'] / r['total_ms']:.2f}x | {base['graph_ms'] / r['graph_ms']:.2f}x | "
             f"{base['acc_ms'] / r['acc_ms']:.2f}x | {r['peak_gib'] / base['peak_gib']:.2f}x | "
-            f"{100 * (1 - sum(_best_of(floors[r['shape']]).values()) / r['graph_ms']):.0f}% |"
+            f"{100 * (1 - sum(_best_of(floors[r['shape']]).values()) / r['graph_ms']):.0f}% | "
+            f"{_vs_sonic(rows, r)} | {r.get('first_call_s', float('nan')):.1f} |"
         )
     lines += [
         "",
@@ -277,6 +329,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--shapes", default="seed,fine,mixtral")
     p.add_argument("--skip-reference", action="store_true", help="skip the (slow) torch reference")
+    p.add_argument("--variants", default=None, help="comma list (the grouped_mm baseline always runs)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median taken)")
     p.add_argument("--write", default=None, help="write the markdown table to this file")
     p.add_argument("--json", default=None)
@@ -303,7 +356,10 @@ def main() -> None:
                 n: f
                 for n, f in variants(shape).items()
                 if not (n == "torch reference" and args.skip_reference)
+                and not (n == SONIC and skew)  # it takes no selection bias
+                and (args.variants is None or n in args.variants.split(",") or n == "grouped_mm baseline")
             }
+            first = {n: first_call_s(f, inputs, grad_out) for n, f in chosen.items()}
             times = {n: [] for n in chosen}
             for _ in range(
                 args.rounds
@@ -329,6 +385,7 @@ def main() -> None:
                         peak_gib=peak / 2**30,
                         peak_fresh_gib=peak_fresh / 2**30,
                         saved_gib=saved / 2**30,
+                        first_call_s=first[name],
                     )
                 )
                 print(json.dumps(rows[-1]), flush=True)

@@ -5,7 +5,8 @@
 #   SEED_RUNS (default "triton:eager torch:eager triton:compile"): full_integration.py --preset seed-1b runs,
 #     each "backend:eager|compile[:flag+flag...]"; PROFILE=1 adds --profile to the compiled triton runs.
 #   SEED_BASE: an older full_integration.py (e.g. in the carried .ab_base/) run compiled as an A/B row.
-#   TESTS: extra pytest targets run first. E2E: flags of an integration/bench_e2e.py run.
+#   TESTS: extra pytest targets run first. E2E: flags of an integration/bench_e2e.py run. LAYER: flags of
+#   an integration/bench_layer.py run.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; LOG=/tmp/logs; mkdir -p "$LOG"
@@ -21,6 +22,10 @@ ln -sfn ../backends flashfusemoe/backends; ln -sfn ../comm flashfusemoe/comm
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if [ -n "${TESTS:-}" ]; then
   timeout 150 python3 -m pytest -q -p no:cacheprovider $TESTS 2>&1 | tee "$LOG/tests_extra.log" | tail -6
+fi
+if [ -n "${LAYER:-}" ]; then  # bench_layer (with the SonicMoE column where its wheel is carried), LAYER = flags
+  timeout ${LAYER_TIMEOUT:-300} python3 integration/bench_layer.py $LAYER --json "$LOG/layer.json" \
+    --write "$LOG/layer.md" 2>&1 | tee "$LOG/layer.log" | grep -v -i warn | tail -${LAYER_TAIL:-20}
 fi
 if [ "${HF:-1}" = 1 ]; then
   timeout 100 python3 -m pytest -q -p no:cacheprovider tests/integrations -k "gpu or torch or refused or sentinels or import" 2>&1 | tee "$LOG/tests.log" | tail -6

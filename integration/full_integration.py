@@ -420,7 +420,9 @@ def summarize(args, cfg: dict, model: MoELM, times: list[float], device, dtype, 
         first_step_s=times[0] if times else float("nan"),
     )  # fmt: skip
     layer = model.moe_layers()[0]
-    x = torch.randn(cfg["batch"] // W * cfg["seq"], cfg["d_model"], device=device, dtype=dtype)  # a step's rows
+    x = torch.randn(
+        cfg["batch"] // W * cfg["seq"], cfg["d_model"], device=device, dtype=dtype
+    )  # a step's rows
     out["saved_bytes_per_moe_layer"] = saved_bytes_of_one_layer(layer, x)
     if device.type == "cuda":
         from integration.bench_layer import dense_ceiling_tflops

@@ -63,7 +63,9 @@ def kernel_table(prof, steps: int, top: int = 40) -> str:
         "| category | ms/step | share |",
         "| --- | --- | --- |",
     ]
-    lines += [f"| {c} | {ms:.2f} | {ms / total:.0%} |" for c, ms in sorted(by_cat.items(), key=lambda kv: -kv[1])]
+    lines += [
+        f"| {c} | {ms:.2f} | {ms / total:.0%} |" for c, ms in sorted(by_cat.items(), key=lambda kv: -kv[1])
+    ]
     lines += ["", "| kernel | category | ms/step |", "| --- | --- | --- |"]
     for name, ms in sorted(by_name.items(), key=lambda kv: -kv[1])[:top]:
         lines.append(f"| {name[:90]} | {categorize(name)} | {ms:.3f} |")

@@ -264,10 +264,17 @@ def test_recompute_keeps_no_shared_expert_activations_and_same_gradients(backend
     results, shapes = [], []
     for recompute in (False, True):
         torch.manual_seed(0)
-        layer = MoELayer(D, F_, 4, 2, num_shared_experts=S, recompute_activations=recompute, backend=backend)
-        x = torch.randn(T, D, requires_grad=True)
+        layer = MoELayer(
+            D, F_, 4, 2, num_shared_experts=S, recompute_activations=recompute, backend=backend, device=DEV
+        )
+        x = torch.randn(T, D, device=DEV, requires_grad=True)
         saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+
+        def pack(t, saved=saved):
+            saved.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out, _ = layer(x)
         out.square().sum().backward()
         results.append([out.detach(), x.grad, *(p.grad for p in layer.parameters())])

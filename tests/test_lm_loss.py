@@ -47,7 +47,9 @@ def test_no_tokens_is_zero_with_zero_gradients():
 @pytest.mark.gpu
 def test_bf16_on_gpu_within_twice_torch_error():
     x, w, targets = _inputs(5000, 1024, 32000, 1, torch.bfloat16, "cuda")
-    exact = _reference(x.double().detach().requires_grad_(), w.double().detach().requires_grad_(), targets, 1.0)
+    exact = _reference(
+        x.double().detach().requires_grad_(), w.double().detach().requires_grad_(), targets, 1.0
+    )
     torch_bf16 = _reference(x, w, targets, 1.0)
     ours = _ours(x, w, targets, 1.0, 2048)
     for name, o, t, e in zip(("loss", "grad_x", "grad_w"), ours, torch_bf16, exact, strict=True):
