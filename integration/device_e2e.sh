@@ -17,6 +17,11 @@ if [ -f .whl-sonic/libs_base.tar.xz ]; then  # SonicMoE for bench_hf (../shared/
   tar -C /tmp/site -xJf .whl-sonic/libs_base.tar.xz
   export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/python_packages${PYTHONPATH:+:$PYTHONPATH}
   export QUACK_COMPILE_WORKERS=16
+  # Its first call per shape autotunes for minutes (> 330 s at the fine shape on the H200): keep the
+  # timings across calls. Comes back as $OUT/sonic-cache.tgz; unpack it into .sonic-cache/ and carry it.
+  export QUACK_CACHE_DIR=/tmp/sonic-cache TRITON_CACHE_AUTOTUNING=1; mkdir -p "$QUACK_CACHE_DIR"
+  [ -d .sonic-cache ] && cp -r .sonic-cache/. "$QUACK_CACHE_DIR"/
+  trap 'tar -C "$LOG" -czf "$OUT/logs.tgz" .; tar -C "$QUACK_CACHE_DIR" -czf "$OUT/sonic-cache.tgz" .' EXIT
 fi
 ln -sfn ../backends flashfusemoe/backends; ln -sfn ../comm flashfusemoe/comm
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
