@@ -175,7 +175,9 @@ def fused_moe(
     be = get_backend(backend, x_TD.device)
 
     def shared_mlp() -> torch.Tensor:
-        if recompute_activations and torch.is_grad_enabled():  # keeps only x: [T, F] + [T, I] less a layer
+        if (
+            recompute_activations and torch.is_grad_enabled()
+        ):  # saves x, not its [T, F] and [T, I] activations
             return checkpoint(
                 be.expert_mlp, x_TD, shared_w_up, shared_w_down, activation, use_reentrant=False
             )

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 
 __all__ = ["lm_head_cross_entropy"]
 
@@ -75,9 +76,17 @@ def lm_head_cross_entropy(
     x_TD: torch.Tensor, w_VD: torch.Tensor, targets_T: torch.Tensor, chunk: int = CHUNK
 ) -> torch.Tensor:
     """Mean next-token cross-entropy of logits ``x_TD @ w_VD.T`` (computed in fp32) against
-    ``targets_T`` (int64 in ``[0, V)``); an fp32 scalar, differentiable in ``x`` and ``w``."""
+    ``targets_T`` (int64 in ``[0, V)``); an fp32 scalar (0 for T = 0), differentiable in ``x`` and
+    ``w``. Without a backward to come (no_grad, or neither needs a gradient) only the loss is computed."""
     if x_TD.dim() != 2 or w_VD.dim() != 2 or x_TD.shape[1] != w_VD.shape[1]:
         raise ValueError(f"x must be [T, D] and w [V, D], got {tuple(x_TD.shape)} and {tuple(w_VD.shape)}")
     if targets_T.shape != x_TD.shape[:1]:
         raise ValueError(f"targets must be [T={x_TD.shape[0]}], got {tuple(targets_T.shape)}")
+    if not (torch.is_grad_enabled() and (x_TD.requires_grad or w_VD.requires_grad)):
+        # no backward to come: the loss alone, chunk by chunk, without the gradient GEMMs
+        T, loss = x_TD.shape[0], x_TD.new_zeros((), dtype=torch.float32)
+        for s in range(0, T, chunk):
+            logits_CV = (x_TD[s : s + chunk] @ w_VD.t()).float()
+            loss = loss + F.cross_entropy(logits_CV, targets_T[s : s + chunk], reduction="sum")
+        return loss / max(T, 1)
     return _HeadCrossEntropy.apply(x_TD, w_VD, targets_T, chunk)

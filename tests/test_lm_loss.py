@@ -38,6 +38,15 @@ def test_equals_full_logits_cross_entropy_fp32(T, D, V, chunk, scale, seed):
         torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-6)
 
 
+def test_without_gradients_only_the_loss_is_computed():
+    x, w, targets = _inputs(37, 8, 11, 5, torch.float32)
+    want = F.cross_entropy(x @ w.t(), targets)
+    with torch.no_grad():
+        torch.testing.assert_close(lm_head_cross_entropy(x, w, targets, 16), want)
+    torch.testing.assert_close(lm_head_cross_entropy(x.detach(), w.detach(), targets, 16), want.detach())
+    assert lm_head_cross_entropy(x[:0].detach(), w.detach(), targets[:0]).item() == 0
+
+
 def test_no_tokens_is_zero_with_zero_gradients():
     x, w, targets = _inputs(0, 8, 11, 0, torch.float32)
     loss, gx, gw = _ours(x, w, targets, 1.0, 4)
