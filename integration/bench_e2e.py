@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ep-sizes", default=None, help="default: 1, 2, 4, 8 up to the GPUs present (CPU: 1, 2)")
     p.add_argument("--comm", default="nccl")
     p.add_argument("--timeout", type=int, default=600)
-    p.add_argument("--write", default=None)
+    p.add_argument("--write", default=None, help="write the table into its block of this page")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.ep_sizes:
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append(run_one(args.preset, backend, W, args, Path(tmp)))
                 print(json.dumps(rows[-1]), flush=True)
     card = torch.cuda.get_device_name() if gpus else "CPU (plumbing check, not speed)"
-    emit(render(rows, card, args), rows, args.write, args.json)
+    emit(render(rows, card, args), rows, args.write, args.json, section="bench_e2e")
 
 
 if __name__ == "__main__":

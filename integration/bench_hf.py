@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--tokens", type=int, default=8192, help="tokens per step (batch x 2048)")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--write", default=None)
+    p.add_argument("--write", default=None, help="write the table into its block of this page")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     hf.register(backend="triton")
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         ms, ratio, loss = r["step_ms"], r["vs_grouped_mm"], r["first_loss"]
         lines.append(f"| {r['impl']} | {ms:.2f} | {ratio:.3f} | {loss:.4f} |")
-    emit("\n".join(lines) + "\n", rows, args.write, args.json)
+    emit("\n".join(lines) + "\n", rows, args.write, args.json, section="bench_hf")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -314,12 +315,29 @@ def render(card: str, ceiling: float, rows: list, floors: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def emit(table: str, payload: object, write: str | None, json_path: str | None) -> None:
-    """Print the markdown ``table``; write it to ``write`` and ``payload`` as JSON to ``json_path``."""
+def emit(
+    table: str, payload: object, write: str | None, json_path: str | None, section: str | None = None
+) -> None:
+    """Print the markdown ``table``; write it to ``write`` and ``payload`` as JSON to ``json_path``.
+
+    With ``section``, ``write`` is a shared page (docs/benchmarks.md): only the block between the lines
+    ``<!-- section -->`` and ``<!-- /section -->`` is replaced, everything around it kept; a page without
+    that block gets it appended."""
     print(table)
-    if write:
+    if write and section is None:
         with open(write, "w") as f:
             f.write(table)
+    elif write:
+        start, end = f"<!-- {section} -->\n", f"<!-- /{section} -->\n"
+        page = open(write).read() if os.path.exists(write) else ""
+        block = start + table + end
+        if start in page and end in page.split(start, 1)[1]:
+            head, rest = page.split(start, 1)
+            page = head + block + rest.split(end, 1)[1]
+        else:
+            page += ("\n" if page and not page.endswith("\n\n") else "") + block
+        with open(write, "w") as f:
+            f.write(page)
     if json_path:
         with open(json_path, "w") as f:
             json.dump(payload, f, indent=1)
@@ -331,7 +349,7 @@ def main() -> None:
     p.add_argument("--skip-reference", action="store_true", help="skip the (slow) torch reference")
     p.add_argument("--variants", default=None, help="comma list (the grouped_mm baseline always runs)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median taken)")
-    p.add_argument("--write", default=None, help="write the markdown table to this file")
+    p.add_argument("--write", default=None, help="write the table into its block of this page")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     card = torch.cuda.get_device_name()
@@ -391,7 +409,7 @@ def main() -> None:
                 print(json.dumps(rows[-1]), flush=True)
             torch.cuda.empty_cache()
     payload = {"card": card, "ceiling_tflops": ceiling, "rows": rows, "floors": floors}
-    emit(render(card, ceiling, rows, floors), payload, args.write, args.json)
+    emit(render(card, ceiling, rows, floors), payload, args.write, args.json, section="bench_layer")
 
 
 if __name__ == "__main__":

@@ -41,3 +41,19 @@ def test_bench_table_ratios_non_gemm_share_and_sonic_column():
     assert sonic.endswith("| 1.00 | 400.0 |")
     best = next(line for line in lines if "best of each" in line)
     assert best.endswith("| 0.30 | 0.30 | 0.30 | 0.90 |")
+
+
+def test_emit_rewrites_only_its_block_of_a_shared_page(tmp_path, capsys):
+    from integration.bench_layer import emit
+
+    page = tmp_path / "benchmarks.md"
+    emit("| new |\n", {"x": 1}, str(page), str(tmp_path / "p.json"), section="bench_e2e")  # a new page
+    assert page.read_text() == "<!-- bench_e2e -->\n| new |\n<!-- /bench_e2e -->\n"
+    page.write_text("# top\n<!-- bench_e2e -->\n| old |\n<!-- /bench_e2e -->\nprose after\n")
+    emit("| newer |\n", {}, str(page), None, section="bench_e2e")
+    assert page.read_text() == "# top\n<!-- bench_e2e -->\n| newer |\n<!-- /bench_e2e -->\nprose after\n"
+    emit("| hf |\n", {}, str(page), None, section="bench_hf")  # no block yet: appended
+    assert page.read_text().endswith("prose after\n\n<!-- bench_hf -->\n| hf |\n<!-- /bench_hf -->\n")
+    emit("| all |\n", {}, str(page), None)  # no section: the whole file
+    assert page.read_text() == "| all |\n"
+    assert "| all |" in capsys.readouterr().out
