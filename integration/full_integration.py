@@ -362,26 +362,34 @@ def train(args) -> dict:
     losses, times, counts_LE = [], [], None
     bar = _progress(cfg["steps"] - start, args.quiet or rank != 0)
 
-    def train_step(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step on this rank's share of the global batch; (global CE loss, counts [L, E])."""
+    def train_step(step: int, phases: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on this rank's share of the global batch; (global CE loss, counts [L, E]).
+        ``phases``: filled with the peak GPU memory (GB) of forward, backward and the optimizer step."""
         ids = batch(args, cfg, step, data)[rank * per_rank : (rank + 1) * per_rank].to(device)
+        _peak_of(phases, None)
         ce, aux, counts = model(ids)
+        _peak_of(phases, "forward")
         (ce + aux).backward()
         if sync is not None:
             sync.finish()
+        _peak_of(phases, "backward")
         opt.step()
         opt.zero_grad(set_to_none=True)
+        _peak_of(phases, "optimizer")
         counts = _group_reduce(counts.float(), W)
         if args.expert_bias:
             for layer, c in zip(model.moe_layers(), counts, strict=True):
                 layer.update_expert_bias(c)
         return _group_reduce(ce.detach().float().clone(), W) / W, counts
 
+    phases = None
     for step in range(start, cfg["steps"]):
         if device.type == "cuda":
             torch.cuda.synchronize()
+            if step == cfg["steps"] - 1:  # the last step says where the peak falls (host-side counters)
+                phases = {"before": torch.cuda.max_memory_allocated() / 1e9}
         t0 = time.perf_counter()
-        loss, counts = train_step(step)
+        loss, counts = train_step(step, phases)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
@@ -392,7 +400,7 @@ def train(args) -> dict:
     bar.close()
     if args.save:
         save_checkpoint(Path(args.save), model, opt, cfg["steps"], W, rank)
-    summary = summarize(args, cfg, model, times, device, dtype, W)
+    summary = summarize(args, cfg, model, times, device, dtype, W, phases)
     if args.profile:
         _profile(args.profile, lambda i: train_step(cfg["steps"] + i), rank)
     if W > 1:
@@ -410,7 +418,18 @@ def train(args) -> dict:
     return result
 
 
-def summarize(args, cfg: dict, model: MoELM, times: list[float], device, dtype, W: int) -> dict:
+def _peak_of(phases: dict | None, name: str | None) -> None:
+    """Record the peak GPU memory since the last call as ``phases[name]`` (GB) and start a new one."""
+    if phases is None:
+        return
+    if name is not None:
+        phases[name] = torch.cuda.max_memory_allocated() / 1e9
+    torch.cuda.reset_peak_memory_stats()
+
+
+def summarize(
+    args, cfg: dict, model: MoELM, times: list[float], device, dtype, W: int, phases: dict | None = None
+) -> dict:
     total, active = param_counts(cfg)
     tokens = cfg["batch"] * cfg["seq"]
     timed = times[2:] if len(times) > 4 else times  # the first steps compile and tune
@@ -430,7 +449,10 @@ def summarize(args, cfg: dict, model: MoELM, times: list[float], device, dtype, 
     if device.type == "cuda":
         from integration.bench_layer import dense_ceiling_tflops
 
-        out["peak_memory_GB"] = torch.cuda.max_memory_allocated() / 1e9
+        # over the run: the phases' counters were reset in the last step
+        out["peak_memory_GB"] = max([torch.cuda.max_memory_allocated() / 1e9, *(phases or {}).values()])
+        if phases:
+            out["peak_GB_by_phase"] = {k: v for k, v in phases.items() if k != "before"}
         out["gemm_ceiling_tflops"] = dense_ceiling_tflops()
         out["mfu"] = out["model_tflops"] / W / out["gemm_ceiling_tflops"]
         out["card"] = torch.cuda.get_device_name()

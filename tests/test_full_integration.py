@@ -101,3 +101,20 @@ def test_bench_e2e_writes_its_table_on_cpu(tmp_path, monkeypatch):
     bench_e2e.main(["--backends", "torch", "--ep-sizes", "1,2", "--steps", "3", "--write", str(out)])
     rows = [line for line in out.read_text().splitlines() if line.startswith("| torch |")]
     assert len(rows) == 2 and not any("failed" in r for r in rows), out.read_text()
+
+
+def test_peak_of_records_each_phase_and_restarts_the_counter(monkeypatch):
+    """The GPU-only phase peaks, with the allocator's counters replaced by a script of values."""
+    import torch
+
+    from integration.full_integration import _peak_of
+
+    values, resets = iter([3e9, 5e9]), []
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: next(values))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: resets.append(1))
+    phases = {}
+    _peak_of(phases, None)
+    _peak_of(phases, "forward")
+    _peak_of(phases, "backward")
+    _peak_of(None, "optimizer")  # not measuring: nothing read, nothing reset
+    assert phases == {"forward": 3.0, "backward": 5.0} and len(resets) == 3
