@@ -69,7 +69,7 @@ def test_ep2_under_torchrun_equals_one_process(tmp_path):
     _close(_run(tmp_path, "ep2", ep=2), _run(tmp_path, "ep1"))
 
 
-@pytest.mark.parametrize("save_ep, resume_ep", [(2, 1), (1, 2)])
+@pytest.mark.parametrize("save_ep, resume_ep", [(2, 1), (1, 2), (4, 2)])
 def test_checkpoint_resumes_at_another_ep_size(tmp_path, save_ep, resume_ep):
     straight = _run(tmp_path, "straight", "--steps", "6")
     ckpt = str(tmp_path / "ckpt")
