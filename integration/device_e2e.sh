@@ -33,7 +33,7 @@ if [ -n "${LAYER:-}" ]; then  # bench_layer (with the SonicMoE column where its 
     --write "$LOG/layer.md" 2>&1 | tee "$LOG/layer.log" | grep -v -i warn | tail -${LAYER_TAIL:-20}
 fi
 if [ "${HF:-1}" = 1 ]; then
-  timeout 100 python3 -m pytest -q -p no:cacheprovider tests/integrations -k "gpu or torch or refused or sentinels or import" 2>&1 | tee "$LOG/tests.log" | tail -6
+  timeout 100 python3 -m pytest -q -p no:cacheprovider tests/integrations -k "gpu or bf16 or torch or refused or sentinels or import" 2>&1 | tee "$LOG/tests.log" | tail -6
   timeout ${HF_TIMEOUT:-120} python3 -m integration.bench_hf --json "$LOG/bench_hf.json" --write "$LOG/bench_hf.md" 2>&1 | tee "$LOG/bench_hf.log" | tail -8
 fi
 if [ -n "${E2E:-}" ]; then  # bench_e2e's table (backends x EP sizes this machine has), E2E = its flags
