@@ -69,6 +69,12 @@ def test_ep2_under_torchrun_equals_one_process(tmp_path):
     _close(_run(tmp_path, "ep2", ep=2), _run(tmp_path, "ep1"))
 
 
+def test_ep2_compiled_under_torchrun_equals_one_process(tmp_path):
+    """--compile under EP: compiled blocks around the communicator's eager dispatch and combine."""
+    flags = ("--backend", "triton", "--steps", "3")
+    _close(_run(tmp_path, "ep2c", *flags, "--compile", ep=2), _run(tmp_path, "ep1e", *flags))
+
+
 @pytest.mark.parametrize("save_ep, resume_ep", [(2, 1), (1, 2), (4, 2)])
 def test_checkpoint_resumes_at_another_ep_size(tmp_path, save_ep, resume_ep):
     straight = _run(tmp_path, "straight", "--steps", "6")
