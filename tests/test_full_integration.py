@@ -41,12 +41,6 @@ def test_tiny_preset_trains_in_one_process(tmp_path):
     assert (tmp_path / "profile.md").read_text().startswith("GPU kernel time per step")
 
 
-def test_compiled_blocks_train_like_eager(tmp_path):
-    """--compile (block by block) on the triton backend (CPU interpreter): the eager losses."""
-    flags = ("--backend", "triton", "--steps", "4")
-    _close(_run(tmp_path, "compiled", *flags, "--compile"), _run(tmp_path, "eager", *flags))
-
-
 def test_recompute_lowers_saved_bytes_and_keeps_the_losses(tmp_path):
     plain = _run(tmp_path, "plain")
     _close(_run(tmp_path, "recompute", "--recompute"), plain)
@@ -70,7 +64,8 @@ def test_ep2_under_torchrun_equals_one_process(tmp_path):
 
 
 def test_ep2_compiled_under_torchrun_equals_one_process(tmp_path):
-    """--compile under EP: compiled blocks around the communicator's eager dispatch and combine."""
+    """--compile (block by block, triton on the CPU interpreter) under EP: compiled blocks around the
+    communicator's eager dispatch and combine train like one eager process."""
     flags = ("--backend", "triton", "--steps", "3")
     _close(_run(tmp_path, "ep2c", *flags, "--compile", ep=2), _run(tmp_path, "ep1e", *flags))
 
