@@ -352,6 +352,13 @@ def main() -> None:
     p.add_argument("--write", default=None, help="write the table into its block of this page")
     p.add_argument("--json", default=None)
     args = p.parse_args()
+    known = [*variants(SHAPES["seed"]), SONIC]
+    unknown = [v for v in (args.variants or "").split(",") if v and v not in known]
+    if unknown:
+        p.error(f"--variants: unknown {unknown}; choose from {known}")
+    bad_shapes = [s for s in args.shapes.split(",") if s not in SHAPES]
+    if bad_shapes:
+        p.error(f"--shapes: unknown {bad_shapes}; choose from {list(SHAPES)}")
     card = torch.cuda.get_device_name()
     ceiling = dense_ceiling_tflops()
     rows, floors = [], {}

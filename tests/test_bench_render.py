@@ -57,3 +57,17 @@ def test_emit_rewrites_only_its_block_of_a_shared_page(tmp_path, capsys):
     emit("| all |\n", {}, str(page), None)  # no section: the whole file
     assert page.read_text() == "| all |\n"
     assert "| all |" in capsys.readouterr().out
+
+
+def test_bench_layer_refuses_unknown_variants_and_shapes():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "integration" / "bench_layer.py"
+    for flags, name in (
+        (["--variants", "ours,bogus"], "--variants"),
+        (["--shapes", "seed,huge"], "--shapes"),
+    ):
+        proc = subprocess.run([sys.executable, str(script), *flags], capture_output=True, text=True)
+        assert proc.returncode == 2 and name in proc.stderr and "unknown" in proc.stderr, proc.stderr
