@@ -18,7 +18,7 @@ import torch
 
 from flashfusemoe.comm.base import Communicator, Dispatched
 
-__all__ = ["LoopbackCommunicator", "LoopbackHandle", "loopback_when_alone"]
+__all__ = ["LOOPBACK", "LoopbackCommunicator", "LoopbackHandle", "loopback_when_alone"]
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class LoopbackCommunicator(Communicator):
         return y_RD
 
 
-_LOOPBACK = LoopbackCommunicator()
+LOOPBACK = LoopbackCommunicator()  # stateless: one instance serves every caller that has no communicator
 _Method = TypeVar("_Method", bound=Callable)
 
 
@@ -64,7 +64,7 @@ def loopback_when_alone(method: _Method) -> _Method:
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         if self.world_size == 1:
-            return getattr(_LOOPBACK, method.__name__)(*args, **kwargs)
+            return getattr(LOOPBACK, method.__name__)(*args, **kwargs)
         return method(self, *args, **kwargs)
 
     return wrapper

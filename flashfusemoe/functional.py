@@ -18,7 +18,8 @@ from torch.utils.checkpoint import checkpoint
 from flashfusemoe import overlap as _overlap
 from flashfusemoe.backends import get_backend
 from flashfusemoe.backends.torch import router_logits
-from flashfusemoe.comm import Communicator, LoopbackCommunicator
+from flashfusemoe.comm import Communicator
+from flashfusemoe.comm.loopback import LOOPBACK
 from flashfusemoe.spec import (
     RouterConfig,
     check_bool,
@@ -29,8 +30,6 @@ from flashfusemoe.spec import (
 )
 
 __all__ = ["fused_moe", "router_logits"]
-
-_LOOPBACK = LoopbackCommunicator()  # stateless: one for every call without a communicator
 
 
 def _check_router_args(x_TD, gate_weight_ED, expert_bias_E) -> int:
@@ -159,7 +158,7 @@ def fused_moe(
     _check_latent(latent_down, latent_up, x_TD)
     L = x_TD.shape[1] if latent_down is None else latent_down.shape[0]  # the experts' width
     e, _ = check_expert_weights(w_up, w_down, L, x_TD, activation)
-    comm = _LOOPBACK if communicator is None else communicator
+    comm = LOOPBACK if communicator is None else communicator
     if not isinstance(comm, Communicator):
         raise TypeError(f"communicator must be a Communicator or None, got {type(comm).__name__}")
     W = comm.world_size
