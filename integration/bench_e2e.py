@@ -17,24 +17,20 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
 from integration.bench_layer import emit
-from integration.ports import free_port
+from integration.ports import launcher
 
 SCRIPT = Path(__file__).resolve().parent / "full_integration.py"
 
 
 def run_one(preset: str, backend: str, W: int, args, out_dir: Path) -> dict:
     metrics = out_dir / f"{preset}_{backend}_ep{W}.json"
-    launcher = [sys.executable]
-    if W > 1:
-        launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={W}", f"--master_port={free_port()}"]
-    cmd = [*launcher, str(SCRIPT), "--preset", preset, "--backend", backend, "--ep_size", str(W)]
+    cmd = [*launcher(W), str(SCRIPT), "--preset", preset, "--backend", backend, "--ep_size", str(W)]
     cmd += ["--steps", str(args.steps), "--quiet", "--metrics", str(metrics)]
     cmd += ["--compile"] * args.compile + (["--comm", args.comm] if W > 1 else [])
     cmd += [] if torch.cuda.is_available() else ["--device", "cpu"]

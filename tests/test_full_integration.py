@@ -4,12 +4,11 @@ resumes at another with the losses of an uninterrupted run; --data and --plot wo
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from integration.ports import free_port
+from integration.ports import launcher
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "integration" / "full_integration.py"
@@ -19,10 +18,7 @@ COMMON = ["--quiet", "--device", "cpu", "--backend", "torch", "--aux-loss-coeff"
 
 def _run(tmp_path: Path, name: str, *flags: str, ep: int = 1) -> list[float]:
     metrics = tmp_path / f"{name}.json"
-    launcher = [sys.executable]
-    if ep > 1:
-        launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={ep}", f"--master_port={free_port()}"]
-    cmd = [*launcher, str(SCRIPT), *COMMON, "--ep_size", str(ep), "--metrics", str(metrics), *flags]
+    cmd = [*launcher(ep), str(SCRIPT), *COMMON, "--ep_size", str(ep), "--metrics", str(metrics), *flags]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return json.loads(metrics.read_text())["losses"]
