@@ -136,10 +136,7 @@ class MoELayer(nn.Module):
             check_int("latent_dim", latent_dim, 1, d_model - 1, "d_model - 1")
         self.latent_dim = latent_dim
         L = d_model if latent_dim is None else latent_dim  # the experts' width
-        # Resolved now, not per call (FLASHFUSEMOE_BACKEND is read here, once): no import or environment
-        # read inside a compiled forward, and a torch layer never imports Triton.
-        self.backend = resolve_name(backend)
-        preload(self.backend)
+        self.backend = backend
         self.communicator: Communicator = LoopbackCommunicator()
         self._sharded = False
         factory = {"device": device, "dtype": dtype}
@@ -223,6 +220,19 @@ class MoELayer(nn.Module):
         self.expert_bias.copy_(
             update_expert_bias(self.expert_bias, tokens_per_expert_E.to(self.expert_bias.device), rate)
         )
+
+    @property
+    def backend(self) -> str:
+        """The backend name this layer runs (``"auto"``: chosen per call by the input's device)."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, backend: str | None) -> None:
+        # Resolved when set, not per call (FLASHFUSEMOE_BACKEND is read here, once) and imported now: no
+        # import or environment read inside a compiled forward, and a torch layer never imports Triton.
+        name = resolve_name(backend)
+        preload(name)
+        self._backend = name
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if not isinstance(x, torch.Tensor):

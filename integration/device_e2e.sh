@@ -5,8 +5,11 @@
 #   SEED_RUNS (default "triton:eager torch:eager triton:compile"): full_integration.py --preset seed-1b runs,
 #     each "backend:eager|compile[:flag+flag...]"; PROFILE=1 adds --profile to the compiled triton runs.
 #   SEED_BASE: an older full_integration.py (e.g. in the carried .ab_base/) run compiled as an A/B row.
+#   SONIC_WARM: shapes at which SonicMoE's kernels compile in the background from the start (minutes).
+#   LAYER_PROFILE: shapes (space-separated) whose layer kernel profile (integration/profile_layer.py) is taken.
+#   EXTRA: any other command (its log: extra.log).
 #   TESTS: extra pytest targets run first. E2E: flags of an integration/bench_e2e.py run. LAYER: flags of
-#   an integration/bench_layer.py run.
+#   an integration/bench_layer.py run, last (after the SonicMoE warm-up).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; LOG=/tmp/logs; mkdir -p "$LOG"
@@ -25,13 +28,22 @@ if [ -f .whl-sonic/libs_base.tar.xz ]; then  # SonicMoE for bench_hf (../shared/
 fi
 ln -sfn ../backends flashfusemoe/backends; ln -sfn ../comm flashfusemoe/comm
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+if [ -n "${SONIC_WARM:-}" ]; then  # compile SonicMoE's kernels at these shapes while the other stages run;
+  # its autotune timings taken meanwhile (GPU shared) are dropped, the LAYER stage re-times them alone
+  ( timeout ${SONIC_WARM_TIMEOUT:-500} python3 integration/bench_layer.py --warm --variants SonicMoE \
+      --shapes "$SONIC_WARM" > "$LOG/sonic_warm.log" 2>&1
+    find "$QUACK_CACHE_DIR" -name '*.autotune.json' -delete ) &
+  WARM_PID=$!
+fi
 if [ -n "${TESTS:-}" ]; then
   timeout 150 python3 -m pytest -q -p no:cacheprovider $TESTS 2>&1 | tee "$LOG/tests_extra.log" | tail -6
 fi
-if [ -n "${LAYER:-}" ]; then  # bench_layer (with the SonicMoE column where its wheel is carried), LAYER = flags
-  timeout ${LAYER_TIMEOUT:-300} python3 integration/bench_layer.py $LAYER --json "$LOG/layer.json" \
-    --write "$LOG/layer.md" 2>&1 | tee "$LOG/layer.log" | grep -v -i warn | tail -${LAYER_TAIL:-20}
+if [ -n "${EXTRA:-}" ]; then  # any other command, e.g. a carried A/B script
+  timeout ${EXTRA_TIMEOUT:-120} bash -c "$EXTRA" 2>&1 | tee "$LOG/extra.log" | grep -v -i warn | tail -${EXTRA_TAIL:-20}
 fi
+for shape in ${LAYER_PROFILE:-}; do  # our layer's per-kernel GPU times (integration/profile_layer.py)
+  timeout 120 python3 -m integration.profile_layer --shape "$shape" --rows 30 2>&1 | tee "$LOG/profile_layer_$shape.log" | tail -${PROFILE_TAIL:-8}
+done
 if [ "${HF:-1}" = 1 ]; then
   timeout 100 python3 -m pytest -q -p no:cacheprovider tests/integrations -k "gpu or bf16 or torch or refused or sentinels or import" 2>&1 | tee "$LOG/tests.log" | tail -6
   timeout ${HF_TIMEOUT:-120} python3 -m integration.bench_hf --json "$LOG/bench_hf.json" --write "$LOG/bench_hf.md" 2>&1 | tee "$LOG/bench_hf.log" | tail -8
@@ -56,3 +68,8 @@ for run in ${SEED_RUNS-triton:eager torch:eager triton:compile}; do
   seed "$name" integration/full_integration.py "${flags[@]}"
 done
 [ -n "${SEED_BASE:-}" ] && seed base_compile "$SEED_BASE" --backend triton --compile
+[ -n "${WARM_PID:-}" ] && { wait "$WARM_PID"; tail -5 "$LOG/sonic_warm.log"; }
+if [ -n "${LAYER:-}" ]; then  # bench_layer (with the SonicMoE column where its wheel is carried), LAYER = flags
+  timeout ${LAYER_TIMEOUT:-300} python3 integration/bench_layer.py $LAYER --json "$LOG/layer.json" \
+    --write "$LOG/layer.md" 2>&1 | tee "$LOG/layer.log" | grep -v -i warn | tail -${LAYER_TAIL:-20}
+fi

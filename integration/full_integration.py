@@ -382,16 +382,18 @@ def train(args) -> dict:
                 layer.update_expert_bias(c)
         return _group_reduce(ce.detach().float().clone(), W) / W, counts
 
-    phases = None
+    phases, step_peaks = None, []
     for step in range(start, cfg["steps"]):
         if device.type == "cuda":
             torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
             if step == cfg["steps"] - 1:  # the last step says where the peak falls (host-side counters)
-                phases = {"before": torch.cuda.max_memory_allocated() / 1e9}
+                phases = {}
         t0 = time.perf_counter()
         loss, counts = train_step(step, phases)
         if device.type == "cuda":
             torch.cuda.synchronize()
+            step_peaks.append(max([torch.cuda.max_memory_allocated() / 1e9, *(phases or {}).values()]))
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
         counts_LE = counts.cpu() if counts_LE is None else counts_LE + counts.cpu()
@@ -400,7 +402,7 @@ def train(args) -> dict:
     bar.close()
     if args.save:
         save_checkpoint(Path(args.save), model, opt, cfg["steps"], W, rank)
-    summary = summarize(args, cfg, model, times, device, dtype, W, phases)
+    summary = summarize(args, cfg, model, times, device, dtype, W, phases, step_peaks)
     if args.profile:
         _profile(args.profile, lambda i: train_step(cfg["steps"] + i), rank)
     if W > 1:
@@ -428,7 +430,15 @@ def _peak_of(phases: dict | None, name: str | None) -> None:
 
 
 def summarize(
-    args, cfg: dict, model: MoELM, times: list[float], device, dtype, W: int, phases: dict | None = None
+    args,
+    cfg: dict,
+    model: MoELM,
+    times: list[float],
+    device,
+    dtype,
+    W: int,
+    phases: dict | None = None,
+    step_peaks: list[float] | None = None,
 ) -> dict:
     total, active = param_counts(cfg)
     tokens = cfg["batch"] * cfg["seq"]
@@ -449,10 +459,14 @@ def summarize(
     if device.type == "cuda":
         from integration.bench_layer import dense_ceiling_tflops
 
-        # over the run: the phases' counters were reset in the last step
-        out["peak_memory_GB"] = max([torch.cuda.max_memory_allocated() / 1e9, *(phases or {}).values()])
+        # the counters restart every step. Under CUDA graphs (reduce-overhead) a replay allocates nothing
+        # (its memory sits in the graph pool, counted at capture): later steps and their phases then show
+        # only what runs outside the graphs.
+        out["peak_memory_GB"] = max(step_peaks or [torch.cuda.max_memory_allocated() / 1e9])
+        out["peak_GB_by_step"] = step_peaks
+        out["reserved_GB"] = torch.cuda.memory_reserved() / 1e9
         if phases:
-            out["peak_GB_by_phase"] = {k: v for k, v in phases.items() if k != "before"}
+            out["peak_GB_by_phase"] = phases
         out["gemm_ceiling_tflops"] = dense_ceiling_tflops()
         out["mfu"] = out["model_tflops"] / W / out["gemm_ceiling_tflops"]
         out["card"] = torch.cuda.get_device_name()

@@ -1,7 +1,8 @@
 """Test configuration: hypothesis profiles, device markers, the Triton interpreter on CPU.
 
 ``HYPOTHESIS_PROFILE=ci`` (default: few examples, no deadline) or ``dev`` (many examples).
-Tests marked ``gpu`` / ``multi_gpu`` skip cleanly without CUDA devices.
+Tests marked ``gpu`` / ``multi_gpu`` skip cleanly without CUDA devices; each test starts with an empty
+torch.compile cache.
 """
 
 import os
@@ -31,3 +32,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
         if "multi_gpu" in item.keywords and gpus < 2:
             item.add_marker(pytest.mark.skip(reason="needs two CUDA GPUs"))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo_cache():
+    """Each test starts with no compiled frames: code that one test compiled (MoELayer.forward, say, at
+    another dtype) must not count as a recompile (``error_on_recompile``) or toward the cache-size limit
+    in the next one."""
+    torch._dynamo.reset()
+    yield

@@ -3,7 +3,8 @@ top-k, renormalization, per-block loss statistics) and one single-program kernel
 statistics in a fixed order into the slots per expert and the two loss scalars. Backward: one kernel (the
 logits' gradient from the weights, the load-balance loss and the z-loss).
 
-Legend: T tokens, E experts, K top-k, G expert groups, B token blocks of BLOCK_T.
+Legend: T tokens, E experts, K top-k, G expert groups, B forward programs (SUB token blocks of BLOCK_T
+each).
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from flashfusemoe.spec import RouterConfig
 __all__ = ["router_backward", "router_forward"]
 
 BLOCK_T = 16
+# Token blocks per forward program: enough programs to fill the GPU, few enough per-program rows that
+# the single-program stats reduction stays short (it was 67 us at T = 16384, E = 128 with one block each).
+ROUTER_PROGRAMS = 256
 
 
 @triton.jit
@@ -36,6 +40,14 @@ def _scores(x, col_ok, SIGMOID: tl.constexpr):
     return s, soft, lse, has_nan
 
 
+@triton.jit
+def _order_key(x):
+    """fp32 -> int32 whose signed order is the float order (an involution: applied to a key it gives
+    the float's bits back)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
 @fast_launch
 @triton.jit
 def _router_fwd_kernel(
@@ -47,6 +59,7 @@ def _router_fwd_kernel(
     cnt_ptr,
     zsum_ptr,
     T,
+    SUB,
     scale,
     E: tl.constexpr,
     K: tl.constexpr,
@@ -60,72 +73,94 @@ def _router_fwd_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
+    """One program routes SUB blocks of BLOCK_T tokens in order and writes one row of per-block sums
+    (fewer rows for the stats kernel to reduce)."""
     pid = tl.program_id(0)
-    toks = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_E)
-    tok_ok = toks < T
     col_ok = cols < E
-    x = tl.load(
-        logits_ptr + toks[:, None].to(tl.int64) * E + cols[None, :],
-        mask=tok_ok[:, None] & col_ok[None, :],
-        other=float("-inf"),
-    )
-    s, soft, lse, has_nan = _scores(x, col_ok, SIGMOID)
-    sel = s
-    if HAS_BIAS:
-        sel = sel + tl.load(bias_ptr + cols, mask=col_ok, other=0.0)[None, :]
-    # Selection policy (docs/fused_moe.md): a NaN selection score counts as -inf; top-k in descending
-    # score, ties to the lowest id, each expert (group) at most once: a taken mask, not a -inf overwrite,
-    # which ties with scores that are -inf already.
-    sel = tl.where(col_ok[None, :] & (sel == sel), sel, float("-inf"))
-    free = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.int1) | col_ok[None, :]  # experts still selectable
-    if G > 0:  # group-limited routing: a group scores the sum of its top-2 (top-1) selection scores
-        GS: tl.constexpr = E // G
-        gcols = tl.arange(0, BLOCK_G)
-        gscore = tl.full((BLOCK_T, BLOCK_G), float("-inf"), tl.float32)
-        for g in tl.static_range(G):
-            in_g = (cols // GS == g)[None, :]
-            m1 = tl.max(tl.where(in_g, sel, float("-inf")), axis=1)
-            total = m1
-            if GS > 1:
-                i1 = tl.min(tl.where(in_g & (sel == m1[:, None]), cols[None, :], BLOCK_E), axis=1)
-                total += tl.max(tl.where(in_g & (cols[None, :] != i1[:, None]), sel, float("-inf")), axis=1)
-            total = tl.where(total == total, total, float("-inf"))  # +inf + -inf
-            gscore = tl.where(gcols[None, :] == g, total[:, None], gscore)
-        allowed = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.int1)  # experts of the chosen groups only
-        gfree = tl.zeros((BLOCK_T, BLOCK_G), dtype=tl.int1) | (gcols < G)[None, :]
-        for _ in tl.static_range(TOPK_G):
-            gm = tl.max(tl.where(gfree, gscore, float("-inf")), axis=1)
-            gi = tl.min(tl.where(gfree & (gscore == gm[:, None]), gcols[None, :], BLOCK_G), axis=1)
-            allowed = allowed | ((cols[None, :] // GS) == gi[:, None])
-            gfree = gfree & (gcols[None, :] != gi[:, None])
-        free = free & allowed
-
     kcols = tl.arange(0, BLOCK_K)
-    ids = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
-    wts = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
+    kmask_k = kcols[None, :] < K
+    psum = tl.zeros((BLOCK_E,), dtype=tl.float32)
     counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
-    for k in tl.static_range(K):
-        best = tl.max(tl.where(free, sel, float("-inf")), axis=1)
-        idx = tl.min(tl.where(free & (sel == best[:, None]), cols[None, :], BLOCK_E), axis=1)
-        hit = cols[None, :] == idx[:, None]
-        ids = tl.where(kcols[None, :] == k, idx[:, None], ids)
-        wts = tl.where(kcols[None, :] == k, tl.sum(tl.where(hit, s, 0.0), axis=1)[:, None], wts)
-        counts += tl.sum((hit & tok_ok[:, None]).to(tl.int32), axis=0)
-        free = free & ~hit
-    if RENORM:
-        wts = wts / (tl.sum(wts, axis=1)[:, None] + 1e-20)
-    wts = wts * scale
-    wts = tl.where(has_nan[:, None], float("nan"), wts)
-    kmask = tok_ok[:, None] & (kcols[None, :] < K)
-    tl.store(ids_ptr + toks[:, None] * K + kcols[None, :], ids, mask=kmask)
-    tl.store(w_ptr + toks[:, None] * K + kcols[None, :], wts, mask=kmask)
-    tl.store(zsum_ptr + pid, tl.sum(tl.where(tok_ok, lse * lse, 0.0), axis=0))
-    if SIGMOID:
-        p = s / tl.sum(s, axis=1)[:, None]
-    else:
-        p = s
-    tl.store(psum_ptr + pid * E + cols, tl.sum(tl.where(tok_ok[:, None], p, 0.0), axis=0), mask=col_ok)
+    zsum = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    # (key of the selection score) << 32 | reversed column: one max both picks the best score and breaks
+    # its ties to the lowest id
+    low = (BLOCK_E - 1 - cols).to(tl.int64)[None, :]
+    for j in range(SUB):
+        toks = (pid * SUB + j) * BLOCK_T + tl.arange(0, BLOCK_T)
+        tok_ok = toks < T
+        x = tl.load(
+            logits_ptr + toks[:, None].to(tl.int64) * E + cols[None, :],
+            mask=tok_ok[:, None] & col_ok[None, :],
+            other=float("-inf"),
+        )
+        s, soft, lse, has_nan = _scores(x, col_ok, SIGMOID)
+        sel = s
+        if HAS_BIAS:
+            sel = sel + tl.load(bias_ptr + cols, mask=col_ok, other=0.0)[None, :]
+        # Selection policy (docs/fused_moe.md): a NaN selection score counts as -inf; top-k in descending
+        # score, ties to the lowest id, each expert (group) at most once: a taken mask, not a -inf
+        # overwrite, which ties with scores that are -inf already. + 0.0 makes -0.0 tie with 0.0.
+        sel = tl.where(col_ok[None, :] & (sel == sel), sel, float("-inf")) + 0.0
+        free = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.int1) | col_ok[None, :]  # experts still selectable
+        if G > 0:  # group-limited routing: a group scores the sum of its top-2 (top-1) selection scores
+            GS: tl.constexpr = E // G
+            gcols = tl.arange(0, BLOCK_G)
+            gscore = tl.full((BLOCK_T, BLOCK_G), float("-inf"), tl.float32)
+            for g in tl.static_range(G):
+                in_g = (cols // GS == g)[None, :]
+                m1 = tl.max(tl.where(in_g, sel, float("-inf")), axis=1)
+                total = m1
+                if GS > 1:
+                    i1 = tl.min(tl.where(in_g & (sel == m1[:, None]), cols[None, :], BLOCK_E), axis=1)
+                    total += tl.max(
+                        tl.where(in_g & (cols[None, :] != i1[:, None]), sel, float("-inf")), axis=1
+                    )
+                total = tl.where(total == total, total, float("-inf"))  # +inf + -inf
+                gscore = tl.where(gcols[None, :] == g, total[:, None], gscore)
+            allowed = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.int1)  # experts of the chosen groups only
+            gfree = tl.zeros((BLOCK_T, BLOCK_G), dtype=tl.int1) | (gcols < G)[None, :]
+            for _ in tl.static_range(TOPK_G):
+                gm = tl.max(tl.where(gfree, gscore, float("-inf")), axis=1)
+                gi = tl.min(tl.where(gfree & (gscore == gm[:, None]), gcols[None, :], BLOCK_G), axis=1)
+                allowed = allowed | ((cols[None, :] // GS) == gi[:, None])
+                gfree = gfree & (gcols[None, :] != gi[:, None])
+            free = free & allowed
+        key = (_order_key(sel).to(tl.int64) << 32) | low
+        ids = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
+        wts = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
+        for k in tl.static_range(K):
+            # below every real key (that of -inf included): a taken expert never wins
+            best = tl.max(tl.where(free, key, -0x7FFFFFFFFFFFFFFF), axis=1)
+            idx = (BLOCK_E - 1 - (best & 0xFFFFFFFF)).to(tl.int32)
+            hit = cols[None, :] == idx[:, None]
+            if HAS_BIAS:
+                wk = tl.sum(tl.where(hit, s, 0.0), axis=1)
+            else:  # the key holds the score itself
+                wk = _order_key((best >> 32).to(tl.int32)).to(tl.float32, bitcast=True)
+            ids = tl.where(kcols[None, :] == k, idx[:, None], ids)
+            wts = tl.where(kcols[None, :] == k, wk[:, None], wts)
+            free = free & ~hit
+        # taken = selectable before the loop, no longer free after it
+        taken = col_ok[None, :] & ~free
+        if G > 0:
+            taken = taken & allowed
+        counts += tl.sum((taken & tok_ok[:, None]).to(tl.int32), axis=0)
+        if RENORM:
+            wts = wts / (tl.sum(wts, axis=1)[:, None] + 1e-20)
+        wts = wts * scale
+        wts = tl.where(has_nan[:, None], float("nan"), wts)
+        kmask = tok_ok[:, None] & kmask_k
+        tl.store(ids_ptr + toks[:, None] * K + kcols[None, :], ids, mask=kmask)
+        tl.store(w_ptr + toks[:, None] * K + kcols[None, :], wts, mask=kmask)
+        zsum += tl.where(tok_ok, lse * lse, 0.0)
+        if SIGMOID:
+            p = s / tl.sum(s, axis=1)[:, None]
+        else:
+            p = s
+        psum += tl.sum(tl.where(tok_ok[:, None], p, 0.0), axis=0)
+    tl.store(zsum_ptr + pid, tl.sum(zsum, axis=0))
+    tl.store(psum_ptr + pid * E + cols, psum, mask=col_ok)
     tl.store(cnt_ptr + pid * E + cols, counts, mask=col_ok)
 
 
@@ -172,7 +207,8 @@ def router_forward(logits_TE: torch.Tensor, cfg: RouterConfig, expert_bias_E: to
     T, E = logits_TE.shape
     K = cfg.top_k
     dev = logits_TE.device
-    B = cdiv(T, BLOCK_T)
+    SUB = max(1, cdiv(T, BLOCK_T * ROUTER_PROGRAMS))
+    B = cdiv(T, BLOCK_T * SUB)
     ids = torch.empty((T, K), dtype=torch.int32, device=dev)
     wts = torch.empty((T, K), dtype=torch.float32, device=dev)
     psum = torch.empty((B, E), dtype=torch.float32, device=dev)
@@ -192,6 +228,7 @@ def router_forward(logits_TE: torch.Tensor, cfg: RouterConfig, expert_bias_E: to
             cnt,
             zsum,
             T,
+            SUB,
             float(cfg.routed_scaling_factor),
             E=E,
             K=K,
@@ -216,8 +253,9 @@ def router_forward(logits_TE: torch.Tensor, cfg: RouterConfig, expert_bias_E: to
         _lb_scale(T, E, K),
         1.0 / T if T else 0.0,
         E=E,
-        BLOCK_B=max(1, min(next_pow2(B), 4096 // next_pow2(E))),
+        BLOCK_B=max(1, min(next_pow2(B), 8192 // next_pow2(E))),
         BLOCK_E=next_pow2(E),
+        num_warps=8,
     )
     return ids, wts, routed, lb, z
 

@@ -297,8 +297,13 @@ def test_triton_router_matches_reference(p, opts):
         torch.testing.assert_close(grads[0], grads[1], **TOL)
 
 
-def test_triton_router_stats_over_many_blocks():
-    """600 tokens, E=128: 38 token blocks, more than one pass of the stats kernel's block loop."""
+@pytest.mark.parametrize("programs", [512, 3])
+def test_triton_router_stats_over_many_blocks(programs, monkeypatch):
+    """600 tokens, E=128: 38 token blocks, more than one pass of the stats kernel's block loop; with 3
+    programs, 13 blocks each (the last one partly past T)."""
+    import flashfusemoe.backends.triton.router as router
+
+    monkeypatch.setattr(router, "ROUTER_PROGRAMS", programs)
     T, E, K = 600, 128, 8
     logits = torch.randn(T, E, generator=torch.Generator().manual_seed(5)).to(DEV).requires_grad_()
     cfg = RouterConfig(top_k=K)
