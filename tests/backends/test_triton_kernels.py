@@ -262,6 +262,16 @@ def _cfg_strategy():
     )
 
 
+def _assert_same_routing(got, want):
+    """Ids, slots per expert and dropped slots equal; weights and both losses within TOL."""
+    assert torch.equal(got.topk_ids_TK.long(), want.topk_ids_TK)
+    torch.testing.assert_close(got.topk_weights_TK, want.topk_weights_TK, **TOL)
+    assert torch.equal(got.tokens_per_expert_E, want.tokens_per_expert_E)
+    torch.testing.assert_close(got.load_balance_loss, want.load_balance_loss, **TOL)
+    torch.testing.assert_close(got.z_loss, want.z_loss, **TOL)
+    assert torch.equal(got.dropped_slots, want.dropped_slots)
+
+
 @given(problems(max_world=1), _cfg_strategy())
 def test_triton_router_matches_reference(p, opts):
     E = p.E if not opts["groups"] else 2 * p.E  # groups need E divisible by num_groups
@@ -279,12 +289,7 @@ def test_triton_router_matches_reference(p, opts):
     logits = randn(p, p.T, E).to(DEV).requires_grad_()
     bias = (torch.rand(E, generator=p.gen(4)) * 0.1).to(DEV) if opts["bias"] else None
     got, want = tri_route(logits, cfg, bias), ref.route(logits, cfg, bias)
-    assert torch.equal(got.topk_ids_TK.long(), want.topk_ids_TK)
-    torch.testing.assert_close(got.topk_weights_TK, want.topk_weights_TK, **TOL)
-    assert torch.equal(got.tokens_per_expert_E, want.tokens_per_expert_E)
-    torch.testing.assert_close(got.load_balance_loss, want.load_balance_loss, **TOL)
-    torch.testing.assert_close(got.z_loss, want.z_loss, **TOL)
-    assert torch.equal(got.dropped_slots, want.dropped_slots)
+    _assert_same_routing(got, want)
     cot = torch.randn(p.T, K, generator=p.gen(6)).to(DEV)
     # each output alone (the others get no gradient at all), then all three together
     for c_w, c_lb, c_z in [(1.0, 0, 0), (0, 0.3, 0), (0, 0, 0.2), (1.0, 0.3, 0.2)]:
@@ -300,20 +305,22 @@ def test_triton_router_matches_reference(p, opts):
 @pytest.mark.parametrize("programs", [512, 3])
 def test_triton_router_stats_over_many_blocks(programs, monkeypatch):
     """600 tokens, E=128: 38 token blocks, more than one pass of the stats kernel's block loop; with 3
-    programs, 13 blocks each (the last one partly past T)."""
+    programs, 13 blocks each (the last one partly past T); plain softmax, and sigmoid with a bias and
+    group-limited routing."""
     import flashfusemoe.backends.triton.router as router
 
     monkeypatch.setattr(router, "ROUTER_PROGRAMS", programs)
     T, E, K = 600, 128, 8
     logits = torch.randn(T, E, generator=torch.Generator().manual_seed(5)).to(DEV).requires_grad_()
-    cfg = RouterConfig(top_k=K)
-    got, want = tri_route(logits, cfg), ref.route(logits, cfg)
-    assert torch.equal(got.topk_ids_TK.long(), want.topk_ids_TK)
-    assert torch.equal(got.tokens_per_expert_E, want.tokens_per_expert_E)
-    torch.testing.assert_close(got.load_balance_loss, want.load_balance_loss, **TOL)
-    torch.testing.assert_close(got.z_loss, want.z_loss, **TOL)
-    grads = [torch.autograd.grad(r.load_balance_loss + r.z_loss, logits)[0] for r in (got, want)]
-    torch.testing.assert_close(grads[0], grads[1], **TOL)
+    bias = (torch.randn(E, generator=torch.Generator().manual_seed(6)) * 0.05).to(DEV)
+    for cfg, b in [
+        (RouterConfig(top_k=K), None),
+        (RouterConfig(top_k=K, score_func="sigmoid", num_groups=8, topk_groups=4), bias),
+    ]:
+        got, want = tri_route(logits, cfg, b), ref.route(logits, cfg, b)
+        _assert_same_routing(got, want)
+        grads = [torch.autograd.grad(r.load_balance_loss + r.z_loss, logits)[0] for r in (got, want)]
+        torch.testing.assert_close(grads[0], grads[1], **TOL)
 
 
 @given(
