@@ -404,6 +404,25 @@ def test_a_torch_layer_never_needs_triton(monkeypatch):
         MoELayer(4, 8, 2, 1, backend="triton")
 
 
+def test_setting_the_backend_later_resolves_and_imports_it_then(monkeypatch):
+    """``layer.backend = name`` after construction imports that backend at once (an import inside a
+    ``torch.compile(fullgraph=True)`` forward is a graph break), resolves the environment then, and
+    refuses an unknown name as the constructor does."""
+    from flashfusemoe.backends import registry
+
+    monkeypatch.setattr(registry, "_LOADED", {})
+    layer = MoELayer(4, 8, 2, 1, backend="torch")
+    assert list(registry._LOADED) == ["torch"]
+    layer.backend = "triton"
+    assert layer.backend == "triton" and "triton" in registry._LOADED
+    monkeypatch.setenv("FLASHFUSEMOE_BACKEND", "torch")
+    layer.backend = None
+    assert layer.backend == "torch"
+    with pytest.raises(ValueError, match="backend='garbage' is unknown"):
+        layer.backend = "garbage"
+    assert layer.backend == "torch"
+
+
 def test_import_is_silent_and_reads_no_environment():
     code = (
         "import os, torch\n"
