@@ -127,6 +127,7 @@ def _router_fwd_kernel(
                 allowed = allowed | ((cols[None, :] // GS) == gi[:, None])
                 gfree = gfree & (gcols[None, :] != gi[:, None])
             free = free & allowed
+        selectable = free
         key = (_order_key(sel).to(tl.int64) << 32) | low
         ids = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
         wts = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
@@ -142,10 +143,7 @@ def _router_fwd_kernel(
             ids = tl.where(kcols[None, :] == k, idx[:, None], ids)
             wts = tl.where(kcols[None, :] == k, wk[:, None], wts)
             free = free & ~hit
-        # taken = selectable before the loop, no longer free after it
-        taken = col_ok[None, :] & ~free
-        if G > 0:
-            taken = taken & allowed
+        taken = selectable & ~free
         counts += tl.sum((taken & tok_ok[:, None]).to(tl.int32), axis=0)
         if RENORM:
             wts = wts / (tl.sum(wts, axis=1)[:, None] + 1e-20)
