@@ -166,15 +166,24 @@ def time_variant(fn, inputs, grad_out, graph: bool) -> tuple[float, float, float
     return fwd_ms, total_ms, graph_ms, acc_ms
 
 
-def first_call_s(fn, inputs, grad_out) -> float:
-    """Seconds of the first forward+backward at this shape: compilation and autotuning included."""
+def _one_step(fn, inputs, grad_out) -> list:
+    """One forward+backward on fresh leaves: the output, then the gradients of x, gate, w_up, w_down
+    (None where the variant gives none); the leaves' ``.grad`` is cleared again."""
     fwd, params = _bind(fn, inputs)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    fwd().backward(grad_out)
-    torch.cuda.synchronize()
+    out = fwd()
+    out.backward(grad_out)
+    grads = [p.grad for p in params]
     for p in params:
         p.grad = None
+    return [out.detach(), *grads]
+
+
+def first_call_s(fn, inputs, grad_out) -> float:
+    """Seconds of the first forward+backward at this shape: compilation and autotuning included."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    _one_step(fn, inputs, grad_out)
+    torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
@@ -182,26 +191,16 @@ def rel_errors(fn, inputs, grad_out, reference) -> list[float]:
     """Relative L2 errors of the output and of each input's gradient (x, gate, w_up, w_down) against
     ``reference`` (the fp32 torch-reference results on the same inputs upcast); inf for a gradient the
     variant does not produce."""
-    fwd, params = _bind(fn, inputs)
-    out = fwd()
-    out.backward(grad_out)
-    got = [out, *(p.grad for p in params)]
-    for p in params:
-        p.grad = None
     return [
         float("inf") if g is None else ((g.float() - r).norm() / r.norm()).item()
-        for g, r in zip(got, reference, strict=True)
+        for g, r in zip(_one_step(fn, inputs, grad_out), reference, strict=True)
     ]
 
 
 def fp32_reference(shape, inputs, grad_out) -> list:
     """Output and (x, gate, w_up, w_down) gradients of the torch reference backend in fp32."""
-    fwd, params = _bind(variants(shape)["torch reference"], [t.detach().float() for t in inputs])
-    for p in params:
-        p.requires_grad_()
-    out = fwd()
-    out.backward(grad_out.float())
-    return [out.detach(), *(p.grad for p in params)]
+    upcast = [t.detach().float().requires_grad_(t.requires_grad) for t in inputs]
+    return _one_step(variants(shape)["torch reference"], upcast, grad_out.float())
 
 
 def memory_variant(fn, inputs, grad_out) -> tuple[int, int, int]:

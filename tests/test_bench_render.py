@@ -72,3 +72,28 @@ def test_bench_layer_refuses_unknown_variants_and_shapes():
     ):
         proc = subprocess.run([sys.executable, str(script), *flags], capture_output=True, text=True)
         assert proc.returncode == 2 and name in proc.stderr and "unknown" in proc.stderr, proc.stderr
+
+
+def test_bench_numerics_column_helpers_on_cpu():
+    """``rel_errors`` against ``fp32_reference`` (torch backend, CPU): 0 for the fp32 reference itself,
+    bf16 rounding for a bf16 run, inf for a gradient a variant does not produce."""
+    import torch
+
+    from integration.bench_layer import fp32_reference, rel_errors, variants
+
+    shape = (24, 16, 8, 4, 2)  # T, D, I, E, K
+    T, D, I, E, K = shape
+    g = torch.Generator().manual_seed(0)
+    mk = lambda *s: (torch.randn(*s, generator=g) * s[-1] ** -0.5).to(torch.bfloat16)  # noqa: E731
+    inputs = [mk(T, D) * D**0.5, *(t.requires_grad_() for t in (mk(E, D), mk(E, 2 * I, D), mk(E, D, I)))]
+    inputs.append(torch.zeros(E))
+    grad_out = torch.randn(T, D, generator=g).to(torch.bfloat16)
+    reference = fp32_reference(shape, inputs, grad_out)
+    assert all(t.dtype == torch.float32 for t in reference) and len(reference) == 5
+    ref_fn = variants(shape)["torch reference"]
+    upcast = [t.detach().float().requires_grad_(t.requires_grad) for t in inputs]
+    assert rel_errors(ref_fn, upcast, grad_out.float(), reference) == [0.0] * 5
+    bf16 = rel_errors(ref_fn, inputs, grad_out, reference)
+    assert all(0 < e < 0.05 for e in bf16), bf16
+    no_gate = lambda x, gate, up, down, bias: ref_fn(x, gate.detach(), up, down, bias)  # noqa: E731
+    assert rel_errors(no_gate, inputs, grad_out, reference)[2] == float("inf")
