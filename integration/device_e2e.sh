@@ -36,7 +36,7 @@ if [ -n "${SONIC_WARM:-}" ]; then  # compile SonicMoE's kernels at these shapes 
   WARM_PID=$!
 fi
 if [ -n "${TESTS:-}" ]; then
-  timeout 150 python3 -m pytest -q -p no:cacheprovider $TESTS 2>&1 | tee "$LOG/tests_extra.log" | tail -6
+  timeout ${TESTS_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider $TESTS 2>&1 | tee "$LOG/tests_extra.log" | tail -6
 fi
 if [ -n "${EXTRA:-}" ]; then  # any other command, e.g. a carried A/B script
   timeout ${EXTRA_TIMEOUT:-120} bash -c "$EXTRA" 2>&1 | tee "$LOG/extra.log" | grep -v -i warn | tail -${EXTRA_TAIL:-20}

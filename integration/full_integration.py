@@ -351,6 +351,8 @@ def train(args) -> dict:
             # CUDA graphs: without them the host launches slower than the GPU runs (seed-1b, H200: 87 ms
             # a step vs 60). EP stays eager-launched: the all-to-all's splits come through the host.
             mode = "reduce-overhead"
+        if args.memory_budget is not None:
+            torch._functorch.config.activation_memory_budget = args.memory_budget
         for block in model.blocks:
             block.compile(mode=mode)
     data = None
@@ -495,6 +497,11 @@ def parse_args(argv: list[str] | None = None):
         help="torch.compile mode (default: reduce-overhead on one GPU, the default mode otherwise)",
     )  # fmt: skip
     p.add_argument("--recompute", action="store_true", help="MoE layers recompute expert activations")
+    p.add_argument(
+        "--memory-budget", type=float, default=None,
+        help="with --compile: torch's activation memory budget in (0, 1] (torch._functorch.config."
+        "activation_memory_budget; lower: the partitioner recomputes more in backward)",
+    )  # fmt: skip
     p.add_argument("--aux-loss-coeff", type=float, default=0.01)
     p.add_argument("--z-loss-coeff", type=float, default=0.001)
     p.add_argument("--expert-bias", action="store_true", help="aux-loss-free balancing (all-reduced counts)")
@@ -506,7 +513,10 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--plot", default=None, help="loss curve and tokens-per-expert heatmap (PNG)")
     p.add_argument("--profile", default=None, help="profile 3 more steps; GPU kernel time by category here")
     p.add_argument("--quiet", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.memory_budget is not None and not (args.compile and 0 < args.memory_budget <= 1):
+        p.error(f"--memory-budget={args.memory_budget} needs --compile and a value in (0, 1]")
+    return args
 
 
 if __name__ == "__main__":
