@@ -13,7 +13,6 @@ W EP world size.
 from __future__ import annotations
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from flashfusemoe import overlap as _overlap
 from flashfusemoe.backends import get_backend
@@ -174,13 +173,7 @@ def fused_moe(
     be = get_backend(backend, x_TD.device)
 
     def shared_mlp() -> torch.Tensor:
-        if (
-            recompute_activations and torch.is_grad_enabled()
-        ):  # saves x, not its [T, F] and [T, I] activations
-            return checkpoint(
-                be.expert_mlp, x_TD, shared_w_up, shared_w_down, activation, use_reentrant=False
-            )
-        return be.expert_mlp(x_TD, shared_w_up, shared_w_down, activation)
+        return be.expert_mlp(x_TD, shared_w_up, shared_w_down, activation, recompute_activations)
 
     routing = be.route(be.router_logits(x_TD, gate_weight_ED), router, expert_bias)
     h_TL = x_TD if latent_down is None else x_TD @ latent_down.t()

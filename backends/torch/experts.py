@@ -18,17 +18,22 @@ from flashfusemoe.spec import activate
 __all__ = ["expert_mlp", "experts"]
 
 
-def expert_mlp(
-    x_RD: torch.Tensor, w_up_FD: torch.Tensor, w_down_DI: torch.Tensor, activation: str
-) -> torch.Tensor:
-    """One expert on its rows: ``act(x @ w_up.T) @ w_down.T`` -> ``[R, D]``."""
+def _mlp(x_RD, w_up_FD, w_down_DI, activation):
     return activate(x_RD @ w_up_FD.t(), activation) @ w_down_DI.t()
 
 
-def _mlp(x_RD, w_up_FD, w_down_DI, activation, recompute):
+def expert_mlp(
+    x_RD: torch.Tensor,
+    w_up_FD: torch.Tensor,
+    w_down_DI: torch.Tensor,
+    activation: str,
+    recompute: bool = False,
+) -> torch.Tensor:
+    """One expert on its rows: ``act(x @ w_up.T) @ w_down.T`` -> ``[R, D]``. With ``recompute`` (and
+    grad mode on) it keeps only its inputs for backward and recomputes the rest there (checkpoint)."""
     if recompute and torch.is_grad_enabled():
-        return checkpoint(expert_mlp, x_RD, w_up_FD, w_down_DI, activation, use_reentrant=False)
-    return expert_mlp(x_RD, w_up_FD, w_down_DI, activation)
+        return checkpoint(_mlp, x_RD, w_up_FD, w_down_DI, activation, use_reentrant=False)
+    return _mlp(x_RD, w_up_FD, w_down_DI, activation)
 
 
 def experts(
@@ -50,6 +55,6 @@ def experts(
     for e in range(w_up_EFD.shape[0]):
         token_R, slot_R = torch.where(topk_ids_TK == e)
         # an empty expert still runs (on 0 rows): its weights get zero gradients, not None
-        y_RD = _mlp(x_TD[token_R], w_up_EFD[e], w_down_EDI[e], activation, recompute)
+        y_RD = expert_mlp(x_TD[token_R], w_up_EFD[e], w_down_EDI[e], activation, recompute)
         out_TD = out_TD.index_add(0, token_R, y_RD.float() * topk_weights_TK[token_R, slot_R, None])
     return out_TD.to(x_TD.dtype)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from flashfusemoe import _env
-from flashfusemoe.backends.torch.experts import expert_mlp
 from flashfusemoe.backends.triton.experts import experts
+from flashfusemoe.backends.triton.mlp import expert_mlp
 from flashfusemoe.backends.triton.router_gemm import router_logits
 from flashfusemoe.backends.triton.routing import route
 

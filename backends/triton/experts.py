@@ -18,11 +18,11 @@ import torch
 from flashfusemoe.backends.triton.activation import activation_backward
 from flashfusemoe.backends.triton.grouped_gemm import grouped_mm, grouped_mm_act, grouped_mm_wgrad
 from flashfusemoe.backends.triton.metadata import routing_metadata
-from flashfusemoe.backends.triton.ops import custom_op
+from flashfusemoe.backends.triton.ops import as_op, custom_op
 from flashfusemoe.backends.triton.permute import combine_rows, gather_rows
 from flashfusemoe.spec import check_first_order, is_glu
 
-__all__ = ["experts"]
+__all__ = ["experts", "saved_for_backward"]
 
 
 # --------------------------------------------- tokens (or received rows) in, one output row per input row
@@ -43,7 +43,11 @@ def _up_fwd_fake(x_TD, topk_ids_TK, w_up, activation, num_rows):
     )
 
 
-@custom_op("moe_up_fwd", _up_fwd_fake)
+def _up_fwd_flops(x_TD, topk_ids_TK, w_up, activation, num_rows):
+    return 2 * num_rows * w_up[1] * w_up[2]  # shapes: w_up = [E, F, D]
+
+
+@custom_op("moe_up_fwd", _up_fwd_fake, flops=_up_fwd_flops)
 def _up_fwd(
     x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, w_up: torch.Tensor, activation: str, num_rows: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -61,7 +65,11 @@ def _up_bwd_fake(grad_h_NF, x_TD, w_up, pos_TK, row_slot_N, offs_E, grad_w_up_ac
     return x_TD.new_empty(x_TD.shape), _wgrad_fake(w_up, grad_w_up_acc)
 
 
-@custom_op("moe_up_bwd", _up_bwd_fake, mutates=("grad_w_up_acc",))
+def _up_bwd_flops(grad_h_NF, x_TD, w_up, pos_TK, row_slot_N, offs_E, grad_w_up_acc):
+    return 4 * grad_h_NF[0] * w_up[1] * w_up[2]  # grad_x and grad_w_up
+
+
+@custom_op("moe_up_bwd", _up_bwd_fake, mutates=("grad_w_up_acc",), flops=_up_bwd_flops)
 def _up_bwd(
     grad_h_NF: torch.Tensor,
     x_TD: torch.Tensor,
@@ -93,7 +101,11 @@ def _down_fwd_fake(a_NI, weights_TK, w_down, pos_TK, offs_E):
     return a_NI.new_empty((pos_TK.shape[0], w_down.shape[1]))
 
 
-@custom_op("moe_down_fwd", _down_fwd_fake)
+def _down_fwd_flops(a_NI, weights_TK, w_down, pos_TK, offs_E):
+    return 2 * a_NI[0] * w_down[1] * w_down[2]
+
+
+@custom_op("moe_down_fwd", _down_fwd_fake, flops=_down_fwd_flops)
 def _down_fwd(
     a_NI: torch.Tensor,
     weights_TK: torch.Tensor,
@@ -125,7 +137,13 @@ def _down_bwd_fake(
     )
 
 
-@custom_op("moe_down_bwd", _down_bwd_fake, mutates=("grad_w_down_acc",))
+def _down_bwd_flops(grad_out_TD, h_saved, x_TD, w_up, weights_TK, w_down, pos_TK, row_slot_N, *_):
+    N = row_slot_N[0]
+    recomputed = 2 * N * w_up[1] * w_up[2] if len(h_saved) != 2 else 0
+    return recomputed + 4 * N * w_down[1] * w_down[2]  # (h again,) grad_a and grad_w_down
+
+
+@custom_op("moe_down_bwd", _down_bwd_fake, mutates=("grad_w_down_acc",), flops=_down_bwd_flops)
 def _down_bwd(
     grad_out_TD: torch.Tensor,
     h_saved: torch.Tensor,
@@ -186,6 +204,21 @@ def _grad_buffer(ctx, i: int) -> torch.Tensor | None:
     return grad if runs else None
 
 
+def saved_for_backward(ctx) -> tuple[torch.Tensor, ...]:
+    """``ctx.saved_tensors``, with PyTorch's saved-tensor version error explained."""
+    try:
+        return ctx.saved_tensors
+    except RuntimeError as e:
+        if "inplace" not in str(e):  # PyTorch's saved-tensor version check; anything else as is
+            raise
+        raise RuntimeError(
+            "a tensor saved for the MoE layer's backward was modified in place: either this is a "
+            "second backward through the same graph (the first one reuses the saved activations' "
+            "buffer; pass recompute_activations=True to backward twice), or the layer's input or "
+            "weights were changed in place after the forward"
+        ) from e
+
+
 class _Up(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, w_up, topk_ids_TK, activation, num_rows):
@@ -219,20 +252,11 @@ class _Down(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out_TD):
         check_first_order("the triton backend's experts")
-        try:
-            h_kept, *rest = ctx.saved_tensors
-        except RuntimeError as e:
-            if "inplace" not in str(e):  # PyTorch's saved-tensor version check; anything else as is
-                raise
-            raise RuntimeError(
-                "a tensor saved for the MoE layer's backward was modified in place: either this is a "
-                "second backward through the same graph (the first one reuses the saved activations' "
-                "buffer; pass recompute_activations=True to backward twice), or the layer's input or "
-                "weights were changed in place after the forward"
-            ) from e
+        h_kept, *rest = saved_for_backward(ctx)
         # Eager mode writes grad_h over the saved h (the backward's largest buffer) and tells autograd,
-        # so a second backward fails loudly instead of reading it; compiled graphs plan their own memory.
-        reuse_h = h_kept.dim() == 2 and not torch.compiler.is_compiling()
+        # so a second backward fails loudly instead of reading it; compiled graphs plan their own memory
+        # (and an op's output may not alias its input).
+        reuse_h = h_kept.dim() == 2 and not as_op()
         acc = _grad_buffer(ctx, 3)
         grad_h, grad_w, grad_w_down = _down_bwd(grad_out_TD, h_kept, *rest, ctx.activation, reuse_h, acc)
         if reuse_h:

@@ -457,6 +457,55 @@ def test_triton_second_backward_needs_recompute():
     torch.testing.assert_close(grads[False], grads[True], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("activation", ["swiglu", "geglu", "relu2", "gelu"])
+@pytest.mark.parametrize("R, D, I", [(0, 5, 3), (1, 7, 5), (13, 6, 9)])
+def test_triton_expert_mlp_matches_reference_and_keeps_only_h(activation, R, D, I):
+    """The shared experts' MLP: output and every gradient equal the reference's, fresh random inputs,
+    odd shapes, no rows; it saves h ``[R, F]`` beside its inputs (with recompute nothing but them), and
+    with recompute the gradients are bit-identical to keeping h."""
+    F_ = 2 * I if is_glu(activation) else I
+    g = torch.Generator().manual_seed(R * 100 + D + I)
+    leaves = _dev(
+        torch.randn(R, D, generator=g), torch.randn(F_, D, generator=g), torch.randn(D, I, generator=g)
+    )
+    cot = _dev(torch.randn(R, D, generator=g))[0]
+    results, saved = {}, {}
+    for name, recompute in (("ref", False), ("ours", False), ("ours, recompute", True)):
+        fn = ref.expert_mlp if name == "ref" else get_backend("triton", DEV).expert_mlp
+        x, up, down = (t.clone().requires_grad_() for t in leaves)
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t
+        ):
+            out = fn(x, up, down, activation, recompute)
+        (out * cot).sum().backward()
+        results[name], saved[name] = (out, x.grad, up.grad, down.grad), shapes
+    for got, want in zip(results["ours"], results["ref"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for got, want in zip(results["ours, recompute"], results["ours"], strict=True):
+        assert torch.equal(got, want)
+    inputs = {(R, D), (F_, D), (D, I)}
+    assert sorted(saved["ours"]) == sorted(inputs | {(R, F_)}) and set(saved["ours, recompute"]) <= inputs | {
+        (0,)
+    }
+
+
+def test_triton_expert_mlp_second_backward_needs_recompute():
+    """As for the routed experts: the eager backward writes grad_h over the kept h, so a second
+    backward through the graph raises the clear error; with recompute it works."""
+    x, up, down = _dev(torch.randn(5, 4), torch.randn(6, 4), torch.randn(4, 3))
+    mlp = get_backend("triton", DEV).expert_mlp
+    for recompute in (False, True):
+        xg = x.clone().requires_grad_()
+        out = mlp(xg, up, down, "swiglu", recompute)
+        (g1,) = torch.autograd.grad(out.sum(), xg, retain_graph=True)
+        if recompute:
+            assert torch.equal(g1, torch.autograd.grad(out.sum(), xg)[0])
+        else:
+            with pytest.raises(RuntimeError, match="recompute_activations=True"):
+                torch.autograd.grad(out.sum(), xg)
+
+
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_triton_experts_under_activation_checkpointing(reentrant):
     """torch.utils.checkpoint around the experts (the backward reuses the recomputed activations'
