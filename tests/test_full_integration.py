@@ -45,6 +45,20 @@ def test_recompute_lowers_saved_bytes_and_keeps_the_losses(tmp_path):
     assert saved[1] < saved[0] / 2, saved
 
 
+def test_memory_budget_needs_compile_and_a_fraction(capsys):
+    from integration.full_integration import parse_args
+
+    for argv in (
+        ["--memory-budget", "0.5"],
+        ["--compile", "--memory-budget", "0"],
+        ["--compile", "--memory-budget", "1.5"],
+    ):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert "--memory-budget" in capsys.readouterr().err
+    assert parse_args(["--compile", "--memory-budget", "1"]).memory_budget == 1.0
+
+
 def test_kernel_table_categories_and_busy_time():
     from integration.kernel_table import _busy_ms, categorize
 

@@ -474,9 +474,12 @@ def test_triton_expert_mlp_matches_reference_and_keeps_only_h(activation, R, D, 
         fn = ref.expert_mlp if name == "ref" else get_backend("triton", DEV).expert_mlp
         x, up, down = (t.clone().requires_grad_() for t in leaves)
         shapes = []
-        with torch.autograd.graph.saved_tensors_hooks(
-            lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t
-        ):
+
+        def pack(t, shapes=shapes):
+            shapes.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = fn(x, up, down, activation, recompute)
         (out * cot).sum().backward()
         results[name], saved[name] = (out, x.grad, up.grad, down.grad), shapes
