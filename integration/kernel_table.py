@@ -43,16 +43,30 @@ def _busy_ms(intervals: list[tuple[float, float]]) -> tuple[float, float]:
     return (cur_end - intervals[0][0]) / 1e3, (busy + cur_end - cur_start) / 1e3
 
 
-def kernel_table(prof, steps: int, top: int = 40) -> str:
-    """Per-step milliseconds of GPU kernels, summed by category and by name (longest first), and how
-    much of the profiled span the GPU was busy (the rest: waiting for the host)."""
+def _gaps(kernels: list[tuple[float, float, str]], top: int) -> list[tuple[float, str, str]]:
+    """The ``top`` longest idle stretches between ``(start, end, name)`` kernels (microseconds): ``(us,
+    kernel before, kernel after)``, longest first; overlapping kernels count as one busy stretch."""
+    kernels = sorted(kernels)
+    gaps, last_end, last_name = [], None, ""
+    for start, end, name in kernels:
+        if last_end is not None and start > last_end:
+            gaps.append((start - last_end, last_name, name))
+        if last_end is None or end >= last_end:
+            last_end, last_name = end, name
+    return sorted(gaps, key=lambda g: -g[0])[:top]
+
+
+def kernel_table(prof, steps: int, top: int = 40, gaps: int = 20) -> str:
+    """Per-step milliseconds of GPU kernels, summed by category and by name (longest first), how much
+    of the profiled span the GPU was busy (the rest: waiting for the host), and the longest idle
+    stretches with the kernels around them (where the host falls behind)."""
     by_name: dict[str, float] = defaultdict(float)
-    intervals = []
+    kernels = []
     for evt in prof.events():  # GPU-side user annotations (record_function ranges) are not kernels
         if evt.device_type == DeviceType.CUDA and not getattr(evt, "is_user_annotation", False):
             by_name[evt.name] += evt.self_device_time_total / 1e3 / steps
-            intervals.append((evt.time_range.start, evt.time_range.end))
-    span, busy = _busy_ms(intervals)
+            kernels.append((evt.time_range.start, evt.time_range.end, evt.name))
+    span, busy = _busy_ms([(start, end) for start, end, _ in kernels])
     by_cat: dict[str, float] = defaultdict(float)
     for name, ms in by_name.items():
         by_cat[categorize(name)] += ms
@@ -69,4 +83,7 @@ def kernel_table(prof, steps: int, top: int = 40) -> str:
     lines += ["", "| kernel | category | ms/step |", "| --- | --- | --- |"]
     for name, ms in sorted(by_name.items(), key=lambda kv: -kv[1])[:top]:
         lines.append(f"| {name[:90]} | {categorize(name)} | {ms:.3f} |")
+    lines += ["", f"GPU idle, the {gaps} longest stretches of all steps (the host was behind):"]
+    lines += ["| idle us | kernel before | kernel after |", "| --- | --- | --- |"]
+    lines += [f"| {us:.0f} | {before[:60]} | {after[:60]} |" for us, before, after in _gaps(kernels, gaps)]
     return "\n".join(lines)

@@ -60,9 +60,12 @@ def test_memory_budget_needs_compile_and_a_fraction(capsys):
 
 
 def test_kernel_table_categories_and_busy_time():
-    from integration.kernel_table import _busy_ms, categorize
+    from integration.kernel_table import _busy_ms, _gaps, categorize
 
     assert _busy_ms([(0, 10), (5, 12), (20, 30), (25, 26)]) == (0.03, 0.022)
+    kernels = [(0, 10, "a"), (5, 12, "b"), (20, 30, "c"), (25, 26, "d"), (31, 40, "e"), (100, 101, "f")]
+    assert _gaps(kernels, 2) == [(60, "e", "f"), (8, "b", "c")]  # b ends the first busy stretch
+    assert _gaps(kernels, 5)[-1] == (1, "c", "e")
     assert categorize("_tma_mm_kernel") == "MoE Triton kernels (ours)"
     assert categorize("void at::native::vectorized_elementwise_kernel<4>") == "ATen elementwise (eager)"
     assert categorize("triton_poi_fused_add_0") == "compiler-fused elementwise/reductions"
