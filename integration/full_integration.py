@@ -365,15 +365,13 @@ def train(args) -> dict:
         if cfg["vocab"] < 256 or data.numel() < cfg["seq"] + 2:
             raise SystemExit("--data needs vocab >= 256 (byte tokens) and a file longer than a sequence")
     per_rank = cfg["batch"] // W
-    counts_LE = None
+    losses, times, counts_LE = [], [], None
     bar = _progress(cfg["steps"] - start, args.quiet or rank != 0)
 
     def train_step(step: int, phases: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on this rank's share of the global batch; (global CE loss, counts [L, E]).
         ``phases``: filled with the peak GPU memory (GB) of forward, backward and the optimizer step."""
-        ids = batch(args, cfg, step, data)[rank * per_rank : (rank + 1) * per_rank]
-        if device.type == "cuda":  # pinned: the copy neither waits for the GPU nor stalls the host
-            ids = ids.pin_memory().to(device, non_blocking=True)
+        ids = batch(args, cfg, step, data)[rank * per_rank : (rank + 1) * per_rank].to(device)
         _peak_of(phases, None)
         ce, aux, counts = model(ids)
         _peak_of(phases, "forward")
@@ -390,28 +388,23 @@ def train(args) -> dict:
                 layer.update_expert_bias(c)
         return _group_reduce(ce.detach().float().clone(), W) / W, counts
 
-    # The host issues each step without waiting for the last to finish, as a training run does: step
-    # times come from CUDA events, the bar shows the loss of the step before (done by then), losses
-    # and counts are read at the end. The allocator's peak counters are kept on the host: no wait.
-    phases, step_peaks, clock, loss_tensors = None, [], _StepClock(device), []
+    phases, step_peaks = None, []
     for step in range(start, cfg["steps"]):
         if device.type == "cuda":
+            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            if step == cfg["steps"] - 1:  # the last step says where the peak falls
+            if step == cfg["steps"] - 1:  # the last step says where the peak falls (host-side counters)
                 phases = {}
-        clock.start()
+        t0 = time.perf_counter()
         loss, counts = train_step(step, phases)
-        clock.stop()
         if device.type == "cuda":
+            torch.cuda.synchronize()
             step_peaks.append(max([torch.cuda.max_memory_allocated() / 1e9, *(phases or {}).values()]))
-        loss_tensors.append(loss)
-        counts_LE = counts if counts_LE is None else counts_LE + counts
+        times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+        counts_LE = counts.cpu() if counts_LE is None else counts_LE + counts.cpu()
         bar.update(1)
-        if len(loss_tensors) > 1:
-            bar.set_postfix_str(f"loss {loss_tensors[-2].item():.4f}")
-    times = clock.seconds()
-    losses = [loss.item() for loss in loss_tensors]
-    counts_LE = counts_LE.cpu() if counts_LE is not None else None
+        bar.set_postfix_str(f"loss {losses[-1]:.4f}")
     bar.close()
     if args.save:
         save_checkpoint(Path(args.save), model, opt, cfg["steps"], W, rank)
@@ -431,34 +424,6 @@ def train(args) -> dict:
         if args.plot and counts_LE is not None:
             _plot(args.plot, losses, counts_LE)
     return result
-
-
-class _StepClock:
-    """Step durations: CUDA events on a GPU (elapsed GPU time between a step's first and last work,
-    idle stretches included; the host never waits), the host clock elsewhere."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.marks: list[list] = []
-
-    def _mark(self):
-        if not self.cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def start(self) -> None:
-        self.marks.append([self._mark()])
-
-    def stop(self) -> None:
-        self.marks[-1].append(self._mark())
-
-    def seconds(self) -> list[float]:
-        if not self.cuda:
-            return [end - begin for begin, end in self.marks]
-        torch.cuda.synchronize()
-        return [begin.elapsed_time(end) / 1e3 for begin, end in self.marks]
 
 
 def _peak_of(phases: dict | None, name: str | None) -> None:
