@@ -75,8 +75,11 @@ class _MLP(torch.autograd.Function):
         grad_h_RF, a_RI = _act_bwd(grad_out_RD.contiguous(), h_RF, w_down_DI, ctx.activation, in_place)
         if in_place and not recomputed:
             torch.autograd.graph.increment_version(h_kept)
-        grad_w_down = grad_out_RD.t() @ a_RI
-        return grad_h_RF @ w_up_FD, grad_h_RF.t() @ x_RD, grad_w_down, None, None
+        need_x, need_up, need_down = ctx.needs_input_grad[:3]  # frozen weights: no GEMM for them
+        grad_x = grad_h_RF @ w_up_FD if need_x else None
+        grad_w_up = grad_h_RF.t() @ x_RD if need_up else None
+        grad_w_down = grad_out_RD.t() @ a_RI if need_down else None
+        return grad_x, grad_w_up, grad_w_down, None, None
 
 
 def expert_mlp(

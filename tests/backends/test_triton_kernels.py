@@ -493,6 +493,24 @@ def test_triton_expert_mlp_matches_reference_and_keeps_only_h(activation, R, D, 
     }
 
 
+def test_triton_expert_mlp_spends_no_gemm_on_frozen_weights():
+    """Frozen weights (no grad): x's gradient equals the reference's and the backward runs only the
+    GEMMs it needs, grad_a and grad_x (FlopCounterMode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    R, D, F_, I = 5, 4, 6, 3
+    x, up, down = _dev(torch.randn(R, D), torch.randn(F_, D), torch.randn(D, I))
+    grads = []
+    for mlp in (ref.expert_mlp, get_backend("triton", DEV).expert_mlp):
+        xg = x.clone().requires_grad_()
+        with FlopCounterMode(display=False) as mode:
+            mlp(xg, up, down, "swiglu").square().sum().backward()
+        grads.append(xg.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-4)
+    forward, backward = 2 * R * F_ * D + 2 * R * I * D, 2 * R * D * I + 2 * R * F_ * D
+    assert mode.get_total_flops() == forward + backward
+
+
 def test_triton_expert_mlp_second_backward_needs_recompute():
     """As for the routed experts: the eager backward writes grad_h over the kept h, so a second
     backward through the graph raises the clear error; with recompute it works."""

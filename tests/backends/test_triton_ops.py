@@ -79,7 +79,8 @@ def test_triton_router_hi_lo_op_passes_opcheck():
 def test_flop_counter_counts_the_expert_ops_like_the_references_matmuls(recompute):
     """FlopCounterMode (and torch.compile's activation memory budget, which ranks recompute by it) sees
     each custom op's GEMMs: the same total as the reference backend's plain matmuls (router GEMM
-    included); with recompute, ours recomputes only h (2*N*F*D more), the reference its whole MLPs."""
+    included), shared expert too; with recompute ours recomputes only the up projections' h (2*rows*F*D
+    more each), the reference its whole MLPs."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from flashfusemoe import fused_moe
@@ -87,17 +88,24 @@ def test_flop_counter_counts_the_expert_ops_like_the_references_matmuls(recomput
     x, _, _, up, down = _inputs(seed=3)
     gate = torch.randn(E, D, device=DEV)
     leaves = [t.requires_grad_() for t in (x, gate, up, down)]
+    shared = dict(  # the shared expert's GEMMs count alike too
+        shared_w_up=torch.randn(F, D, device=DEV, requires_grad=True),
+        shared_w_down=torch.randn(D, I, device=DEV, requires_grad=True),
+    )
     counts = {}
     for backend in ("torch", "triton"):
         with FlopCounterMode(display=False) as mode:
-            out, losses = fused_moe(*leaves, RouterConfig(top_k=K), backend=backend)
+            out, losses = fused_moe(*leaves, RouterConfig(top_k=K), backend=backend, **shared)
             (out.square().sum() + losses["aux_loss"]).backward()
         counts[backend] = mode.get_total_flops()
         if backend == "triton":
             seen = {str(op) for op in mode.get_flop_counts()["Global"]}
             assert {f"flashfusemoe.moe_{p}_{d}" for p in ("up", "down") for d in ("fwd", "bwd")} <= seen
     with FlopCounterMode(display=False) as mode:
-        out, _ = fused_moe(*leaves, RouterConfig(top_k=K), backend="triton", recompute_activations=recompute)
+        out, _ = fused_moe(
+            *leaves, RouterConfig(top_k=K), backend="triton", recompute_activations=recompute, **shared
+        )
         out.square().sum().backward()
     assert counts["triton"] == counts["torch"] > 0
-    assert mode.get_total_flops() == counts["triton"] + (2 * T * K * F * D if recompute else 0)
+    # with recompute each up projection runs again: the routed one on T*K rows, the shared one on T
+    assert mode.get_total_flops() == counts["triton"] + (2 * (T * K + T) * F * D if recompute else 0)
