@@ -57,16 +57,16 @@ def _up_fwd(
     return h_NF, a_NI, meta.pos_TK, meta.row_slot_M, meta.offs_E
 
 
-def _wgrad_fake(w, grad_w_acc):
-    return w.new_empty(w.shape if grad_w_acc is None else (0,))
+def _wgrad_fake(w, grad_w_acc, need_grad_w):
+    return w.new_empty(w.shape if grad_w_acc is None and need_grad_w else (0,))
 
 
-def _up_bwd_fake(grad_h_NF, x_TD, w_up, pos_TK, row_slot_N, offs_E, grad_w_up_acc):
-    return x_TD.new_empty(x_TD.shape), _wgrad_fake(w_up, grad_w_up_acc)
+def _up_bwd_fake(grad_h_NF, x_TD, w_up, pos_TK, row_slot_N, offs_E, grad_w_up_acc, need_grad_w_up):
+    return x_TD.new_empty(x_TD.shape), _wgrad_fake(w_up, grad_w_up_acc, need_grad_w_up)
 
 
-def _up_bwd_flops(grad_h_NF, x_TD, w_up, pos_TK, row_slot_N, offs_E, grad_w_up_acc):
-    return 4 * grad_h_NF[0] * w_up[1] * w_up[2]  # grad_x and grad_w_up
+def _up_bwd_flops(grad_h_NF, x_TD, w_up, pos_TK, row_slot_N, offs_E, grad_w_up_acc, need_grad_w_up):
+    return (2 + 2 * need_grad_w_up) * grad_h_NF[0] * w_up[1] * w_up[2]  # grad_x (and grad_w_up)
 
 
 @custom_op("moe_up_bwd", _up_bwd_fake, mutates=("grad_w_up_acc",), flops=_up_bwd_flops)
@@ -78,12 +78,16 @@ def _up_bwd(
     row_slot_N: torch.Tensor,
     offs_E: torch.Tensor,
     grad_w_up_acc: torch.Tensor | None,
+    need_grad_w_up: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(grad_x, grad_w_up)``; with ``grad_w_up_acc`` the weight gradient is added into it instead
-    and ``grad_w_up`` is empty."""
-    x_ND = gather_rows(x_TD, row_slot_N, offs_E[-1:], pos_TK.shape[1])
-    grad_w_up = _wgrad(grad_h_NF, x_ND, offs_E, grad_w_up_acc)
-    del x_ND
+    """``(grad_x, grad_w_up)``; with ``grad_w_up_acc`` the weight gradient is added into it instead,
+    and without ``need_grad_w_up`` not computed (a frozen weight): ``grad_w_up`` is then empty."""
+    if need_grad_w_up:
+        x_ND = gather_rows(x_TD, row_slot_N, offs_E[-1:], pos_TK.shape[1])
+        grad_w_up = _wgrad(grad_h_NF, x_ND, offs_E, grad_w_up_acc)
+        del x_ND
+    else:
+        grad_w_up = grad_h_NF.new_empty(0)
     grad_x_TD = combine_rows(grouped_mm(grad_h_NF, w_up, offs_E), pos_TK)
     return grad_x_TD, grad_w_up
 
@@ -129,18 +133,19 @@ def _down_bwd_fake(
     act,
     reuse,
     grad_w_down_acc,
+    need_grad_w_down,
 ):
     return (
         x_TD.new_empty((row_slot_N.shape[0], w_up.shape[1])),
         weights_TK.new_empty(weights_TK.shape, dtype=torch.float32),
-        _wgrad_fake(w_down, grad_w_down_acc),
+        _wgrad_fake(w_down, grad_w_down_acc, need_grad_w_down),
     )
 
 
-def _down_bwd_flops(grad_out_TD, h_saved, x_TD, w_up, weights_TK, w_down, pos_TK, row_slot_N, *_):
-    N = row_slot_N[0]
+def _down_bwd_flops(grad_out_TD, h_saved, x_TD, w_up, weights_TK, w_down, pos_TK, row_slot_N, *rest):
+    N, need_grad_w_down = row_slot_N[0], rest[-1]
     recomputed = 2 * N * w_up[1] * w_up[2] if len(h_saved) != 2 else 0
-    return recomputed + 4 * N * w_down[1] * w_down[2]  # (h again,) grad_a and grad_w_down
+    return recomputed + (2 + 2 * need_grad_w_down) * N * w_down[1] * w_down[2]  # (h,) grad_a (, grad_w)
 
 
 @custom_op("moe_down_bwd", _down_bwd_fake, mutates=("grad_w_down_acc",), flops=_down_bwd_flops)
@@ -157,9 +162,11 @@ def _down_bwd(
     activation: str,
     reuse_h: bool,
     grad_w_down_acc: torch.Tensor | None,
+    need_grad_w_down: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``grad_h`` (over ``h_saved`` itself with ``reuse_h``), the routing-weight and ``w_down`` grads
-    (the last added into ``grad_w_down_acc`` if given, and then empty)."""
+    (the last added into ``grad_w_down_acc`` if given, not computed without ``need_grad_w_down``:
+    then empty)."""
     live, K = offs_E[-1:], pos_TK.shape[1]
     gather = (row_slot_N, K)
     recomputed = h_saved.dim() != 2  # the forward kept no activations
@@ -172,7 +179,7 @@ def _down_bwd(
         h_NF, grad_a_NI, activation, live, weights_TK.reshape(-1), row_slot_N, recomputed or reuse_h
     )
     del grad_a_NI, h_NF
-    grad_w_down = _wgrad(grad_y, wa_NI, offs_E, grad_w_down_acc)
+    grad_w_down = _wgrad(grad_y, wa_NI, offs_E, grad_w_down_acc) if need_grad_w_down else wa_NI.new_empty(0)
     return grad_h_NF, grad_w_S.view(pos_TK.shape), grad_w_down
 
 
@@ -231,9 +238,9 @@ class _Up(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_h_NF, _grad_a, _pos, _row_slot, _offs):
         check_first_order("the triton backend's experts")
-        acc = _grad_buffer(ctx, 1)
-        grad_x, grad_w_up = _up_bwd(grad_h_NF.contiguous(), *ctx.saved_tensors, acc)
-        return grad_x, grad_w_up if acc is None else None, None, None, None
+        need, acc = ctx.needs_input_grad[1], _grad_buffer(ctx, 1)  # a frozen w_up: no dW GEMM
+        grad_x, grad_w_up = _up_bwd(grad_h_NF.contiguous(), *ctx.saved_tensors, acc, need)
+        return grad_x, grad_w_up if need and acc is None else None, None, None, None
 
 
 class _Down(torch.autograd.Function):
@@ -257,11 +264,13 @@ class _Down(torch.autograd.Function):
         # so a second backward fails loudly instead of reading it; compiled graphs plan their own memory
         # (and an op's output may not alias its input).
         reuse_h = h_kept.dim() == 2 and not as_op()
-        acc = _grad_buffer(ctx, 3)
-        grad_h, grad_w, grad_w_down = _down_bwd(grad_out_TD, h_kept, *rest, ctx.activation, reuse_h, acc)
+        need, acc = ctx.needs_input_grad[3], _grad_buffer(ctx, 3)
+        grad_h, grad_w, grad_w_down = _down_bwd(
+            grad_out_TD, h_kept, *rest, ctx.activation, reuse_h, acc, need
+        )
         if reuse_h:
             torch.autograd.graph.increment_version(h_kept)
-        grad_w_down = grad_w_down if acc is None else None
+        grad_w_down = grad_w_down if need and acc is None else None
         return grad_h, None, grad_w, grad_w_down, None, None, None, None, None, None, None
 
 

@@ -422,6 +422,31 @@ def _experts_match_reference(p, activation, recompute, drop_frac):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("frozen", ["w_up", "w_down", "both"])
+def test_triton_experts_spend_no_gemm_on_frozen_expert_weights(frozen):
+    """A frozen expert weight (fine-tuning around the experts) gets no gradient and costs no weight-
+    gradient GEMM (FlopCounterMode: 2*N*F*D or 2*N*D*I less); every other gradient is unchanged."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    p = Problem(T=9, D=6, E=3, K=2, I=5, W=1, skew="uniform", seed=5)
+    ids, w = topk_ids(p).to(DEV), torch.rand(9, 2, device=DEV)
+    leaves = _dev(randn(p, 9, 6), randn(p, 3, 10, 6, salt=1), randn(p, 3, 6, 5, salt=2))
+    runs = []
+    for freeze in ((), {"w_up": (1,), "w_down": (2,), "both": (1, 2)}[frozen]):
+        x, up, down = (t.clone().requires_grad_(i not in freeze) for i, t in enumerate(leaves))
+        with FlopCounterMode(display=False) as mode:
+            tri_experts(x, ids, w, up, down, "swiglu").square().sum().backward()
+        runs.append((mode.get_total_flops(), x.grad, up.grad, down.grad))
+    N = 9 * 2
+    saved = (frozen != "w_down") * 2 * N * 10 * 6 + (frozen != "w_up") * 2 * N * 6 * 5
+    assert runs[0][0] - runs[1][0] == saved
+    torch.testing.assert_close(runs[1][1], runs[0][1], rtol=0, atol=0)
+    assert (runs[1][2] is None) == (frozen != "w_down") and (runs[1][3] is None) == (frozen != "w_up")
+    for got, want in zip(runs[1][2:], runs[0][2:], strict=True):
+        if got is not None:
+            assert torch.equal(got, want)
+
+
 def test_triton_experts_t1_and_k_equals_e_and_t0():
     for T, E, K in [(1, 5, 2), (6, 4, 4), (0, 3, 2)]:
         p = Problem(T=T, D=7, E=E, K=K, I=5, W=1, skew="uniform", seed=T + E)

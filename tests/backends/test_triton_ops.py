@@ -39,15 +39,16 @@ def test_triton_expert_ops_pass_opcheck():
         _check(ops.moe_up_fwd.default, (x, other_rank, up, activation, T * K - 3))
     meta = routing_metadata(ids, E)
     h = torch.randn(T * K, F, device=DEV)
-    for acc in (None, torch.randn_like(up)):  # weight gradient returned, or added into a buffer
-        _check(ops.moe_up_bwd.default, (h, x, up, meta.pos_TK, meta.row_slot_M, meta.offs_E, acc))
+    # weight gradient returned, added into a buffer, or not computed (a frozen weight)
+    for acc, need in ((None, True), (torch.randn_like(up), True), (None, False)):
+        _check(ops.moe_up_bwd.default, (h, x, up, meta.pos_TK, meta.row_slot_M, meta.offs_E, acc, need))
     a = torch.randn(T * K, F // 2, device=DEV)
     _check(ops.moe_down_fwd.default, (a, w, down, meta.pos_TK, meta.offs_E))
     grad_out = torch.randn(T, D, device=DEV)
     routing = (meta.pos_TK, meta.row_slot_M, meta.offs_E)
     for h_saved in (h, h.new_empty(0)):  # kept activations, and recompute
-        for acc in (None, torch.randn_like(down)):
-            args = (grad_out, h_saved, x, up, w, down, *routing, "swiglu", False, acc)
+        for acc, need in ((None, True), (torch.randn_like(down), True), (None, False)):
+            args = (grad_out, h_saved, x, up, w, down, *routing, "swiglu", False, acc, need)
             _check(ops.moe_down_bwd.default, args)
 
 
