@@ -261,12 +261,13 @@ def grouped_mm_act(
     """``(h [M, N], act(h) [M, I])`` (I = N/2 for GLU activations); rows past ``offs[-1]`` unwritten.
     With ``gather = (idx_M, div)`` the GEMM's row r is row ``idx[r] // div`` of ``a`` (``gather_rows``):
     read in place by the TMA kernel (by default where TMA runs and N <= ``_FUSE_MAX_N``), permuted
-    first on the other paths."""
+    first on the other paths. Unfused, ``h`` comes from ``grouped_mm`` on the same arguments: the
+    path a recompute of ``h`` takes, so it is bit-identical."""
     if path is None and _fuse_rows(a_MK, b_EKN) and glu_halves_ok(b_EKN, activation):
         path = "tma"
     if path == "tma":
         return tma_grouped_mm(a_MK, b_EKN, offs_E, activation, gather)
-    h_MN = grouped_mm(_gathered(a_MK, gather, offs_E), b_EKN, offs_E, path)
+    h_MN = grouped_mm(a_MK, b_EKN, offs_E, path, gather)
     return h_MN, activation_forward(h_MN, activation, offs_E[-1:])
 
 

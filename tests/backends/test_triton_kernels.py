@@ -447,6 +447,34 @@ def test_triton_experts_spend_no_gemm_on_frozen_expert_weights(frozen):
             assert torch.equal(got, want)
 
 
+@pytest.mark.skipif(
+    DEV.type != "cpu", reason="paths forced on the interpreter; on a GPU they are the real ones"
+)
+def test_triton_recompute_takes_the_forwards_gemm_path_where_the_glu_epilogue_cannot_run():
+    """w_up stored [E, D, F] (N-major) with a GLU half not a multiple of 16 bytes: the fused TMA
+    epilogue cannot split the halves, so the up projection runs unfused; its recompute in backward must
+    take the same GEMM path (the TMA kernel reading rows through the index), or gradients with recompute
+    differ from those without by rounding. Paths forced as on Hopper: TMA and CUTLASS both allowed."""
+    p = Problem(T=9, D=8, E=3, K=2, I=6, W=1, skew="uniform", seed=6)
+    ids, w = topk_ids(p).to(DEV), torch.rand(9, 2, device=DEV)
+    x0 = randn(p, 9, 8)
+    up0 = randn(p, 3, 8, 12, salt=1).transpose(1, 2)  # [E, F, D] view of [E, D, F] storage
+    down0 = randn(p, 3, 8, 6, salt=2)
+    assert not glu_halves_ok(up0.transpose(1, 2), "swiglu") and tma_layout_ok(up0.transpose(1, 2))
+    aligned = lambda *ts: all(map(tma_layout_ok, ts))  # noqa: E731
+    grads = []
+    with (
+        mock.patch.object(grouped_gemm, "tma_ok", aligned),
+        mock.patch.object(grouped_gemm, "_torch_grouped_mm_ok", aligned),
+    ):
+        for recompute in (False, True):
+            x, up, down = (t.clone().requires_grad_() for t in (x0, up0, down0))
+            tri_experts(x, ids, w, up, down, "swiglu", recompute).square().sum().backward()
+            grads.append((x.grad, up.grad, down.grad))
+    for got, want in zip(*grads, strict=True):
+        assert torch.equal(got, want)
+
+
 def test_triton_experts_t1_and_k_equals_e_and_t0():
     for T, E, K in [(1, 5, 2), (6, 4, 4), (0, 3, 2)]:
         p = Problem(T=T, D=7, E=E, K=K, I=5, W=1, skew="uniform", seed=T + E)
