@@ -14,9 +14,10 @@ trains exactly like one process on the global batch; tested). Checkpoints gather
 At the end: p50 step time, tokens/s, peak memory, model TFLOP/s and MFU against a dense bf16 GEMM
 ceiling measured in the same run (GPU), and the bytes one MoE layer saves for backward. ``--plot``
 writes the loss curve and a tokens-per-expert heatmap (layer x expert), with matplotlib if installed;
-``--profile FILE`` the GPU kernel time of 3 more steps by category. ``--compile`` compiles block by block
-(CUDA graphs on one GPU); ``--recompute`` keeps no expert activations for backward (less memory, a few
-more GEMMs); the loss never holds all ``[tokens, vocab]`` logits (``integration/lm_loss.py``).
+``--profile FILE`` the GPU kernel time of 3 more steps by category and the longest GPU idle stretches.
+``--compile`` compiles block by block (CUDA graphs on one GPU) under an activation memory budget
+(``--memory-budget``, 0.95); ``--recompute`` keeps no expert activations for backward (less memory, a
+few more GEMMs); the loss never holds all ``[tokens, vocab]`` logits (``integration/lm_loss.py``).
 
 Legend: B sequences, S sequence length, D model dim, L layers, E experts, W EP world size.
 """
