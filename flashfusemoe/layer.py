@@ -14,7 +14,8 @@ from torch import nn
 
 from flashfusemoe.backends import preload, resolve_name
 from flashfusemoe.balancing import update_expert_bias
-from flashfusemoe.comm import Communicator, LoopbackCommunicator, get_communicator
+from flashfusemoe.comm import Communicator, get_communicator
+from flashfusemoe.comm.loopback import LOOPBACK
 from flashfusemoe.functional import fused_moe
 from flashfusemoe.spec import RouterConfig, check_bool, check_float, check_int, is_glu
 
@@ -137,7 +138,7 @@ class MoELayer(nn.Module):
         self.latent_dim = latent_dim
         L = d_model if latent_dim is None else latent_dim  # the experts' width
         self.backend = backend
-        self.communicator: Communicator = LoopbackCommunicator()
+        self.communicator: Communicator = LOOPBACK
         self._sharded = False
         factory = {"device": device, "dtype": dtype}
         self.gate_weight = nn.Parameter(torch.empty(num_experts, d_model, **factory))

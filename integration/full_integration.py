@@ -517,7 +517,9 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--resume", default=None, help="resume from a checkpoint (written at any EP size)")
     p.add_argument("--metrics", default=None, help="write the losses and the summary here as JSON")
     p.add_argument("--plot", default=None, help="loss curve and tokens-per-expert heatmap (PNG)")
-    p.add_argument("--profile", default=None, help="profile 3 more steps; GPU kernel time by category here")
+    p.add_argument(
+        "--profile", default=None, help="profile 3 more steps: GPU kernel time by category, idle stretches"
+    )
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     if args.memory_budget is not None and not (args.compile and 0 < args.memory_budget <= 1):
