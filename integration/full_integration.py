@@ -37,13 +37,20 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
 
 from flashfusemoe import MoELayer, OverlappedGradSync, get_dense_params, get_expert_params  # noqa: E402
+from integration.adamw import AdamW  # noqa: E402
 from integration.lm_loss import lm_head_cross_entropy  # noqa: E402
 
 _MEMORY_BUDGET = 0.95  # --compile's default activation memory budget
+# --sdpa: the attention kernel tried first, then the others in torch's order. cuDNN's is the default:
+# seed-1b's attention forward+backward (B 4, S 2048, 16 heads of 64), H200: 0.47 ms a layer vs flash's
+# 0.65 (docs/benchmarks.md). Where a backend cannot take the inputs (CPU: math only) the next one runs.
+_SDPA_FIRST = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
+_SDPA_REST = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 PRESETS = {
     "tiny": dict(d_model=64, layers=2, heads=4, experts=8, top_k=2, ffn_dim=128, shared=1, vocab=256,
@@ -69,10 +76,16 @@ def _rope(x_BSHd: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
 
 
+def sdpa_order(first: str) -> list[SDPBackend]:
+    """The SDPA backends by priority, ``first`` (a key of ``_SDPA_FIRST``) leading."""
+    head = _SDPA_FIRST[first]
+    return [head, *(b for b in _SDPA_REST if b != head)]
+
+
 class Attention(nn.Module):
-    def __init__(self, D: int, heads: int) -> None:
+    def __init__(self, D: int, heads: int, sdpa: str = "cudnn") -> None:
         super().__init__()
-        self.heads = heads
+        self.heads, self.sdpa = heads, sdpa_order(sdpa)
         self.qkv = nn.Linear(D, 3 * D, bias=False)
         self.out = nn.Linear(D, D, bias=False)
 
@@ -80,7 +93,8 @@ class Attention(nn.Module):
         B, S, D = x_BSD.shape
         q, k, v = self.qkv(x_BSD).view(B, S, 3, self.heads, D // self.heads).unbind(2)
         q, k, v = (t.transpose(1, 2) for t in (_rope(q, rope), _rope(k, rope), v))  # [B, H, S, d]
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        with sdpa_kernel(self.sdpa, set_priority=True):
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.out(y.transpose(1, 2).reshape(B, S, D))
 
 
@@ -89,7 +103,7 @@ class Block(nn.Module):
         super().__init__()
         D = cfg["d_model"]
         self.norm1, self.norm2 = nn.RMSNorm(D), nn.RMSNorm(D)
-        self.attn = Attention(D, cfg["heads"])
+        self.attn = Attention(D, cfg["heads"], cfg.get("sdpa", "cudnn"))
         self.moe = MoELayer(
             D, cfg["ffn_dim"], cfg["experts"], cfg["top_k"], num_shared_experts=cfg["shared"], **moe_kw
         )
@@ -318,6 +332,7 @@ def train(args) -> dict:
     for key in ("steps", "batch", "seq", "layers"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
+    cfg["sdpa"] = args.sdpa
     if cfg["batch"] % W:
         raise SystemExit(f"the global batch {cfg['batch']} must divide by the EP size {W}")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[
@@ -335,8 +350,12 @@ def train(args) -> dict:
             layer.expert_bias.data = layer.expert_bias.data.float()  # the bias stays fp32
         if W > 1:
             layer.shard_experts(None, communicator=args.comm)
-    # fused: one kernel over all parameters, no foreach temporaries the size of the model
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0, fused=device.type == "cuda")
+    optimizer = args.optimizer or ("triton" if device.type == "cuda" else "torch")
+    if optimizer == "triton":  # one kernel per step at 3.7-3.9 TB/s (integration/adamw.py)
+        opt = AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
+    else:  # fused: one kernel over all parameters, no foreach temporaries the size of the model
+        fused = device.type == "cuda"
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0, fused=fused)
     start = 0
     if ckpt is not None:
         restore_optimizer(opt, model, ckpt, rank)
@@ -501,12 +520,20 @@ def parse_args(argv: list[str] | None = None):
         "--compile-mode", default=None,
         help="torch.compile mode (default: reduce-overhead on one GPU, the default mode otherwise)",
     )  # fmt: skip
+    p.add_argument(
+        "--sdpa", choices=sorted(_SDPA_FIRST), default="cudnn",
+        help="the attention kernel tried first (the others follow in torch's order; default cudnn)",
+    )  # fmt: skip
     p.add_argument("--recompute", action="store_true", help="MoE layers recompute expert activations")
     p.add_argument(
         "--memory-budget", type=float, default=None,
         help=f"with --compile: torch's activation memory budget in (0, 1] (torch._functorch.config."
         f"activation_memory_budget; lower: the partitioner recomputes more in backward; 1: torch's "
         f"default; default {_MEMORY_BUDGET})",
+    )  # fmt: skip
+    p.add_argument(
+        "--optimizer", choices=["triton", "torch"], default=None,
+        help="AdamW: triton (integration/adamw.py; the default on a GPU) or torch's (fused on a GPU)",
     )  # fmt: skip
     p.add_argument("--aux-loss-coeff", type=float, default=0.01)
     p.add_argument("--z-loss-coeff", type=float, default=0.001)

@@ -45,6 +45,12 @@ def test_recompute_lowers_saved_bytes_and_keeps_the_losses(tmp_path):
     assert saved[1] < saved[0] / 2, saved
 
 
+def test_triton_adamw_and_another_attention_kernel_train_alike(tmp_path):
+    """--optimizer triton (integration/adamw.py; the interpreter here) and --sdpa flash (CPU: math
+    either way) train with the losses of torch's AdamW and the default order."""
+    _close(_run(tmp_path, "triton", "--optimizer", "triton", "--sdpa", "flash"), _run(tmp_path, "torch"))
+
+
 def test_memory_budget_needs_compile_and_a_fraction(capsys):
     from integration.full_integration import parse_args
 

@@ -1,0 +1,141 @@
+"""integration/adamw.py: the Triton AdamW step against torch's AdamW (the interpreter on CPU; bf16 on
+the GPU only: the interpreter rounds fp32 to bf16 toward zero, the GPU to nearest)."""
+
+import copy
+
+import pytest
+import torch
+
+from integration.adamw import AdamW
+
+_SHAPES = [(7, 5), (4097,), (0, 3), (3, 2, 9), (1,)]  # a block boundary crossed, an empty tensor
+_GROUPS = [  # the second group overrides every hyperparameter
+    {},
+    {"lr": 3e-2, "weight_decay": 0.5, "betas": (0.8, 0.99), "eps": 1e-6},
+]
+
+
+_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _params(dtype):
+    g = torch.Generator().manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(s, generator=g).to(_DEVICE, dtype)) for s in _SHAPES]
+
+
+def _grad(p, step, i):
+    g = torch.Generator().manual_seed(100 * step + i)
+    return torch.randn(p.shape, generator=g).to(p.device, p.dtype)
+
+
+def _run(opt_cls, params, steps, skip=(), **kw):
+    """``steps`` steps over two groups; parameter i gets no gradient at step s for (s, i) in ``skip``."""
+    groups = [dict(_GROUPS[0], params=params[:2]), dict(_GROUPS[1], params=params[2:])]
+    opt = opt_cls(groups, lr=1e-2, weight_decay=0.1, **kw)
+    for step in range(steps):
+        for i, p in enumerate(params):
+            p.grad = None if (step, i) in skip else _grad(p, step, i)
+        opt.step()
+    return opt
+
+
+def test_triton_adamw_matches_torch_adamw_fp32():
+    ours, ref = _params(torch.float32), _params(torch.float32)
+    skip = {(1, 0), (2, 3)}  # per-tensor step counts diverge
+    a, b = _run(AdamW, ours, 4, skip), _run(torch.optim.AdamW, ref, 4, skip, foreach=False)
+    for p, q, p0 in zip(ours, ref, _params(torch.float32), strict=True):
+        assert p.numel() == 0 or not torch.equal(p, p0)
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(a.state[p][key], b.state[q][key], rtol=1e-6, atol=1e-7)
+    assert a.state[ours[0]]["step"].item() == 3 and a.state[ours[1]]["step"].item() == 4
+    assert a.state_dict()["param_groups"] == b.state_dict()["param_groups"]
+
+
+def _reference_bf16_step(p, g, m, v, t, lr, wd, b1, b2, eps):
+    """One AdamW step in fp32 from bf16 values, each result rounded to bf16 once."""
+    p, g, m, v = (x.float() for x in (p, g, m, v))
+    p = p * (1 - lr * wd)
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    p = p - lr / (1 - b1**t) * m / (v.sqrt() / (1 - b2**t) ** 0.5 + eps)
+    return p.bfloat16(), m.bfloat16(), v.bfloat16()
+
+
+@pytest.mark.gpu
+def test_triton_adamw_bf16_computes_in_fp32_and_rounds_once():
+    params = _params(torch.bfloat16)
+    state = [(p.detach().clone(), torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+    opt = _run(AdamW, params, 3)
+    for step in range(3):
+        for i, p in enumerate(params):
+            hp = (
+                dict(lr=1e-2, wd=0.1, b1=0.9, b2=0.999, eps=1e-8)
+                if i < 2
+                else dict(lr=3e-2, wd=0.5, b1=0.8, b2=0.99, eps=1e-6)
+            )
+            state[i] = _reference_bf16_step(*state[i][:1], _grad(p, step, i), *state[i][1:], step + 1, **hp)
+    for p, (rp, rm, rv) in zip(params, state, strict=True):
+        s = opt.state[p]
+        assert p.dtype == s["exp_avg"].dtype == s["exp_avg_sq"].dtype == torch.bfloat16
+        for ours, ref in ((p.detach(), rp), (s["exp_avg"], rm), (s["exp_avg_sq"], rv)):
+            # fp32 contraction order may move a value across a bf16 rounding boundary: one ulp at most
+            torch.testing.assert_close(ours, ref, rtol=2**-7, atol=0)
+            assert (ours == ref).float().mean() >= 0.97 if ref.numel() else True
+
+
+def test_triton_adamw_state_dict_round_trips_through_torch_adamw():
+    """A checkpoint of ours loads into torch's AdamW and back, and training continues identically."""
+    a_params, b_params = _params(torch.float32), _params(torch.float32)
+    a = _run(AdamW, a_params, 2)
+    b = _run(torch.optim.AdamW, b_params, 0, foreach=False)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))  # loading keeps the very tensors otherwise
+    c = _run(AdamW, _params(torch.float32), 0)
+    c.load_state_dict(copy.deepcopy(b.state_dict()))
+    assert all(c.state[p]["step"].item() == 2 for p in c.state)
+    with torch.no_grad():
+        for p, q in zip(b_params, a_params, strict=True):
+            p.copy_(q)
+    for opt, params in ((a, a_params), (b, b_params)):
+        for i, p in enumerate(params):
+            p.grad = _grad(p, 7, i)
+        opt.step()
+    for p, q in zip(a_params, b_params, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(amsgrad=True), "amsgrad=True"),
+        (dict(maximize=True), "maximize=True"),
+        (dict(lr=torch.tensor(1e-3)), "lr must be a float"),
+    ],
+)
+def test_triton_adamw_refuses_options_it_does_not_implement(kw, match):
+    with pytest.raises(ValueError, match=match):
+        AdamW(_params(torch.float32), **kw)
+
+
+def test_triton_adamw_refuses_what_its_kernel_cannot_read():
+    p = torch.nn.Parameter(torch.randn(4, 6))
+    opt = AdamW([p])
+    p.grad = torch.randn(6, 4).t()
+    with pytest.raises(ValueError, match=r"shape \(4, 6\) and its gradient must be contiguous"):
+        opt.step()
+    p.grad = torch.randn(4, 6).to_sparse()
+    with pytest.raises(ValueError, match="must be dense, torch.float32"):
+        opt.step()
+    q = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+    q.grad = torch.randn(3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="is torch.float64; the Triton step takes fp32, bf16 or fp16"):
+        AdamW([q]).step()
+    p.grad = torch.randn(4, 6)
+    opt.state[p] = {
+        "step": torch.tensor(0.0),
+        "exp_avg": torch.zeros(4, 6).double(),
+        "exp_avg_sq": torch.zeros(4, 6),
+    }
+    with pytest.raises(ValueError, match="state 'exp_avg' of the parameter of shape"):
+        opt.step()
+    assert torch.equal(opt.state[p]["exp_avg_sq"], torch.zeros(4, 6))  # refused before anything changed
