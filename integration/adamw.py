@@ -37,25 +37,8 @@ _UNSUPPORTED = ("amsgrad", "maximize", "capturable", "differentiable", "fused")
 
 
 @triton.jit
-def _adamw_kernel(
-    ptr_P4,  # int64 [P, 4]: addresses of param, grad, exp_avg, exp_avg_sq
-    numel_P,
-    coef_PC,  # fp32 [P, C]: see _C
-    tensor_B,  # int32 [B]: the tensor a block belongs to
-    block_B,  # int32 [B]: the block's index within its tensor
-    DTYPE: tl.constexpr,
-    C: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    b = tl.program_id(0)
-    t = tl.load(tensor_B + b).to(tl.int64)
-    offs = tl.load(block_B + b).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < tl.load(numel_P + t)
-    p_ptr = tl.load(ptr_P4 + 4 * t).to(tl.pointer_type(DTYPE))
-    g_ptr = tl.load(ptr_P4 + 4 * t + 1).to(tl.pointer_type(DTYPE))
-    m_ptr = tl.load(ptr_P4 + 4 * t + 2).to(tl.pointer_type(DTYPE))
-    v_ptr = tl.load(ptr_P4 + 4 * t + 3).to(tl.pointer_type(DTYPE))
-    coef = coef_PC + C * t
+def _update(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, coef, DTYPE: tl.constexpr):
+    """One block's update; ``mask`` None for a whole block (unmasked loads vectorize)."""
     decay, step_size, bc2_sqrt = tl.load(coef), tl.load(coef + 1), tl.load(coef + 2)
     eps, b1, c1 = tl.load(coef + 3), tl.load(coef + 4), tl.load(coef + 5)
     b2, c2 = tl.load(coef + 6), tl.load(coef + 7)
@@ -70,6 +53,37 @@ def _adamw_kernel(
     tl.store(p_ptr + offs, p.to(DTYPE), mask=mask)
     tl.store(m_ptr + offs, m.to(DTYPE), mask=mask)
     tl.store(v_ptr + offs, v.to(DTYPE), mask=mask)
+
+
+@triton.jit
+def _address(ptr_P4, t, i, DTYPE: tl.constexpr):
+    """Operand i of tensor t as a pointer, 16-byte aligned (PyTorch's allocations are; the hint lets
+    the loads vectorize, an address read from memory is otherwise assumed unaligned)."""
+    return tl.multiple_of(tl.load(ptr_P4 + 4 * t + i), 16).to(tl.pointer_type(DTYPE))
+
+
+@triton.jit
+def _adamw_kernel(
+    ptr_P4,  # int64 [P, 4]: addresses of param, grad, exp_avg, exp_avg_sq
+    numel_P,
+    coef_PC,  # fp32 [P, C]: see _C
+    tensor_B,  # int32 [B]: the tensor a block belongs to
+    block_B,  # int32 [B]: the block's index within its tensor
+    DTYPE: tl.constexpr,
+    C: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    b = tl.program_id(0)
+    t = tl.load(tensor_B + b).to(tl.int64)
+    start = tl.load(block_B + b).to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    n = tl.load(numel_P + t)
+    p_ptr, g_ptr = _address(ptr_P4, t, 0, DTYPE), _address(ptr_P4, t, 1, DTYPE)
+    m_ptr, v_ptr = _address(ptr_P4, t, 2, DTYPE), _address(ptr_P4, t, 3, DTYPE)
+    if start + BLOCK <= n:
+        _update(p_ptr, g_ptr, m_ptr, v_ptr, offs, None, coef_PC + C * t, DTYPE)
+    else:  # a tensor's last block
+        _update(p_ptr, g_ptr, m_ptr, v_ptr, offs, offs < n, coef_PC + C * t, DTYPE)
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -195,6 +209,11 @@ def _check(p: torch.Tensor, state: dict) -> None:
                 f"AdamW: state {key!r} of the parameter of shape {tuple(p.shape)} must be a contiguous "
                 f"{p.dtype} tensor of that shape on {p.device}; got {s.dtype} {tuple(s.shape)} on {s.device}"
             )
+    if any(x.data_ptr() % 16 for x in (p, g, state["exp_avg"], state["exp_avg_sq"])):
+        raise ValueError(
+            f"AdamW: the parameter of shape {tuple(p.shape)}, its gradient and state must start at "
+            f"16-byte aligned addresses (a view at an offset into another tensor may not)"
+        )
     if p.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             f"AdamW: the parameter of shape {tuple(p.shape)} is on {p.device}; the Triton step needs a GPU"

@@ -79,8 +79,9 @@ def test_triton_adamw_bf16_computes_in_fp32_and_rounds_once():
         s = opt.state[p]
         assert p.dtype == s["exp_avg"].dtype == s["exp_avg_sq"].dtype == torch.bfloat16
         for ours, ref in ((p.detach(), rp), (s["exp_avg"], rm), (s["exp_avg_sq"], rv)):
-            # fp32 contraction order may move a value across a bf16 rounding boundary: one ulp at most
-            torch.testing.assert_close(ours, ref, rtol=2**-7, atol=0)
+            # fp32 contraction order may move a value across a bf16 rounding boundary, and a state one
+            # ulp off moves the next step's result: two ulps at most, rarely
+            torch.testing.assert_close(ours, ref, rtol=2**-6, atol=0)
             assert (ours == ref).float().mean() >= 0.97 if ref.numel() else True
 
 
@@ -139,3 +140,7 @@ def test_triton_adamw_refuses_what_its_kernel_cannot_read():
     with pytest.raises(ValueError, match="state 'exp_avg' of the parameter of shape"):
         opt.step()
     assert torch.equal(opt.state[p]["exp_avg_sq"], torch.zeros(4, 6))  # refused before anything changed
+    r = torch.nn.Parameter(torch.randn(9, device=_DEVICE)[1:])  # 4 bytes into its storage
+    r.grad = torch.randn(8, device=_DEVICE)
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        AdamW([r]).step()
