@@ -17,7 +17,9 @@ writes the loss curve and a tokens-per-expert heatmap (layer x expert), with mat
 ``--profile FILE`` the GPU kernel time of 3 more steps by category and the longest GPU idle stretches.
 ``--compile`` compiles block by block (CUDA graphs on one GPU) under an activation memory budget
 (``--memory-budget``, 0.95); ``--recompute`` keeps no expert activations for backward (less memory, a
-few more GEMMs); the loss never holds all ``[tokens, vocab]`` logits (``integration/lm_loss.py``).
+few more GEMMs); the loss never holds all ``[tokens, vocab]`` logits (``integration/lm_loss.py``); AdamW
+is one Triton kernel per parameter tensor on a GPU (``integration/adamw.py``; ``--optimizer torch``:
+torch's fused one); attention tries cuDNN's kernel first (``--sdpa flash``: flash's).
 
 Legend: B sequences, S sequence length, D model dim, L layers, E experts, W EP world size.
 """
