@@ -84,6 +84,7 @@ class AdamW(torch.optim.AdamW):
                 )
         if isinstance(lr, torch.Tensor):
             raise ValueError("AdamW: lr must be a float (a tensor lr is not supported by the Triton step)")
+        kw.pop("foreach", None)  # torch's choice of its own implementation: ours replaces both
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=False, **kw)
 
     @torch.no_grad()

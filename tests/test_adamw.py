@@ -116,6 +116,7 @@ def test_triton_adamw_state_dict_round_trips_through_torch_adamw():
 def test_triton_adamw_refuses_options_it_does_not_implement(kw, match):
     with pytest.raises(ValueError, match=match):
         AdamW(_params(torch.float32), **kw)
+    AdamW(_params(torch.float32), foreach=True, amsgrad=False)  # torch's defaults spelled out are fine
 
 
 def test_triton_adamw_refuses_what_its_kernel_cannot_read():
