@@ -85,7 +85,7 @@ def sdpa_order(first: str) -> list[SDPBackend]:
 
 
 class Attention(nn.Module):
-    def __init__(self, D: int, heads: int, sdpa: str = "cudnn") -> None:
+    def __init__(self, D: int, heads: int, sdpa: str) -> None:
         super().__init__()
         self.heads, self.sdpa = heads, sdpa_order(sdpa)
         self.qkv = nn.Linear(D, 3 * D, bias=False)
@@ -105,7 +105,7 @@ class Block(nn.Module):
         super().__init__()
         D = cfg["d_model"]
         self.norm1, self.norm2 = nn.RMSNorm(D), nn.RMSNorm(D)
-        self.attn = Attention(D, cfg["heads"], cfg.get("sdpa", "cudnn"))
+        self.attn = Attention(D, cfg["heads"], cfg["sdpa"])
         self.moe = MoELayer(
             D, cfg["ffn_dim"], cfg["experts"], cfg["top_k"], num_shared_experts=cfg["shared"], **moe_kw
         )
@@ -353,7 +353,7 @@ def train(args) -> dict:
         if W > 1:
             layer.shard_experts(None, communicator=args.comm)
     optimizer = args.optimizer or ("triton" if device.type == "cuda" else "torch")
-    if optimizer == "triton":  # one kernel per step at 3.7-3.9 TB/s (integration/adamw.py)
+    if optimizer == "triton":  # a Triton kernel per parameter tensor: 3.7 TB/s, torch's fused 2.8 (H200)
         opt = AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
     else:  # fused: one kernel over all parameters, no foreach temporaries the size of the model
         fused = device.type == "cuda"
