@@ -1,7 +1,8 @@
 """GPU kernel time of profiled steps by category (MoE kernels, grouped GEMMs, attention, dense GEMMs,
 compiler-fused elementwise, optimizer) and by kernel, for ``full_integration.py --profile``.
 
-``kernel_table(prof, steps)`` -> printable text; ``categorize(name)`` -> the category of one kernel.
+``kernel_table(prof, steps)`` -> printable text; ``categorize(name)`` -> the category of one kernel;
+``short_name(name, width)`` -> a kernel's name as the tables print it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,17 @@ _RULES = (  # (category, substrings of the kernel name); first match wins
     ("dense GEMM (cuBLAS)", ("gemm", "nvjet", "xmma", "cutlass", "sm90")),
     ("copies and fills", ("copy", "fill", "memcpy", "memset", "cat")),
 )
+
+
+_NOISE = ("void ", "at::native::", "(anonymous namespace)::", "at::cuda::")
+
+
+def short_name(name: str, width: int) -> str:
+    """``name`` without the namespaces that fill ATen's kernel names (so that the functor, which says
+    what a ``multi_tensor_apply_kernel`` does, fits), cut to ``width`` characters."""
+    for noise in _NOISE:
+        name = name.replace(noise, "")
+    return name[:width]
 
 
 def categorize(name: str) -> str:
@@ -82,8 +94,11 @@ def kernel_table(prof, steps: int, top: int = 40, gaps: int = 20) -> str:
     ]
     lines += ["", "| kernel | category | ms/step |", "| --- | --- | --- |"]
     for name, ms in sorted(by_name.items(), key=lambda kv: -kv[1])[:top]:
-        lines.append(f"| {name[:90]} | {categorize(name)} | {ms:.3f} |")
+        lines.append(f"| {short_name(name, 110)} | {categorize(name)} | {ms:.3f} |")
     lines += ["", f"GPU idle, the {gaps} longest stretches of all steps (the host was behind):"]
     lines += ["| idle us | kernel before | kernel after |", "| --- | --- | --- |"]
-    lines += [f"| {us:.0f} | {before[:60]} | {after[:60]} |" for us, before, after in _gaps(kernels, gaps)]
+    lines += [
+        f"| {us:.0f} | {short_name(before, 80)} | {short_name(after, 80)} |"
+        for us, before, after in _gaps(kernels, gaps)
+    ]
     return "\n".join(lines)

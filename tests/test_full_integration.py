@@ -66,7 +66,7 @@ def test_memory_budget_needs_compile_and_a_fraction(capsys):
 
 
 def test_kernel_table_categories_and_busy_time():
-    from integration.kernel_table import _busy_ms, _gaps, categorize
+    from integration.kernel_table import _busy_ms, _gaps, categorize, short_name
 
     assert _busy_ms([(0, 10), (5, 12), (20, 30), (25, 26)]) == (0.03, 0.022)
     kernels = [(0, 10, "a"), (5, 12, "b"), (20, 30, "c"), (25, 26, "d"), (31, 40, "e"), (100, 101, "f")]
@@ -76,6 +76,15 @@ def test_kernel_table_categories_and_busy_time():
     assert categorize("void at::native::vectorized_elementwise_kernel<4>") == "ATen elementwise (eager)"
     assert categorize("triton_poi_fused_add_0") == "compiler-fused elementwise/reductions"
     assert categorize("nvjet_sm90_tst_256x128") == "dense GEMM (cuBLAS)"
+    foreach = (
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous "
+        "namespace)::TensorListMetadata<2>, at::native::(anonymous namespace)::UnaryOpFunctor<float, 2, "
+        "1, 1>>"
+    )
+    assert short_name(foreach, 110) == (
+        "multi_tensor_apply_kernel<TensorListMetadata<2>, UnaryOpFunctor<float, 2, 1, 1>>"
+    )
+    assert short_name("_tma_mm_kernel", 5) == "_tma_"
 
 
 def test_ep2_under_torchrun_equals_one_process(tmp_path):
