@@ -12,14 +12,15 @@ trains exactly like one process on the global batch; tested). Checkpoints gather
 (one file, any EP size can resume it).
 
 At the end: p50 step time, tokens/s, peak memory, model TFLOP/s and MFU against a dense bf16 GEMM
-ceiling measured in the same run (GPU), and the bytes one MoE layer saves for backward. ``--plot``
-writes the loss curve and a tokens-per-expert heatmap (layer x expert), with matplotlib if installed;
-``--profile FILE`` the GPU kernel time of 3 more steps by category and the longest GPU idle stretches.
-``--compile`` compiles block by block (CUDA graphs on one GPU) under an activation memory budget
-(``--memory-budget``, 0.95); ``--recompute`` keeps no expert activations for backward (less memory, a
-few more GEMMs); the loss never holds all ``[tokens, vocab]`` logits (``integration/lm_loss.py``); AdamW
-is one Triton kernel per parameter tensor on a GPU (``integration/adamw.py``; ``--optimizer torch``:
-torch's fused one); attention tries cuDNN's kernel first (``--sdpa flash``: flash's).
+ceiling measured in the same run (GPU), and the bytes an MoE layer saves for backward (mean over the
+layers). ``--plot`` writes the loss curve and a tokens-per-expert heatmap (layer x expert), with
+matplotlib if installed; ``--profile FILE`` the GPU kernel time of 3 more steps by category and the
+longest GPU idle stretches. ``--compile`` compiles block by block (CUDA graphs on one GPU) under an
+activation memory budget (``--memory-budget``, 0.95); ``--recompute [N]`` keeps no expert activations
+for backward in every block (or in the first N: less memory, a few more GEMMs); the loss never holds all
+``[tokens, vocab]`` logits (``integration/lm_loss.py``); AdamW is one Triton kernel per parameter tensor
+on a GPU (``integration/adamw.py``; ``--optimizer torch``: torch's fused one); attention tries cuDNN's
+kernel first (``--sdpa flash``: flash's).
 
 Legend: B sequences, S sequence length, D model dim, L layers, E experts, W EP world size.
 """
@@ -48,6 +49,7 @@ from integration.adamw import AdamW  # noqa: E402
 from integration.lm_loss import lm_head_cross_entropy  # noqa: E402
 
 _MEMORY_BUDGET = 0.95  # --compile's default activation memory budget
+_ALL = -1  # --recompute without a number: every block
 # --sdpa: the attention kernel tried first, then the others in torch's order. cuDNN's is the default:
 # seed-1b's attention forward+backward (B 4, S 2048, 16 heads of 64), H200: 0.47 ms a layer vs flash's
 # 0.65 (docs/benchmarks.md). Where a backend cannot take the inputs (CPU: math only) the next one runs.
@@ -118,13 +120,16 @@ class Block(nn.Module):
 
 class MoELM(nn.Module):
     """A decoder LM whose FFNs are MoELayers. ``forward(ids [B, S])`` returns the next-token CE loss
-    (mean over this call's tokens), the aux + z losses summed over layers, and each layer's counts."""
+    (mean over this call's tokens), the aux + z losses summed over layers, and each layer's counts.
+    The MoE layers of the first ``recompute_blocks`` blocks recompute their expert activations."""
 
-    def __init__(self, cfg: dict, **moe_kw) -> None:
+    def __init__(self, cfg: dict, recompute_blocks: int = 0, **moe_kw) -> None:
         super().__init__()
         D = cfg["d_model"]
         self.embed = nn.Embedding(cfg["vocab"], D)
-        self.blocks = nn.ModuleList(Block(cfg, moe_kw) for _ in range(cfg["layers"]))
+        self.blocks = nn.ModuleList(
+            Block(cfg, dict(moe_kw, recompute_activations=i < recompute_blocks)) for i in range(cfg["layers"])
+        )
         self.norm = nn.RMSNorm(D)
         self.head = nn.Linear(D, cfg["vocab"], bias=False)
         # computed once, not per call; cast with the model like the rest (not in the state dict)
@@ -335,6 +340,9 @@ def train(args) -> dict:
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     cfg["sdpa"] = args.sdpa
+    recompute = cfg["layers"] if args.recompute == _ALL else args.recompute
+    if not 0 <= recompute <= cfg["layers"]:
+        raise SystemExit(f"--recompute {args.recompute}: a number of blocks in [0, {cfg['layers']}]")
     if cfg["batch"] % W:
         raise SystemExit(f"the global batch {cfg['batch']} must divide by the EP size {W}")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[
@@ -343,7 +351,7 @@ def train(args) -> dict:
     torch.manual_seed(args.seed)
     model = MoELM(
         cfg, aux_loss_coeff=args.aux_loss_coeff, z_loss_coeff=args.z_loss_coeff,
-        use_expert_bias=args.expert_bias, backend=args.backend, recompute_activations=args.recompute,
+        use_expert_bias=args.expert_bias, backend=args.backend, recompute_blocks=recompute,
     )  # fmt: skip
     ckpt = load_checkpoint(Path(args.resume), model) if args.resume else None
     model = model.to(device=device, dtype=dtype)
@@ -479,11 +487,17 @@ def summarize(
         params_active=active, p50_step_s=p50, tokens_per_s=tokens / p50, model_tflops=flops / p50 / 1e12,
         first_step_s=times[0] if times else float("nan"),
     )  # fmt: skip
-    layer = model.moe_layers()[0]
+    layers = model.moe_layers()
     x = torch.randn(
         cfg["batch"] // W * cfg["seq"], cfg["d_model"], device=device, dtype=dtype
     )  # a step's rows
-    out["saved_bytes_per_moe_layer"] = saved_bytes_of_one_layer(layer, x)
+    # the mean over layers: those that recompute keep less (one of each kind measured)
+    saved = {}
+    for layer in layers:
+        if layer.recompute_activations not in saved:
+            saved[layer.recompute_activations] = saved_bytes_of_one_layer(layer, x)
+    out["saved_bytes_per_moe_layer"] = sum(saved[m.recompute_activations] for m in layers) // len(layers)
+    out["recompute_blocks"] = sum(m.recompute_activations for m in layers)
     if device.type == "cuda":
         from integration.bench_layer import dense_ceiling_tflops
 
@@ -526,7 +540,11 @@ def parse_args(argv: list[str] | None = None):
         "--sdpa", choices=sorted(_SDPA_FIRST), default="cudnn",
         help="the attention kernel tried first (the others follow in torch's order; default cudnn)",
     )  # fmt: skip
-    p.add_argument("--recompute", action="store_true", help="MoE layers recompute expert activations")
+    p.add_argument(
+        "--recompute", nargs="?", type=int, const=_ALL, default=0, metavar="N",
+        help="the MoE layers of every block (of the first N blocks with N) recompute their expert "
+        "activations in backward: less memory, a few more GEMMs",
+    )  # fmt: skip
     p.add_argument(
         "--memory-budget", type=float, default=None,
         help=f"with --compile: torch's activation memory budget in (0, 1] (torch._functorch.config."

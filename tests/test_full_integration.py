@@ -38,11 +38,26 @@ def test_tiny_preset_trains_in_one_process(tmp_path):
 
 
 def test_recompute_lowers_saved_bytes_and_keeps_the_losses(tmp_path):
+    """--recompute (every block) and --recompute 1 (the first of the tiny preset's 2): the losses of a
+    run that keeps everything, fewer saved bytes, the partial run in between."""
     plain = _run(tmp_path, "plain")
     _close(_run(tmp_path, "recompute", "--recompute"), plain)
-    saved = [json.loads((tmp_path / f"{n}.json").read_text())["summary"]["saved_bytes_per_moe_layer"]
-             for n in ("plain", "recompute")]  # fmt: skip
-    assert saved[1] < saved[0] / 2, saved
+    _close(_run(tmp_path, "half", "--recompute", "1"), plain)
+    summaries = {
+        n: json.loads((tmp_path / f"{n}.json").read_text())["summary"] for n in ("plain", "recompute", "half")
+    }
+    saved = {n: s["saved_bytes_per_moe_layer"] for n, s in summaries.items()}
+    assert saved["recompute"] < saved["plain"] / 2, saved
+    assert saved["half"] == (saved["plain"] + saved["recompute"]) // 2, saved
+    assert [summaries[n]["recompute_blocks"] for n in ("plain", "half", "recompute")] == [0, 1, 2]
+
+
+def test_recompute_refuses_more_blocks_than_the_model_has():
+    from integration.full_integration import parse_args, train
+
+    for n in ("3", "-2"):
+        with pytest.raises(SystemExit, match=rf"--recompute {n}: a number of blocks in \[0, 2\]"):
+            train(parse_args(["--device", "cpu", "--recompute", n]))
 
 
 def test_triton_adamw_and_another_attention_kernel_train_alike(tmp_path):
