@@ -147,8 +147,8 @@ def test_triton_adamw_refuses_what_its_kernel_cannot_read():
     assert torch.equal(opt.state[p]["exp_avg_sq"], torch.zeros(4, 6))  # refused before anything changed
     good = torch.nn.Parameter(torch.ones(3, device=_DEVICE))
     good.grad = torch.ones(3, device=_DEVICE)
+    opt.add_param_group({"params": [good]})
+    opt.param_groups.reverse()  # the good parameter first: still untouched when p is refused
     with pytest.raises(ValueError, match="state 'exp_avg'"):
-        opt.add_param_group({"params": [good]})
-        opt.param_groups.reverse()  # the good parameter first: still untouched when p is refused
         opt.step()
     assert torch.equal(good, torch.ones(3, device=_DEVICE))
