@@ -66,27 +66,30 @@ def _reference_16bit_step(p, g, m, v, t, lr, wd, b1, b2, eps):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_triton_adamw_16bit_computes_in_fp32_and_rounds_once(dtype):
+    """Each step against the fp32 reference started from our previous state: compared over several
+    steps, a state one ulp off (a contraction order) would move the next results by more (fp16's
+    subnormal v = (1 - b2) g^2 turns one subnormal step into a large relative change of the update)."""
     params = _params(dtype)
-    state = [(p.detach().clone(), torch.zeros_like(p), torch.zeros_like(p)) for p in params]
-    opt = _run(AdamW, params, 3)
+    groups = [dict(_GROUPS[0], params=params[:2]), dict(_GROUPS[1], params=params[2:])]
+    opt = AdamW(groups, lr=1e-2, weight_decay=0.1)
+    hps = [(1e-2, 0.1, 0.9, 0.999, 1e-8)] * 2 + [(3e-2, 0.5, 0.8, 0.99, 1e-6)] * 3
+    ulp = 2**-7 if dtype == torch.bfloat16 else 2**-10
     for step in range(3):
+        before = []
         for i, p in enumerate(params):
-            hp = (
-                dict(lr=1e-2, wd=0.1, b1=0.9, b2=0.999, eps=1e-8)
-                if i < 2
-                else dict(lr=3e-2, wd=0.5, b1=0.8, b2=0.99, eps=1e-6)
-            )
-            state[i] = _reference_16bit_step(*state[i][:1], _grad(p, step, i), *state[i][1:], step + 1, **hp)
-    for p, (rp, rm, rv) in zip(params, state, strict=True):
-        s = opt.state[p]
-        assert p.dtype == s["exp_avg"].dtype == s["exp_avg_sq"].dtype == dtype
-        for ours, ref in ((p.detach(), rp), (s["exp_avg"], rm), (s["exp_avg_sq"], rv)):
-            # fp32 contraction order may move a value across a rounding boundary, and a state one ulp
-            # off moves the next step's result: two ulps at most, rarely (fp16: two of its subnormal
-            # steps, where v = (1 - b2) g^2 underflows)
-            ulp, tiny = (2**-7, 0.0) if dtype == torch.bfloat16 else (2**-10, 2**-24)
-            torch.testing.assert_close(ours, ref, rtol=2 * ulp, atol=2 * tiny)
-            assert (ours == ref).float().mean() >= 0.97 if ref.numel() else True
+            p.grad = _grad(p, step, i)
+            s = opt.state.get(p, {})
+            m, v = (s[k].clone() if s else torch.zeros_like(p) for k in ("exp_avg", "exp_avg_sq"))
+            before.append((p.detach().clone(), p.grad, m, v))
+        opt.step()
+        for p, b, hp in zip(params, before, hps, strict=True):
+            s = opt.state[p]
+            assert p.dtype == s["exp_avg"].dtype == s["exp_avg_sq"].dtype == dtype
+            refs = _reference_16bit_step(*b, step + 1, *hp)
+            for ours, ref in zip((p.detach(), s["exp_avg"], s["exp_avg_sq"]), refs, strict=True):
+                # one rounding from fp32 each: a contraction order may cross a rounding boundary (one ulp)
+                torch.testing.assert_close(ours, ref, rtol=ulp, atol=2**-24 if dtype == torch.float16 else 0)
+                assert (ours == ref).float().mean() >= 0.97 if ref.numel() else True
 
 
 def test_triton_adamw_state_dict_round_trips_through_torch_adamw():
