@@ -4,15 +4,16 @@ torch's ``fused=True`` AdamW moves its bytes at 2.8 TB/s on an H200 (seed-1b: 1.
 165 tensors, 5.8 ms of kernels a step); this kernel at 3.7 TB/s (4.3 ms; a device-to-device copy of
 as many bytes runs at 4.3 TB/s). It is torch's optimizer with another ``step``: the same
 hyperparameters, the same state (``exp_avg``, ``exp_avg_sq`` in the parameter's dtype, ``step`` a CPU
-tensor), the same state dict, and fp32 arithmetic per element from the stored values, each result
-rounded once (as torch's fused kernel):
+tensor, or with ``capturable=True`` one on the parameter's device), the same state dict, and fp32
+arithmetic per element from the stored values, each result rounded once (as torch's fused kernel):
 
     p *= 1 - lr * wd;  m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
     p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
 
 The coefficients come from the host (each tensor has its own step count and group), so the step never
-waits for the GPU. One launch per tensor: a single launch over all of them through tables of addresses
-measured 2.1 TB/s (dependent loads before each block's data).
+waits for the GPU; with ``capturable=True`` the kernel computes them from device memory (a CUDA graph
+can then replay the step). One launch per tensor: a single launch over all of them through tables of
+addresses measured 2.1 TB/s (dependent loads before each block's data).
 """
 
 from __future__ import annotations
@@ -29,18 +30,18 @@ from flashfusemoe.backends.triton.launch import cdiv, fast_launch
 __all__ = ["AdamW"]
 
 _BLOCK = 4096  # elements a program updates (H200, seed-1b: 8192 12% slower)
-_UNSUPPORTED = ("amsgrad", "maximize", "capturable", "differentiable", "fused")
+_UNSUPPORTED = ("amsgrad", "maximize", "differentiable", "fused")
 # Read once, as Triton reads it when the kernel is defined (and a per-parameter environment lookup
 # would cost the step ~0.3 ms of host time over seed-1b's 165 tensors)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@fast_launch
 @triton.jit
-def _adamw_kernel(
+def _update(
     p_ptr, g_ptr, m_ptr, v_ptr, n, decay, step_size, bc2_sqrt, eps, b1, c1, b2, c2, BLOCK: tl.constexpr
 ):
-    """BLOCK elements of one tensor; the coefficients as in ``_coefficients``."""
+    """This program's BLOCK elements of one tensor, in fp32 from the stored values; the coefficients as
+    in ``_coefficients``."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
@@ -56,6 +57,33 @@ def _adamw_kernel(
     tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
 
 
+@fast_launch
+@triton.jit
+def _adamw_kernel(
+    p_ptr, g_ptr, m_ptr, v_ptr, n, decay, step_size, bc2_sqrt, eps, b1, c1, b2, c2, BLOCK: tl.constexpr
+):
+    """The coefficients from the host (fp32 arguments rounded from doubles)."""
+    _update(p_ptr, g_ptr, m_ptr, v_ptr, n, decay, step_size, bc2_sqrt, eps, b1, c1, b2, c2, BLOCK)
+
+
+@fast_launch
+@triton.jit
+def _adamw_device_kernel(p_ptr, g_ptr, m_ptr, v_ptr, n, step_ptr, hp_ptr, BLOCK: tl.constexpr):
+    """The coefficients from device memory (``capturable``: a CUDA graph replays them with each step):
+    the step count ``t`` (fp32, already incremented) and the group's ``_hyperparameters`` (fp64), in
+    double as ``_coefficients`` computes them on the host, then rounded to fp32 as its arguments are."""
+    t = tl.load(step_ptr).to(tl.float64)
+    lr, wd, log_b1, log_b2 = tl.load(hp_ptr), tl.load(hp_ptr + 1), tl.load(hp_ptr + 2), tl.load(hp_ptr + 3)
+    b1, b2, eps = tl.load(hp_ptr + 4), tl.load(hp_ptr + 5), tl.load(hp_ptr + 6)
+    step_size = lr / (1 - tl.exp(t * log_b1))
+    bc2_sqrt = tl.sqrt(1 - tl.exp(t * log_b2))
+    f32 = tl.float32
+    _update(
+        p_ptr, g_ptr, m_ptr, v_ptr, n, (1 - lr * wd).to(f32), step_size.to(f32), bc2_sqrt.to(f32),
+        eps.to(f32), b1.to(f32), (1 - b1).to(f32), b2.to(f32), (1 - b2).to(f32), BLOCK,
+    )  # fmt: skip
+
+
 def _coefficients(group: dict, t: float) -> tuple[float, ...]:
     """1 - lr wd, lr / (1 - b1^t), sqrt(1 - b2^t), eps, b1, 1 - b1, b2, 1 - b2 at step t: in double on the
     host (1 - b2 from an fp32 b2 would be off by 1e-5 relative)."""
@@ -64,13 +92,24 @@ def _coefficients(group: dict, t: float) -> tuple[float, ...]:
     return (1 - lr * group["weight_decay"], *bias, group["eps"], b1, 1 - b1, b2, 1 - b2)
 
 
+def _hyperparameters(group: dict) -> tuple[float, ...]:
+    """What ``_adamw_device_kernel`` reads at ``hp_ptr``: lr, wd, log b1, log b2, b1, b2, eps."""
+    b1, b2 = group["betas"]
+    return (group["lr"], group["weight_decay"], math.log(b1), math.log(b2), b1, b2, group["eps"])
+
+
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class AdamW(torch.optim.AdamW):
-    """``torch.optim.AdamW`` (float ``lr``, no amsgrad / maximize / capturable / differentiable / fused:
-    a clear error) whose ``step`` runs one Triton kernel per parameter tensor. Parameters must be dense
-    fp32, bf16 or fp16 tensors on a GPU (on the CPU only under ``TRITON_INTERPRET=1``)."""
+    """``torch.optim.AdamW`` (float ``lr``, no amsgrad / maximize / differentiable / fused: a clear
+    error) whose ``step`` runs one Triton kernel per parameter tensor. Parameters must be dense fp32,
+    bf16 or fp16 tensors on a GPU (on the CPU only under ``TRITON_INTERPRET=1``).
+
+    ``capturable=True`` (torch's meaning): the step counts live on the parameters' device and the
+    kernels read them and the group's hyperparameters from device memory, so a CUDA graph that
+    captured ``step()`` replays real steps. The hyperparameters replayed are those of the last eager
+    ``step()`` (the capture's): changing ``lr`` afterwards needs a new capture."""
 
     def __init__(
         self,
@@ -90,6 +129,7 @@ class AdamW(torch.optim.AdamW):
             raise ValueError("AdamW: lr must be a float (a tensor lr is not supported by the Triton step)")
         kw.pop("foreach", None)  # torch's choice of its own implementation: ours replaces both
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=False, **kw)
+        self._device_hp: dict[tuple[int, torch.device], tuple[tuple, torch.Tensor]] = {}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -98,27 +138,61 @@ class AdamW(torch.optim.AdamW):
             with torch.enable_grad():
                 loss = closure()
         todo = []  # everything is checked before anything is updated
-        for group in self.param_groups:
+        for i, group in enumerate(self.param_groups):
             for p in group["params"]:
                 if p.grad is not None:
                     state = self.state[p]
                     if not state:
-                        state["step"] = torch.tensor(0.0)
+                        state["step"] = torch.zeros(
+                            (), dtype=torch.float32, device=p.device if group["capturable"] else "cpu"
+                        )
                         state["exp_avg"] = torch.zeros_like(p)
                         state["exp_avg_sq"] = torch.zeros_like(p)
                     _check(p, state)
-                    todo.append((p, state, group))
-        for p, state, group in todo:
-            if not state["step"].is_cpu:  # e.g. loaded from a fused/capturable AdamW's state
+                    todo.append((p, state, group, i))
+        device_steps = []
+        for p, state, group, _ in todo:  # a step loaded from another AdamW's state moves where ours keeps it
+            if group["capturable"]:
+                if state["step"].device != p.device:
+                    state["step"] = state["step"].to(p.device, torch.float32)
+                device_steps.append(state["step"])
+            elif not state["step"].is_cpu:
                 state["step"] = state["step"].cpu()
-            state["step"] += 1
+        if device_steps:  # one launch for all counts; the kernels read them incremented
+            torch._foreach_add_(device_steps, 1.0)
+        for p, state, group, i in todo:
             n = p.numel()
+            if group["capturable"]:
+                if n:
+                    _adamw_device_kernel[(cdiv(n, _BLOCK),)](
+                        p, p.grad, state["exp_avg"], state["exp_avg_sq"], n, state["step"],
+                        self._hyperparameters_on(i, group, p.device), BLOCK=_BLOCK, num_warps=8,
+                    )  # fmt: skip
+                continue
+            state["step"] += 1
             if n:
                 _adamw_kernel[(cdiv(n, _BLOCK),)](
                     p, p.grad, state["exp_avg"], state["exp_avg_sq"], n,
                     *_coefficients(group, state["step"].item()), BLOCK=_BLOCK, num_warps=8,
                 )  # fmt: skip
         return loss
+
+    def _hyperparameters_on(self, i: int, group: dict, device: torch.device) -> torch.Tensor:
+        """Group ``i``'s ``_hyperparameters`` as an fp64 tensor on ``device``: one tensor for the
+        optimizer's life (a CUDA graph keeps its address), rewritten when the values change."""
+        values, key = _hyperparameters(group), (i, device)
+        cached = self._device_hp.get(key)
+        if cached is not None and cached[0] == values:
+            return cached[1]
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"AdamW: the hyperparameters of group {i} changed (or were never stepped) before this CUDA "
+                "graph capture; run one eager step() with them first, so that they are on the device"
+            )
+        hp = torch.tensor(values, dtype=torch.float64)
+        tensor = hp.to(device) if cached is None else cached[1].copy_(hp)
+        self._device_hp[key] = (values, tensor)
+        return tensor
 
 
 def _check(p: torch.Tensor, state: dict) -> None:

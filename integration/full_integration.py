@@ -20,7 +20,8 @@ activation memory budget (``--memory-budget``, 0.95); ``--recompute [N]`` keeps 
 for backward in every block (or in the first N: less memory, a few more GEMMs); the loss never holds all
 ``[tokens, vocab]`` logits (``integration/lm_loss.py``); AdamW is one Triton kernel per parameter tensor
 on a GPU (``integration/adamw.py``; ``--optimizer torch``: torch's fused one); attention tries cuDNN's
-kernel first (``--sdpa flash``: flash's).
+kernel first (``--sdpa flash``: flash's). ``--cuda-graph`` (one GPU) replays the whole step, optimizer
+included, as one CUDA graph after two eager steps (``integration/graphed_step.py``).
 
 Legend: B sequences, S sequence length, D model dim, L layers, E experts, W EP world size.
 """
@@ -46,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from flashfusemoe import MoELayer, OverlappedGradSync, get_dense_params, get_expert_params  # noqa: E402
 from integration.adamw import AdamW  # noqa: E402
+from integration.graphed_step import GraphedStep  # noqa: E402
 from integration.lm_loss import lm_head_cross_entropy  # noqa: E402
 
 _MEMORY_BUDGET = 0.95  # --compile's default activation memory budget
@@ -335,6 +337,11 @@ def train(args) -> dict:
         torch.cuda.set_device(device)
     if W > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if args.cuda_graph and (device.type != "cuda" or W > 1 or args.compile_mode == "reduce-overhead"):
+        raise SystemExit(
+            "--cuda-graph captures the whole step on one GPU: it needs CUDA, no EP (the all-to-all's "
+            "splits go through the host) and no --compile-mode reduce-overhead (graphs in a graph)"
+        )
     cfg = dict(PRESETS[args.preset])
     for key in ("steps", "batch", "seq", "layers"):
         if getattr(args, key) is not None:
@@ -361,11 +368,12 @@ def train(args) -> dict:
         if W > 1:
             layer.shard_experts(None, communicator=args.comm)
     optimizer = args.optimizer or ("triton" if device.type == "cuda" else "torch")
+    # capturable: the step counts on the GPU, so that a graph of the step replays real steps
+    opt_kw = dict(lr=cfg["lr"], weight_decay=0.0, capturable=args.cuda_graph)
     if optimizer == "triton":  # a Triton kernel per parameter tensor: 3.7 TB/s, torch's fused 2.8 (H200)
-        opt = AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
+        opt = AdamW(model.parameters(), **opt_kw)
     else:  # fused: one kernel over all parameters, no foreach temporaries the size of the model
-        fused = device.type == "cuda"
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0, fused=fused)
+        opt = torch.optim.AdamW(model.parameters(), fused=device.type == "cuda", **opt_kw)
     start = 0
     if ckpt is not None:
         restore_optimizer(opt, model, ckpt, rank)
@@ -379,7 +387,7 @@ def train(args) -> dict:
     )
     if args.compile:  # block by block: the 18 identical blocks share one compiled graph
         mode = args.compile_mode
-        if mode is None and device.type == "cuda" and W == 1:
+        if mode is None and device.type == "cuda" and W == 1 and not args.cuda_graph:
             # CUDA graphs: without them the host launches slower than the GPU runs (seed-1b, H200: 87 ms
             # a step vs 60). EP stays eager-launched: the all-to-all's splits come through the host.
             mode = "reduce-overhead"
@@ -398,10 +406,9 @@ def train(args) -> dict:
     losses, times, counts_LE = [], [], None
     bar = _progress(cfg["steps"] - start, args.quiet or rank != 0)
 
-    def train_step(step: int, phases: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step on this rank's share of the global batch; (global CE loss, counts [L, E]).
-        ``phases``: filled with the peak GPU memory (GB) of forward, backward and the optimizer step."""
-        ids = batch(args, cfg, step, data)[rank * per_rank : (rank + 1) * per_rank].to(device)
+    def step_on(ids: torch.Tensor, phases: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on this rank's ``ids``; (global CE loss, counts [L, E]). ``phases``: filled
+        with the peak GPU memory (GB) of forward, backward and the optimizer step."""
         _peak_of(phases, None)
         ce, aux, counts = model(ids)
         _peak_of(phases, "forward")
@@ -417,6 +424,14 @@ def train(args) -> dict:
             for layer, c in zip(model.moe_layers(), counts, strict=True):
                 layer.update_expert_bias(c)
         return _group_reduce(ce.detach().float().clone(), W) / W, counts
+
+    graphed = GraphedStep(step_on) if args.cuda_graph else None
+
+    def train_step(step: int, phases: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``step_on`` the step's share of the global batch (replayed as one CUDA graph with
+        ``--cuda-graph`` after its eager warm-up steps: ``phases`` then stays empty)."""
+        ids = batch(args, cfg, step, data)[rank * per_rank : (rank + 1) * per_rank].to(device)
+        return graphed(ids) if graphed is not None else step_on(ids, phases)
 
     phases, step_peaks = None, []
     for step in range(start, cfg["steps"]):
@@ -535,6 +550,11 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument(
         "--compile-mode", default=None,
         help="torch.compile mode (default: reduce-overhead on one GPU, the default mode otherwise)",
+    )  # fmt: skip
+    p.add_argument(
+        "--cuda-graph", action="store_true",
+        help="one GPU: replay the whole step (forward, backward, AdamW) as one CUDA graph after 2 eager "
+        "steps (with --compile the blocks then compile in the default mode)",
     )  # fmt: skip
     p.add_argument(
         "--sdpa", choices=sorted(_SDPA_FIRST), default="cudnn",

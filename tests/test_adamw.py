@@ -39,17 +39,24 @@ def _run(opt_cls, params, steps, skip=(), **kw):
     return opt
 
 
-def test_triton_adamw_matches_torch_adamw_fp32():
+@pytest.mark.parametrize("capturable", [False, True])
+def test_triton_adamw_matches_torch_adamw_fp32(capturable):
+    """capturable: the step counts on the parameters' device, the coefficients computed in the kernel."""
     ours, ref = _params(torch.float32), _params(torch.float32)
     skip = {(1, 0), (2, 3)}  # per-tensor step counts diverge
-    a, b = _run(AdamW, ours, 4, skip), _run(torch.optim.AdamW, ref, 4, skip, foreach=False)
+    a = _run(AdamW, ours, 4, skip, capturable=capturable)
+    b = _run(torch.optim.AdamW, ref, 4, skip, foreach=False)
+    assert all(
+        s["step"].device == (ours[0].device if capturable else torch.device("cpu")) for s in a.state.values()
+    )
     for p, q, p0 in zip(ours, ref, _params(torch.float32), strict=True):
         assert p.numel() == 0 or not torch.equal(p, p0)
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
         for key in ("exp_avg", "exp_avg_sq", "step"):
             torch.testing.assert_close(a.state[p][key], b.state[q][key], rtol=1e-6, atol=1e-7)
     assert a.state[ours[0]]["step"].item() == 3 and a.state[ours[1]]["step"].item() == 4
-    assert a.state_dict()["param_groups"] == b.state_dict()["param_groups"]
+    groups = [dict(g, capturable=False) for g in a.state_dict()["param_groups"]]
+    assert groups == b.state_dict()["param_groups"]
 
 
 def _reference_16bit_step(p, g, m, v, t, lr, wd, b1, b2, eps):
@@ -90,6 +97,52 @@ def test_triton_adamw_16bit_computes_in_fp32_and_rounds_once(dtype):
                 # one rounding from fp32 each: a contraction order may cross a rounding boundary (one ulp)
                 torch.testing.assert_close(ours, ref, rtol=ulp, atol=2**-24 if dtype == torch.float16 else 0)
                 assert (ours == ref).float().mean() >= 0.97 if ref.numel() else True
+
+
+def test_triton_adamw_capturable_follows_changed_hyperparameters():
+    """capturable keeps each group's hyperparameters in device memory: a changed lr / betas reaches it."""
+    ours, ref = _params(torch.float32), _params(torch.float32)
+    a = _run(AdamW, ours, 2, capturable=True)
+    b = _run(torch.optim.AdamW, ref, 2, foreach=False)
+    for opt, params in ((a, ours), (b, ref)):
+        opt.param_groups[1].update(lr=5e-3, betas=(0.7, 0.95))
+        for i, p in enumerate(params):
+            p.grad = _grad(p, 9, i)
+        opt.step()
+    for p, q in zip(ours, ref, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.gpu
+def test_triton_adamw_capturable_replays_in_a_cuda_graph():
+    """Three replays of a captured step() are three eager steps, bit for bit."""
+    eager, graphed = _params(torch.float32), _params(torch.float32)
+    a = _run(AdamW, eager, 1, capturable=True)
+    b = _run(AdamW, graphed, 1, capturable=True)  # the eager step a capture needs first
+    grads = [[_grad(p, s, i) for i, p in enumerate(eager)] for s in range(1, 4)]
+    for p, g in zip(graphed, grads[0], strict=True):
+        p.grad = g.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side), torch.cuda.graph(graph):
+        b.step()
+    torch.cuda.current_stream().wait_stream(side)
+    for step_grads in grads:
+        for p, q, g in zip(eager, graphed, step_grads, strict=True):
+            p.grad = g
+            q.grad.copy_(g)
+        a.step()
+        graph.replay()
+    torch.cuda.synchronize()
+    for p, q in zip(eager, graphed, strict=True):
+        assert torch.equal(p, q)
+        assert torch.equal(a.state[p]["exp_avg_sq"], b.state[q]["exp_avg_sq"])
+    assert all(s["step"].item() == 4 for s in b.state.values())
+    b.param_groups[0]["lr"] = 1.0
+    with pytest.raises(RuntimeError, match="hyperparameters of group 0 changed"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            b.step()
 
 
 def test_triton_adamw_state_dict_round_trips_through_torch_adamw():

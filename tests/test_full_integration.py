@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from integration.ports import launcher
 
@@ -64,6 +65,28 @@ def test_triton_adamw_and_another_attention_kernel_train_alike(tmp_path):
     """--optimizer triton (integration/adamw.py; the interpreter here) and --sdpa flash (CPU: math
     either way) train with the losses of torch's AdamW and the default order."""
     _close(_run(tmp_path, "triton", "--optimizer", "triton", "--sdpa", "flash"), _run(tmp_path, "torch"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cuda_graph_of_the_whole_step_trains_like_eager_steps(tmp_path, compiled):
+    """--cuda-graph: 2 eager steps, then the captured step replayed (our capturable AdamW, the expert
+    bias updated in place between replays): the losses of the run that launches every step."""
+    gpu = ["--device", "cuda", "--backend", "triton", "--dtype", "fp32", "--steps", "6"]
+    gpu += ["--compile", "--compile-mode", "default"] if compiled else []
+    _close(_run(tmp_path, "graph", *gpu, "--cuda-graph"), _run(tmp_path, "launched", *gpu))
+
+
+def test_cuda_graph_refuses_what_it_cannot_capture():
+    from integration.full_integration import parse_args, train
+    from integration.graphed_step import GraphedStep
+
+    with pytest.raises(SystemExit, match="--cuda-graph captures the whole step on one GPU"):
+        train(parse_args(["--device", "cpu", "--cuda-graph"]))
+    with pytest.raises(ValueError, match="ids must be on a CUDA device"):
+        GraphedStep(lambda ids: (ids,))(torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="warmup must be >= 1"):
+        GraphedStep(lambda ids: (ids,), warmup=0)
 
 
 def test_memory_budget_needs_compile_and_a_fraction(capsys):
