@@ -23,11 +23,13 @@ __all__ = ["lm_head_cross_entropy"]
 CHUNK = 2048
 
 
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` rounded once, to fp32 (CUDA 16-bit: the GEMM's fp32 accumulator as it is)."""
+def _add_mm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` for an fp32 ``acc`` (CUDA 16-bit: in the GEMM's epilogue, the product never
+    rounded to 16 bits nor written out and read back: seed-1b's 4 chunks x 131 MB of fp32 adds)."""
     if a.is_cuda and a.dtype != torch.float32:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return (a @ b).float()
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc += (a @ b).float()
 
 
 def _chunk_loss_and_grad(logits_CV: torch.Tensor, targets_C: torch.Tensor, inv_T: torch.Tensor):
@@ -61,7 +63,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
             loss_C, grad_CV = chunk_fn(x_CD @ w_VD.t(), tgt_C, inv_T)
             loss = loss + loss_C
             grad_x_TD[start : start + chunk] = grad_CV @ w_VD
-            grad_w_VD += _mm_fp32(grad_CV.t(), x_CD)
+            _add_mm_fp32_(grad_w_VD, grad_CV.t(), x_CD)
         ctx.save_for_backward(grad_x_TD, grad_w_VD.to(w_VD.dtype))
         return loss / max(T, 1)
 
