@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from flashfusemoe import MoELayer, OverlappedGradSync, get_dense_params, get_expert_params  # noqa: E402
 from integration.adamw import AdamW  # noqa: E402
 from integration.graphed_step import GraphedStep  # noqa: E402
+from integration.lm_loss import CHUNK as LOSS_CHUNK  # noqa: E402
 from integration.lm_loss import lm_head_cross_entropy  # noqa: E402
 
 _MEMORY_BUDGET = 0.95  # --compile's default activation memory budget
@@ -134,6 +135,7 @@ class MoELM(nn.Module):
         )
         self.norm = nn.RMSNorm(D)
         self.head = nn.Linear(D, cfg["vocab"], bias=False)
+        self.loss_chunk = cfg.get("loss_chunk", LOSS_CHUNK)
         # computed once, not per call; cast with the model like the rest (not in the state dict)
         self.register_buffer("rope", rope_table(cfg["seq"], D // cfg["heads"]), persistent=False)
         with torch.no_grad():
@@ -154,7 +156,9 @@ class MoELM(nn.Module):
             aux = aux + losses["aux_loss"] + losses["z_loss"]
             counts.append(losses["tokens_per_expert"])
         # fp32 logits chunk by chunk, never all [B*S, vocab] of them (integration/lm_loss.py)
-        ce = lm_head_cross_entropy(self.norm(x).flatten(0, 1), self.head.weight, ids_BS[:, 1:].flatten())
+        ce = lm_head_cross_entropy(
+            self.norm(x).flatten(0, 1), self.head.weight, ids_BS[:, 1:].flatten(), self.loss_chunk
+        )
         return ce, aux, torch.stack(counts)
 
 
@@ -346,7 +350,7 @@ def train(args) -> dict:
     for key in ("steps", "batch", "seq", "layers"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
-    cfg["sdpa"] = args.sdpa
+    cfg["sdpa"], cfg["loss_chunk"] = args.sdpa, args.loss_chunk
     recompute = cfg["layers"] if args.recompute == _ALL else args.recompute
     if not 0 <= recompute <= cfg["layers"]:
         raise SystemExit(f"--recompute {args.recompute}: a number of blocks in [0, {cfg['layers']}]")
@@ -427,13 +431,20 @@ def train(args) -> dict:
 
     graphed = GraphedStep(step_on) if args.cuda_graph else None
 
-    def train_step(step: int, phases: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``step_on`` the step's share of the global batch (replayed as one CUDA graph with
-        ``--cuda-graph`` after its eager warm-up steps: ``phases`` then stays empty)."""
-        ids = batch(args, cfg, step, data)[rank * per_rank : (rank + 1) * per_rank].to(device)
+    def host_ids(step: int) -> torch.Tensor:
+        """This rank's share of the step's global batch on the host (pinned for a GPU: copied async)."""
+        ids = batch(args, cfg, step, data)[rank * per_rank : (rank + 1) * per_rank]
+        return ids.pin_memory() if device.type == "cuda" else ids
+
+    def train_step(
+        step: int, phases: dict | None = None, ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``step_on`` the step's ids (``host_ids(step)`` unless given), replayed as one CUDA graph with
+        ``--cuda-graph`` after its eager warm-up steps (``phases`` then stays empty)."""
+        ids = (host_ids(step) if ids is None else ids).to(device, non_blocking=True)
         return graphed(ids) if graphed is not None else step_on(ids, phases)
 
-    phases, step_peaks = None, []
+    phases, step_peaks, next_ids = None, [], host_ids(start)
     for step in range(start, cfg["steps"]):
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -441,7 +452,9 @@ def train(args) -> dict:
             if step == cfg["steps"] - 1:  # the last step says where the peak falls (host-side counters)
                 phases = {}
         t0 = time.perf_counter()
-        loss, counts = train_step(step, phases)
+        loss, counts = train_step(step, phases, next_ids)
+        # the next batch is built while the GPU runs this step (a data loader's prefetch), not after
+        next_ids = host_ids(step + 1) if step + 1 < cfg["steps"] else None
         if device.type == "cuda":
             torch.cuda.synchronize()
             step_peaks.append(max([torch.cuda.max_memory_allocated() / 1e9, *(phases or {}).values()]))
@@ -572,6 +585,11 @@ def parse_args(argv: list[str] | None = None):
         f"default; default {_MEMORY_BUDGET})",
     )  # fmt: skip
     p.add_argument(
+        "--loss-chunk", type=int, default=LOSS_CHUNK, metavar="TOKENS",
+        help=f"tokens per chunk of the LM head's loss: fp32 logits of that many tokens live at a time "
+        f"(default {LOSS_CHUNK})",
+    )  # fmt: skip
+    p.add_argument(
         "--optimizer", choices=["triton", "torch"], default=None,
         help="AdamW: triton (integration/adamw.py; the default on a GPU) or torch's (fused on a GPU)",
     )  # fmt: skip
@@ -589,6 +607,8 @@ def parse_args(argv: list[str] | None = None):
     )
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
+    if args.loss_chunk < 1:
+        p.error(f"--loss-chunk={args.loss_chunk}: a number of tokens >= 1")
     if args.memory_budget is not None and not (args.compile and 0 < args.memory_budget <= 1):
         p.error(f"--memory-budget={args.memory_budget} needs --compile and a value in (0, 1]")
     return args

@@ -61,10 +61,12 @@ def test_recompute_refuses_more_blocks_than_the_model_has():
             train(parse_args(["--device", "cpu", "--recompute", n]))
 
 
-def test_triton_adamw_and_another_attention_kernel_train_alike(tmp_path):
-    """--optimizer triton (integration/adamw.py; the interpreter here) and --sdpa flash (CPU: math
-    either way) train with the losses of torch's AdamW and the default order."""
-    _close(_run(tmp_path, "triton", "--optimizer", "triton", "--sdpa", "flash"), _run(tmp_path, "torch"))
+def test_triton_adamw_another_attention_kernel_and_loss_chunk_train_alike(tmp_path):
+    """--optimizer triton (integration/adamw.py; the interpreter here), --sdpa flash (CPU: math either
+    way) and the loss in chunks of 7 tokens (the tiny batch's 128 in 19 chunks, the last partial) train
+    with the losses of torch's AdamW, the default order and one chunk."""
+    flags = ("--optimizer", "triton", "--sdpa", "flash", "--loss-chunk", "7")
+    _close(_run(tmp_path, "triton", *flags), _run(tmp_path, "torch"))
 
 
 @pytest.mark.gpu
@@ -101,6 +103,9 @@ def test_memory_budget_needs_compile_and_a_fraction(capsys):
             parse_args(argv)
         assert "--memory-budget" in capsys.readouterr().err
     assert parse_args(["--compile", "--memory-budget", "1"]).memory_budget == 1.0
+    with pytest.raises(SystemExit):
+        parse_args(["--loss-chunk", "0"])
+    assert "--loss-chunk=0: a number of tokens >= 1" in capsys.readouterr().err
 
 
 def test_kernel_table_categories_and_busy_time():
