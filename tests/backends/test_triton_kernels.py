@@ -164,6 +164,43 @@ def test_triton_tma_wgrad_tile_groups_cover_every_tile():
     torch.testing.assert_close(got, want, **(TOL if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-1)))
 
 
+@pytest.mark.skipif(
+    DEV.type == "cuda" and not tma_ok(torch.empty(1, device=DEV, dtype=torch.bfloat16)), reason="TMA"
+)
+@pytest.mark.parametrize("gathered", [False, True])
+def test_triton_tma_glu_h_through_descriptors_equals_masked_stores(gathered):
+    """A GLU's ``h`` stored through TMA descriptors for whole row tiles (partial tiles masked, none
+    written into the next group's rows): bit-identical to the masked stores of the flattened loop, for
+    groups of 2 whole tiles + 2 rows, none, one whole tile, 7 rows; equal to the math too."""
+    g = torch.Generator().manual_seed(5)
+    dtype = torch.float32 if DEV.type == "cpu" else torch.bfloat16
+    BM = tma_gemm._tiles(dtype, True)[0]
+    counts = [2 * BM + 2, 0, BM, 7]
+    M, Kd, N = sum(counts), 16, 2 * 48
+    (offs,) = _dev(torch.tensor(counts).cumsum(0).int())
+    a, b = (
+        t.to(DEV, dtype) for t in (torch.randn(M + 3, Kd, generator=g), torch.randn(4, Kd, N, generator=g))
+    )
+    gather = (torch.randperm(M, generator=g).int().to(DEV) * 2, 2) if gathered else None
+    outs = {}
+    for by_tma in (False, True):
+        with mock.patch.object(tma_gemm, "_h_by_tma", lambda *args, v=by_tma: v):
+            outs[by_tma] = tma_gemm.tma_grouped_mm(a, b, offs, "swiglu", gather)
+    for ours, masked in zip(outs[True], outs[False], strict=True):  # rows past the groups: unwritten
+        assert torch.equal(ours[:M], masked[:M])
+    rows = a[gather[0].long() // 2] if gathered else a[:M]
+    want = torch.cat(
+        [
+            rows[s:e].float() @ b[i].float()
+            for i, (s, e) in enumerate(zip([0, *offs[:-1].tolist()], offs.tolist(), strict=True))
+        ]
+    )
+    tol = TOL if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-1)
+    torch.testing.assert_close(outs[True][0][:M].float(), want, **tol)
+    assert tma_gemm._h_by_tma(True, True, 1024, False) and not tma_gemm._h_by_tma(True, True, 1024, True)
+    assert tma_gemm._h_by_tma(True, True, 2048, True) and not tma_gemm._h_by_tma(False, True, 4096, False)
+
+
 @given(*_GEMM_DIMS, st.sampled_from([1, 3]), st.integers(0, 2**31 - 1))
 def test_triton_grouped_mm_reads_rows_through_slot_index(M, Kd, N, E, aligned, div, seed):
     """``gather = (idx, div)``: bit-identical to the same GEMM on the rows gathered first
