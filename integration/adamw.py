@@ -160,13 +160,16 @@ class AdamW(torch.optim.AdamW):
                 state["step"] = state["step"].cpu()
         if device_steps:  # one launch for all counts; the kernels read them incremented
             torch._foreach_add_(device_steps, 1.0)
+        hps = {}  # (group, device) -> its hyperparameters on the device: looked up once a step
         for p, state, group, i in todo:
             n = p.numel()
             if group["capturable"]:
+                if (i, p.device) not in hps:
+                    hps[i, p.device] = self._hyperparameters_on(i, group, p.device)
                 if n:
                     _adamw_device_kernel[(cdiv(n, _BLOCK),)](
                         p, p.grad, state["exp_avg"], state["exp_avg_sq"], n, state["step"],
-                        self._hyperparameters_on(i, group, p.device), BLOCK=_BLOCK, num_warps=8,
+                        hps[i, p.device], BLOCK=_BLOCK, num_warps=8,
                     )  # fmt: skip
                 continue
             state["step"] += 1

@@ -36,10 +36,6 @@ class GraphedStep:
         self._ids: torch.Tensor | None = None
         self._out: tuple[torch.Tensor, ...] = ()
 
-    @property
-    def captured(self) -> bool:
-        return self._graph is not None
-
     def __call__(self, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if not ids.is_cuda:
             raise ValueError(f"ids must be on a CUDA device (the graph is captured there), got {ids.device}")
