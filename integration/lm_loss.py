@@ -18,6 +18,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from flashfusemoe.spec import check_int
+
 __all__ = ["lm_head_cross_entropy"]
 
 CHUNK = 2048
@@ -83,8 +85,7 @@ def lm_head_cross_entropy(
     ``w``. Without a backward to come (no_grad, or neither needs a gradient) only the loss is computed."""
     if x_TD.dim() != 2 or w_VD.dim() != 2 or x_TD.shape[1] != w_VD.shape[1]:
         raise ValueError(f"x must be [T, D] and w [V, D], got {tuple(x_TD.shape)} and {tuple(w_VD.shape)}")
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk must be a number of tokens >= 1, got {chunk!r}")
+    check_int("chunk", chunk, 1)
     if targets_T.shape != x_TD.shape[:1]:
         raise ValueError(f"targets must be [T={x_TD.shape[0]}], got {tuple(targets_T.shape)}")
     if not (torch.is_grad_enabled() and (x_TD.requires_grad or w_VD.requires_grad)):
