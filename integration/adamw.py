@@ -14,10 +14,16 @@ The coefficients come from the host (each tensor has its own step count and grou
 waits for the GPU; with ``capturable=True`` the kernel computes them from device memory (a CUDA graph
 can then replay the step). One launch per tensor: a single launch over all of them through tables of
 addresses measured 2.1 TB/s (dependent loads before each block's data).
+
+``step_in_backward=True`` starts each tensor's update as soon as backward has accumulated its gradient,
+on a side stream, so that the optimizer's memory-bound kernels run beside the rest of the backward's
+GEMMs; ``step()`` then updates what backward did not reach and makes the current stream wait for the
+side stream. The result is the same step, bit for bit.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -109,7 +115,15 @@ class AdamW(torch.optim.AdamW):
     ``capturable=True`` (torch's meaning): the step counts live on the parameters' device and the
     kernels read them and the group's hyperparameters from device memory, so a CUDA graph that
     captured ``step()`` replays real steps. The hyperparameters replayed are those of the last eager
-    ``step()`` (the capture's): changing ``lr`` afterwards needs a new capture."""
+    ``step()`` (the capture's): changing ``lr`` afterwards needs a new capture.
+
+    ``step_in_backward=True``: a post-accumulate-grad hook on each parameter of the groups given here
+    updates it as soon as backward has its gradient (on a side stream of its device; inline on the
+    CPU), and ``step()`` updates the parameters whose gradient came otherwise (assigned by hand, or a
+    group added later) and joins the side streams. So nothing may read or change a gradient between
+    ``backward()`` and ``step()`` (clipping, an all-reduce, accumulation over micro-batches: a second
+    backward before ``step()`` raises), and a parameter's values change while backward still runs (only
+    its own gradient's consumers have read it by then)."""
 
     def __init__(
         self,
@@ -118,6 +132,7 @@ class AdamW(torch.optim.AdamW):
         betas=(0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
+        step_in_backward: bool = False,
         **kw,
     ):
         for name in _UNSUPPORTED:
@@ -130,6 +145,12 @@ class AdamW(torch.optim.AdamW):
         kw.pop("foreach", None)  # torch's choice of its own implementation: ours replaces both
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=False, **kw)
         self._device_hp: dict[tuple[int, torch.device], tuple[tuple, torch.Tensor]] = {}
+        self._side: dict[torch.device, torch.cuda.Stream] = {}  # step_in_backward's stream per device
+        self._updated: set[int] = set()  # ids of the parameters a hook updated since the last step()
+        if step_in_backward:
+            for i, group in enumerate(self.param_groups):
+                for p in group["params"]:
+                    p.register_post_accumulate_grad_hook(functools.partial(self._update_in_backward, i))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -137,48 +158,83 @@ class AdamW(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        todo = []  # everything is checked before anything is updated
-        for i, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                if p.grad is not None:
-                    state = self.state[p]
-                    if not state:
-                        state["step"] = torch.zeros(
-                            (), dtype=torch.float32, device=p.device if group["capturable"] else "cpu"
-                        )
-                        state["exp_avg"] = torch.zeros_like(p)
-                        state["exp_avg_sq"] = torch.zeros_like(p)
-                    _check(p, state)
-                    todo.append((p, state, group, i))
-        device_steps = []
-        for p, state, group, _ in todo:  # a step loaded from another AdamW's state moves where ours keeps it
-            if group["capturable"]:
-                if state["step"].device != p.device:
-                    state["step"] = state["step"].to(p.device, torch.float32)
-                device_steps.append(state["step"])
-            elif not state["step"].is_cpu:
-                state["step"] = state["step"].cpu()
+        todo = [  # everything is checked before anything is updated
+            (p, self._state_of(p, group), group, i)
+            for i, group in enumerate(self.param_groups)
+            for p in group["params"]
+            if p.grad is not None and id(p) not in self._updated
+        ]
+        device_steps = [state["step"] for _, state, group, _ in todo if group["capturable"]]
         if device_steps:  # one launch for all counts; the kernels read them incremented
             torch._foreach_add_(device_steps, 1.0)
         hps = {}  # (group, device) -> its hyperparameters on the device: looked up once a step
         for p, state, group, i in todo:
-            n = p.numel()
-            if group["capturable"]:
-                if (i, p.device) not in hps:
-                    hps[i, p.device] = self._hyperparameters_on(i, group, p.device)
-                if n:
-                    _adamw_device_kernel[(cdiv(n, _BLOCK),)](
-                        p, p.grad, state["exp_avg"], state["exp_avg_sq"], n, state["step"],
-                        hps[i, p.device], BLOCK=_BLOCK, num_warps=8,
-                    )  # fmt: skip
-                continue
-            state["step"] += 1
-            if n:
-                _adamw_kernel[(cdiv(n, _BLOCK),)](
-                    p, p.grad, state["exp_avg"], state["exp_avg_sq"], n,
-                    *_coefficients(group, state["step"].item()), BLOCK=_BLOCK, num_warps=8,
-                )  # fmt: skip
+            if group["capturable"] and (i, p.device) not in hps:
+                hps[i, p.device] = self._hyperparameters_on(i, group, p.device)
+            self._launch(p, state, group, hps.get((i, p.device)))
+        for device, side in self._side.items():  # the updates started in backward
+            torch.cuda.current_stream(device).wait_stream(side)
+        self._updated.clear()
         return loss
+
+    @torch.no_grad()
+    def _update_in_backward(self, i: int, p: torch.Tensor) -> None:
+        """``step_in_backward``'s hook: group ``i``'s parameter ``p`` has its gradient for this step."""
+        if id(p) in self._updated:
+            raise RuntimeError(
+                f"AdamW(step_in_backward=True): a second backward reached the parameter of shape "
+                f"{tuple(p.shape)} before step(); accumulating gradients needs step_in_backward=False"
+            )
+        group = self.param_groups[i]
+        state = self._state_of(p, group)
+        hp = self._hyperparameters_on(i, group, p.device) if group["capturable"] else None
+        if p.is_cuda:  # after what produced the gradient (the current stream), beside what follows it
+            side = self._side.get(p.device)
+            if side is None:
+                side = self._side[p.device] = torch.cuda.Stream(p.device)
+            side.wait_stream(torch.cuda.current_stream(p.device))
+            with torch.cuda.stream(side):
+                if group["capturable"]:
+                    state["step"].add_(1)
+                self._launch(p, state, group, hp)
+        else:
+            if group["capturable"]:
+                state["step"].add_(1)
+            self._launch(p, state, group, hp)
+        self._updated.add(id(p))
+
+    def _state_of(self, p: torch.Tensor, group: dict) -> dict:
+        """``p``'s state, created at its first step, checked, its step count where ``group`` keeps it (a
+        state loaded from another AdamW's state dict moves)."""
+        state = self.state[p]
+        on = p.device if group["capturable"] else torch.device("cpu")
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=on)
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        _check(p, state)
+        if state["step"].device != on:
+            state["step"] = state["step"].to(on, torch.float32)
+        return state
+
+    @staticmethod
+    def _launch(p: torch.Tensor, state: dict, group: dict, hp: torch.Tensor | None) -> None:
+        """Update ``p`` (its state's step already counted on the device when ``group`` is capturable,
+        with ``hp`` its hyperparameters there; counted here otherwise)."""
+        n = p.numel()
+        if group["capturable"]:
+            if n:
+                _adamw_device_kernel[(cdiv(n, _BLOCK),)](
+                    p, p.grad, state["exp_avg"], state["exp_avg_sq"], n, state["step"], hp,
+                    BLOCK=_BLOCK, num_warps=8,
+                )  # fmt: skip
+            return
+        state["step"] += 1
+        if n:
+            _adamw_kernel[(cdiv(n, _BLOCK),)](
+                p, p.grad, state["exp_avg"], state["exp_avg_sq"], n,
+                *_coefficients(group, state["step"].item()), BLOCK=_BLOCK, num_warps=8,
+            )  # fmt: skip
 
     def _hyperparameters_on(self, i: int, group: dict, device: torch.device) -> torch.Tensor:
         """Group ``i``'s ``_hyperparameters`` as an fp64 tensor on ``device``: one tensor for the

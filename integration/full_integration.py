@@ -19,7 +19,8 @@ longest GPU idle stretches. ``--compile`` compiles block by block (CUDA graphs o
 activation memory budget (``--memory-budget``, 0.95); ``--recompute [N]`` keeps no expert activations
 for backward in every block (or in the first N: less memory, a few more GEMMs); the loss never holds all
 ``[tokens, vocab]`` logits (``integration/lm_loss.py``); AdamW is one Triton kernel per parameter tensor
-on a GPU (``integration/adamw.py``; ``--optimizer torch``: torch's fused one); attention tries cuDNN's
+on a GPU (``integration/adamw.py``; ``--optimizer torch``: torch's fused one; ``--step-in-backward``:
+each tensor's update overlaps the rest of the backward); attention tries cuDNN's
 kernel first (``--sdpa flash``: flash's). ``--cuda-graph`` (one GPU) replays the whole step, optimizer
 included, as one CUDA graph after two eager steps (``integration/graphed_step.py``).
 
@@ -374,8 +375,13 @@ def train(args) -> dict:
     optimizer = args.optimizer or ("triton" if device.type == "cuda" else "torch")
     # capturable: the step counts on the GPU, so that a graph of the step replays real steps
     opt_kw = dict(lr=cfg["lr"], weight_decay=0.0, capturable=args.cuda_graph)
+    if args.step_in_backward and (optimizer != "triton" or W > 1):
+        raise SystemExit(
+            "--step-in-backward updates each parameter as backward finishes its gradient: it needs "
+            "--optimizer triton and no EP (the dense gradients are all-reduced after backward)"
+        )
     if optimizer == "triton":  # a Triton kernel per parameter tensor: 3.7 TB/s, torch's fused 2.8 (H200)
-        opt = AdamW(model.parameters(), **opt_kw)
+        opt = AdamW(model.parameters(), step_in_backward=args.step_in_backward, **opt_kw)
     else:  # fused: one kernel over all parameters, no foreach temporaries the size of the model
         opt = torch.optim.AdamW(model.parameters(), fused=device.type == "cuda", **opt_kw)
     start = 0
@@ -592,6 +598,11 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument(
         "--optimizer", choices=["triton", "torch"], default=None,
         help="AdamW: triton (integration/adamw.py; the default on a GPU) or torch's (fused on a GPU)",
+    )  # fmt: skip
+    p.add_argument(
+        "--step-in-backward", action="store_true",
+        help="--optimizer triton, one process: each parameter's AdamW update starts on a side stream as "
+        "soon as backward has its gradient, beside the rest of the backward",
     )  # fmt: skip
     p.add_argument("--aux-loss-coeff", type=float, default=0.01)
     p.add_argument("--z-loss-coeff", type=float, default=0.001)

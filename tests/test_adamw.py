@@ -211,3 +211,55 @@ def test_triton_adamw_refuses_what_its_kernel_cannot_read():
     with pytest.raises(ValueError, match="state 'exp_avg'"):
         opt.step()
     assert torch.equal(good, torch.ones(3, device=_DEVICE))
+
+
+def _model():
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).to(_DEVICE)
+
+
+@pytest.mark.parametrize("capturable", [False, True])
+def test_triton_adamw_step_in_backward_is_the_step_after_backward(capturable):
+    """step_in_backward: backward already updates each parameter it reaches (the test sees them change
+    before step()), step() updates one whose gradient was assigned by hand, one without a gradient stays,
+    and after 3 steps parameters and state equal those of step() after backward, bit for bit."""
+    models = [_model(), _model()]
+    for m in models:
+        torch.manual_seed(0)
+        for p in m.parameters():
+            p.data = torch.randn(p.shape, device=_DEVICE)
+    extra = [torch.nn.Parameter(torch.ones(4, device=_DEVICE)) for _ in models]  # a gradient by hand
+    idle = [torch.nn.Parameter(torch.ones(2, device=_DEVICE)) for _ in models]  # never a gradient
+    opts = [
+        AdamW([{"params": list(m.parameters())}, {"params": [e, i], "lr": 0.1}], lr=1e-2,
+              capturable=capturable, step_in_backward=flag)
+        for m, e, i, flag in zip(models, extra, idle, (False, True), strict=True)
+    ]  # fmt: skip
+    for step in range(3):
+        x = torch.randn(6, 5, generator=torch.Generator().manual_seed(step)).to(_DEVICE)
+        for m, e, opt, in_backward in zip(models, extra, opts, (False, True), strict=True):
+            before = [p.detach().clone() for p in m.parameters()]
+            m(x).square().sum().backward()
+            moved = [not torch.equal(b, p) for b, p in zip(before, m.parameters(), strict=True)]
+            assert all(moved) if in_backward else not any(moved)
+            e.grad = torch.full_like(e, step + 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    (a, b), (ea, eb), ib = models, extra, idle[1]
+    for p, q in zip([*a.parameters(), ea], [*b.parameters(), eb], strict=True):
+        assert torch.equal(p, q)
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opts[0].state[p][key], opts[1].state[q][key])
+    assert opts[1].state[eb]["step"].item() == 3 and not torch.equal(eb, torch.ones(4, device=_DEVICE))
+    assert torch.equal(ib, torch.ones(2, device=_DEVICE)) and ib not in opts[1].state
+
+
+def test_triton_adamw_step_in_backward_refuses_a_second_backward_before_step():
+    m = _model()
+    opt = AdamW(m.parameters(), step_in_backward=True)
+    x = torch.randn(2, 5, device=_DEVICE)
+    m(x).sum().backward()
+    with pytest.raises(RuntimeError, match="a second backward reached the parameter of shape .* before step"):
+        m(x).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    m(x).sum().backward()  # after step() the next backward steps again

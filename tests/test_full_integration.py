@@ -62,21 +62,31 @@ def test_recompute_refuses_more_blocks_than_the_model_has():
 
 
 def test_triton_adamw_another_attention_kernel_and_loss_chunk_train_alike(tmp_path):
-    """--optimizer triton (integration/adamw.py; the interpreter here), --sdpa flash (CPU: math either
-    way) and the loss in chunks of 7 tokens (the tiny batch's 128 in 19 chunks, the last partial) train
-    with the losses of torch's AdamW, the default order and one chunk."""
-    flags = ("--optimizer", "triton", "--sdpa", "flash", "--loss-chunk", "7")
+    """--optimizer triton (integration/adamw.py; the interpreter here) stepping in backward, --sdpa flash
+    (CPU: math either way) and the loss in chunks of 7 tokens (the tiny batch's 128 in 19 chunks, the
+    last partial) train with the losses of torch's AdamW, the default order and one chunk."""
+    flags = ("--optimizer", "triton", "--step-in-backward", "--sdpa", "flash", "--loss-chunk", "7")
     _close(_run(tmp_path, "triton", *flags), _run(tmp_path, "torch"))
+
+
+def test_step_in_backward_refuses_torch_adamw():
+    from integration.full_integration import parse_args, train
+
+    with pytest.raises(SystemExit, match="--step-in-backward updates each parameter as backward"):
+        train(parse_args(["--device", "cpu", "--step-in-backward"]))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("compiled", [False, True])
-def test_cuda_graph_of_the_whole_step_trains_like_eager_steps(tmp_path, compiled):
-    """--cuda-graph: 2 eager steps, then the captured step replayed (our capturable AdamW, the expert
-    bias updated in place between replays): the losses of the run that launches every step."""
+@pytest.mark.parametrize("in_backward", [False, True])
+def test_cuda_graph_of_the_whole_step_trains_like_eager_steps(tmp_path, compiled, in_backward):
+    """--cuda-graph: 2 eager steps, then the captured step replayed (our capturable AdamW, with
+    --step-in-backward on its side stream inside the graph; the expert bias updated in place between
+    replays): the losses of the run that launches every step (after backward)."""
     gpu = ["--device", "cuda", "--backend", "triton", "--dtype", "fp32", "--steps", "6"]
     gpu += ["--compile", "--compile-mode", "default"] if compiled else []
-    _close(_run(tmp_path, "graph", *gpu, "--cuda-graph"), _run(tmp_path, "launched", *gpu))
+    graph = [*gpu, "--cuda-graph", *(["--step-in-backward"] if in_backward else [])]
+    _close(_run(tmp_path, "graph", *graph), _run(tmp_path, "launched", *gpu))
 
 
 def test_cuda_graph_refuses_what_it_cannot_capture():
