@@ -41,7 +41,7 @@ class GraphedStep:
             raise ValueError(f"ids must be on a CUDA device (the graph is captured there), got {ids.device}")
         self.calls += 1
         if self._graph is None and self.calls <= self.warmup:
-            side = torch.cuda.Stream(ids.device)
+            side = self._stream(ids.device)
             side.wait_stream(torch.cuda.current_stream(ids.device))
             with torch.cuda.stream(side):
                 out = self.step_fn(ids)
@@ -64,6 +64,13 @@ class GraphedStep:
         torch.cuda.empty_cache()  # the eager steps' cached blocks: the graph gets a pool of its own
         self._ids = ids.clone()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=self._stream(ids.device)):
             self._out = tuple(self.step_fn(self._ids))
         self._graph = graph
+
+    @staticmethod
+    def _stream(device: torch.device) -> torch.cuda.Stream:
+        """The stream the step runs on: above the default priority, which the side streams it forks keep
+        (``AdamW(step_in_backward=True)``'s), so that their kernels take the SMs the step's own leave
+        free instead of delaying them (a graph's kernels keep the priority of their capture)."""
+        return torch.cuda.Stream(device, priority=-1)
