@@ -101,6 +101,26 @@ def test_cuda_graph_refuses_what_it_cannot_capture():
         GraphedStep(lambda ids: (ids,), warmup=0)
 
 
+@pytest.mark.gpu
+def test_graphed_step_replays_its_capture_and_refuses_other_ids():
+    """Two eager calls, then the capture: each call's output is the step of that call's ids (copied into
+    the captured input), and ids of another shape or dtype after the capture are refused."""
+    from integration.graphed_step import GraphedStep
+
+    step = GraphedStep(lambda ids: (ids * 2 + 1,))
+    for i in range(4):
+        ids = torch.full((2, 3), i, dtype=torch.long, device="cuda")
+        (out,) = step(ids)
+        assert torch.equal(out, ids * 2 + 1)
+    assert step._graph is not None
+    with pytest.raises(
+        ValueError, match=r"ids must be torch.int64 \(2, 3\) as captured, got torch.int64 \(3, 3\)"
+    ):
+        step(torch.zeros(3, 3, dtype=torch.long, device="cuda"))
+    with pytest.raises(ValueError, match=r"as captured, got torch.int32 \(2, 3\)"):
+        step(torch.zeros(2, 3, dtype=torch.int32, device="cuda"))
+
+
 def test_memory_budget_needs_compile_and_a_fraction(capsys):
     from integration.full_integration import parse_args
 
