@@ -26,6 +26,7 @@ from flashfusemoe.spec import (
     check_expert_weights,
     check_float,
     check_hidden,
+    check_recompute,
 )
 
 __all__ = ["fused_moe", "router_logits"]
@@ -113,7 +114,7 @@ def fused_moe(
     shared_w_down: torch.Tensor | None = None,
     latent_down: torch.Tensor | None = None,
     latent_up: torch.Tensor | None = None,
-    recompute_activations: bool = False,
+    recompute_activations: bool | str = False,
     backend: str | None = None,
     communicator: Communicator | None = None,
     overlap: bool = True,
@@ -133,9 +134,9 @@ def fused_moe(
             width L (Megatron's ``moe_latent_size``): tokens are projected down after routing (the
             router and shared experts see the full D) and back up after combine, so dispatch moves
             L values per row; ``w_up`` / ``w_down`` are then ``[e, F, L]`` / ``[e, L, I]``.
-        recompute_activations: keep no expert activations (routed or shared) for backward; recompute
-            them there. Needed to backpropagate twice through one graph on the ``triton`` backend
-            (docs/moe_layer.md).
+        recompute_activations: True: keep no expert activations (routed or shared) for backward;
+            recompute them there. Needed to backpropagate twice through one graph on the ``triton``
+            backend (docs/moe_layer.md). ``"routed"`` / ``"shared"``: only those experts'.
         backend: compute backend name (``torch``, ``triton``); None: ``FLASHFUSEMOE_BACKEND``, then auto.
         communicator: moves tokens to their experts' ranks (:mod:`flashfusemoe.comm`); None: loopback.
         overlap: with shared experts and a communicator of W > 1 ranks, run the shared experts (and
@@ -168,12 +169,12 @@ def fused_moe(
     _check_shared(shared_w_up, shared_w_down, x_TD, activation)
     check_float("aux_loss_coeff", aux_loss_coeff)
     check_float("z_loss_coeff", z_loss_coeff)
-    check_bool("recompute_activations", recompute_activations)
+    recompute_routed, recompute_shared = check_recompute(recompute_activations)
     check_bool("overlap", overlap)
     be = get_backend(backend, x_TD.device)
 
     def shared_mlp() -> torch.Tensor:
-        return be.expert_mlp(x_TD, shared_w_up, shared_w_down, activation, recompute_activations)
+        return be.expert_mlp(x_TD, shared_w_up, shared_w_down, activation, recompute_shared)
 
     routing = be.route(be.router_logits(x_TD, gate_weight_ED), router, expert_bias)
     h_TL = x_TD if latent_down is None else x_TD @ latent_down.t()
@@ -188,7 +189,7 @@ def fused_moe(
         w_up,
         w_down,
         activation,
-        recompute_activations,
+        recompute_routed,
         recv.num_recv_slots,
     )
     out_TD = comm.combine(y_RD, recv.handle)

@@ -17,7 +17,7 @@ from flashfusemoe.balancing import update_expert_bias
 from flashfusemoe.comm import Communicator, get_communicator
 from flashfusemoe.comm.loopback import LOOPBACK
 from flashfusemoe.functional import fused_moe
-from flashfusemoe.spec import RouterConfig, check_bool, check_float, check_int, is_glu
+from flashfusemoe.spec import RouterConfig, check_bool, check_float, check_int, check_recompute, is_glu
 
 __all__ = ["MoELayer", "stack_shared_experts"]
 
@@ -111,7 +111,7 @@ class MoELayer(nn.Module):
         use_expert_bias: bool = False,
         aux_loss_coeff: float = 0.0,
         z_loss_coeff: float = 0.0,
-        recompute_activations: bool = False,
+        recompute_activations: bool | str = False,
         overlap: bool = True,
         backend: str | None = None,
         device: torch.device | str | None = None,
@@ -130,7 +130,8 @@ class MoELayer(nn.Module):
         self.intermediate = ffn_dim // 2 if is_glu(activation) else ffn_dim
         self.aux_loss_coeff = check_float("aux_loss_coeff", aux_loss_coeff)
         self.z_loss_coeff = check_float("z_loss_coeff", z_loss_coeff)
-        self.recompute_activations = check_bool("recompute_activations", recompute_activations)
+        check_recompute(recompute_activations)
+        self.recompute_activations = recompute_activations
         self.overlap = check_bool("overlap", overlap)
         check_bool("use_expert_bias", use_expert_bias)
         if latent_dim is not None:

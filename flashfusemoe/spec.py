@@ -103,6 +103,19 @@ def check_bool(name: str, value: object) -> bool:
     return value
 
 
+def check_recompute(value: object) -> tuple[bool, bool]:
+    """``recompute_activations``: True / False for every expert, or ``"routed"`` / ``"shared"`` for those
+    only -> (recompute the routed experts', recompute the shared experts')."""
+    if isinstance(value, bool):
+        return value, value
+    expected = f"recompute_activations={value!r} must be a bool, 'routed' or 'shared'"
+    if not isinstance(value, str):
+        raise TypeError(f"{expected}, got {type(value).__name__}")
+    if value not in ("routed", "shared"):
+        raise ValueError(expected)
+    return value == "routed", value == "shared"
+
+
 @dataclass(frozen=True)
 class RouterConfig:
     """How router logits become top-k expert choices. See docs/fused_moe.md for the formulas.

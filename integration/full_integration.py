@@ -17,7 +17,8 @@ layers). ``--plot`` writes the loss curve and a tokens-per-expert heatmap (layer
 matplotlib if installed; ``--profile FILE`` the GPU kernel time of 3 more steps by category and the
 longest GPU idle stretches. ``--compile`` compiles block by block (CUDA graphs on one GPU) under an
 activation memory budget (``--memory-budget``, 0.95); ``--recompute [N]`` keeps no expert activations
-for backward in every block (or in the first N: less memory, a few more GEMMs); the loss never holds all
+for backward in every block (or in the first N: less memory, a few more GEMMs), ``--recompute-shared``
+none of the shared experts' in every block; the loss never holds all
 ``[tokens, vocab]`` logits (``integration/lm_loss.py``); AdamW is one Triton kernel per parameter tensor
 on a GPU (``integration/adamw.py``; ``--optimizer torch``: torch's fused one; ``--step-in-backward``:
 each tensor's update overlaps the rest of the backward); attention tries cuDNN's
@@ -125,14 +126,19 @@ class Block(nn.Module):
 class MoELM(nn.Module):
     """A decoder LM whose FFNs are MoELayers. ``forward(ids [B, S])`` returns the next-token CE loss
     (mean over this call's tokens), the aux + z losses summed over layers, and each layer's counts.
-    The MoE layers of the first ``recompute_blocks`` blocks recompute their expert activations."""
+    The MoE layers of the first ``recompute_blocks`` blocks recompute their expert activations, the
+    others their shared experts' with ``recompute_shared``."""
 
-    def __init__(self, cfg: dict, recompute_blocks: int = 0, **moe_kw) -> None:
+    def __init__(
+        self, cfg: dict, recompute_blocks: int = 0, recompute_shared: bool = False, **moe_kw
+    ) -> None:
         super().__init__()
         D = cfg["d_model"]
         self.embed = nn.Embedding(cfg["vocab"], D)
+        rest = "shared" if recompute_shared else False
         self.blocks = nn.ModuleList(
-            Block(cfg, dict(moe_kw, recompute_activations=i < recompute_blocks)) for i in range(cfg["layers"])
+            Block(cfg, dict(moe_kw, recompute_activations=True if i < recompute_blocks else rest))
+            for i in range(cfg["layers"])
         )
         self.norm = nn.RMSNorm(D)
         self.head = nn.Linear(D, cfg["vocab"], bias=False)
@@ -364,6 +370,7 @@ def train(args) -> dict:
     model = MoELM(
         cfg, aux_loss_coeff=args.aux_loss_coeff, z_loss_coeff=args.z_loss_coeff,
         use_expert_bias=args.expert_bias, backend=args.backend, recompute_blocks=recompute,
+        recompute_shared=args.recompute_shared,
     )  # fmt: skip
     ckpt = load_checkpoint(Path(args.resume), model) if args.resume else None
     model = model.to(device=device, dtype=dtype)
@@ -531,7 +538,8 @@ def summarize(
         if layer.recompute_activations not in saved:
             saved[layer.recompute_activations] = saved_bytes_of_one_layer(layer, x)
     out["saved_bytes_per_moe_layer"] = sum(saved[m.recompute_activations] for m in layers) // len(layers)
-    out["recompute_blocks"] = sum(m.recompute_activations for m in layers)
+    out["recompute_blocks"] = sum(m.recompute_activations is True for m in layers)
+    out["recompute_shared_blocks"] = sum(m.recompute_activations in (True, "shared") for m in layers)
     if device.type == "cuda":
         from integration.bench_layer import dense_ceiling_tflops
 
@@ -583,6 +591,11 @@ def parse_args(argv: list[str] | None = None):
         "--recompute", nargs="?", type=int, const=_ALL, default=0, metavar="N",
         help="the MoE layers of every block (of the first N blocks with N) recompute their expert "
         "activations in backward: less memory, a few more GEMMs",
+    )  # fmt: skip
+    p.add_argument(
+        "--recompute-shared", action="store_true",
+        help="the shared experts of every block recompute their activations in backward (with "
+        "--recompute N: those of the other blocks too)",
     )  # fmt: skip
     p.add_argument(
         "--memory-budget", type=float, default=None,

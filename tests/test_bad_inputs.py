@@ -211,7 +211,13 @@ CASES = [
         "recompute int",
         lambda: fused(recompute_activations=1),
         TypeError,
-        "recompute_activations=1 must be a bool",
+        "recompute_activations=1 must be a bool, 'routed' or 'shared', got int",
+    ),
+    (
+        "recompute name",
+        lambda: fused(recompute_activations="experts"),
+        ValueError,
+        "recompute_activations='experts' must be a bool, 'routed' or 'shared'",
     ),
     ("overlap int", lambda: fused(overlap=1), TypeError, "overlap=1 must be a bool"),
     (
@@ -322,6 +328,12 @@ CASES = [
         lambda: layer(recompute_activations=None),
         TypeError,
         "recompute_activations=None must be a bool",
+    ),
+    (
+        "layer recompute name",
+        lambda: layer(recompute_activations="all"),
+        ValueError,
+        "recompute_activations='all' must be a bool, 'routed' or 'shared'",
     ),
     ("layer overlap", lambda: layer(overlap="yes"), TypeError, "overlap='yes' must be a bool"),
     ("activation layer", lambda: layer(activation="tanh"), ValueError, "activation='tanh' is not supported"),

@@ -39,18 +39,21 @@ def test_tiny_preset_trains_in_one_process(tmp_path):
 
 
 def test_recompute_lowers_saved_bytes_and_keeps_the_losses(tmp_path):
-    """--recompute (every block) and --recompute 1 (the first of the tiny preset's 2): the losses of a
-    run that keeps everything, fewer saved bytes, the partial run in between."""
+    """--recompute (every block), --recompute 1 (the first of the tiny preset's 2) and --recompute-shared
+    beside it (the shared experts of the other block too): the losses of a run that keeps everything,
+    fewer saved bytes, the partial runs in between."""
     plain = _run(tmp_path, "plain")
     _close(_run(tmp_path, "recompute", "--recompute"), plain)
     _close(_run(tmp_path, "half", "--recompute", "1"), plain)
-    summaries = {
-        n: json.loads((tmp_path / f"{n}.json").read_text())["summary"] for n in ("plain", "recompute", "half")
-    }
+    _close(_run(tmp_path, "shared", "--recompute", "1", "--recompute-shared"), plain)
+    names = ("plain", "half", "shared", "recompute")
+    summaries = {n: json.loads((tmp_path / f"{n}.json").read_text())["summary"] for n in names}
     saved = {n: s["saved_bytes_per_moe_layer"] for n, s in summaries.items()}
     assert saved["recompute"] < saved["plain"] / 2, saved
     assert saved["half"] == (saved["plain"] + saved["recompute"]) // 2, saved
-    assert [summaries[n]["recompute_blocks"] for n in ("plain", "half", "recompute")] == [0, 1, 2]
+    assert saved["recompute"] < saved["shared"] < saved["half"], saved
+    assert [summaries[n]["recompute_blocks"] for n in names] == [0, 1, 1, 2]
+    assert [summaries[n]["recompute_shared_blocks"] for n in names] == [0, 1, 2, 2]
 
 
 def test_recompute_refuses_more_blocks_than_the_model_has():

@@ -1,6 +1,7 @@
 """MoELayer / fused_moe: semantics, EP sharding on simulated ranks, and argument errors."""
 
 import copy
+import math
 import os
 import subprocess
 import sys
@@ -258,11 +259,14 @@ def test_shared_experts_are_added():
 
 @pytest.mark.parametrize("backend", available_backends())
 def test_recompute_keeps_no_shared_expert_activations_and_same_gradients(backend):
-    """recompute_activations=True also recomputes the shared experts: no [T, S*F] or [T, S*I] tensor is
-    saved for backward, and the output and every gradient are bit-identical to keeping them."""
+    """recompute_activations=True recomputes the routed and the shared experts, "routed" / "shared" only
+    those: the wide [T, S*F] / [T, S*I] shared tensors are saved exactly where the shared experts keep
+    theirs, what each choice drops adds up to what True drops, and the output and every gradient are
+    bit-identical to keeping everything."""
     T, D, F_, S = 7, 8, 12, 2
+    modes = (False, True, "routed", "shared")
     results, shapes = [], []
-    for recompute in (False, True):
+    for recompute in modes:
         torch.manual_seed(0)
         layer = MoELayer(
             D, F_, 4, 2, num_shared_experts=S, recompute_activations=recompute, backend=backend, device=DEV
@@ -280,9 +284,13 @@ def test_recompute_keeps_no_shared_expert_activations_and_same_gradients(backend
         results.append([out.detach(), x.grad, *(p.grad for p in layer.parameters())])
         shapes.append(saved)
     wide = {(T, S * F_), (T, S * F_ // 2)}
-    assert wide & set(shapes[0]) and not wide & set(shapes[1])
-    for a, b in zip(*results, strict=True):
-        assert torch.equal(a, b)
+    assert [bool(wide & set(s)) for s in shapes] == [True, False, True, False]
+    elems = {m: sum(math.prod(shape) for shape in s) for m, s in zip(modes, shapes, strict=True)}
+    assert elems[False] > elems["routed"] > elems[True] and elems[False] > elems["shared"] > elems[True]
+    assert elems[False] - elems["routed"] + elems[False] - elems["shared"] == elems[False] - elems[True]
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert torch.equal(a, b)
 
 
 def test_losses_are_weighted_and_backprop():
