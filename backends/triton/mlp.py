@@ -54,6 +54,21 @@ def _act_bwd(
     return grad_h_RF, a_RI
 
 
+def _up_fake(x_RD, w_up_FD):
+    return x_RD.new_empty((x_RD.shape[0], w_up_FD.shape[0]))
+
+
+def _up_flops(x_RD, w_up_FD):
+    return 2 * x_RD[0] * x_RD[1] * w_up_FD[0]
+
+
+@custom_op("mlp_up_recompute", _up_fake, flops=_up_flops)
+def _up_recompute(x_RD: torch.Tensor, w_up_FD: torch.Tensor) -> torch.Tensor:
+    """``h = x @ w_up.T`` again in backward. An op of its own so that torch.compile keeps the recompute:
+    as the forward's own ``mm``, the partitioner would merge the two and might save ``h`` after all."""
+    return x_RD @ w_up_FD.t()
+
+
 class _MLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_RD, w_up_FD, w_down_DI, activation, recompute):
@@ -68,7 +83,7 @@ class _MLP(torch.autograd.Function):
         check_first_order("the triton backend's shared-expert MLP")
         h_kept, x_RD, w_up_FD, w_down_DI = saved_for_backward(ctx)
         recomputed = h_kept.dim() != 2
-        h_RF = x_RD @ w_up_FD.t() if recomputed else h_kept  # the forward's own GEMM: the same h
+        h_RF = _up_recompute(x_RD, w_up_FD) if recomputed else h_kept  # the forward's GEMM: the same h
         # Eager: grad_h over h (kept: autograd is told, as in the routed experts' backward); an op's
         # output may not alias its input, so not while compiling.
         in_place = not as_op()

@@ -52,6 +52,40 @@ def test_triton_expert_ops_pass_opcheck():
             _check(ops.moe_down_bwd.default, args)
 
 
+def test_shared_mlp_recompute_survives_the_compile_partitioner():
+    """torch.compile's min-cut partitioner (torch's default budget: it saves what it may) keeps the
+    shared MLP's recompute: no [R, F] tensor among the forward's outputs for backward, where without
+    recompute it saves h. (Its recompute GEMM is an op of its own: as a plain mm the partitioner merged
+    it with the forward's and saved h.)"""
+    from torch._functorch import config
+    from torch._functorch.aot_autograd import aot_function
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    from flashfusemoe.backends.triton.mlp import expert_mlp
+
+    _check(ops.mlp_up_recompute.default, (torch.randn(T, D, device=DEV), torch.randn(F, D, device=DEV)))
+    saved = {}
+
+    def forward_outputs(recompute):
+        def fw(gm, _):
+            (outs,) = [n.args[0] for n in gm.graph.nodes if n.op == "output"]
+            saved[recompute] = [tuple(n.meta["val"].shape) for n in outs]
+            return gm
+
+        return fw
+
+    for recompute in (False, True):
+        leaves = [torch.randn(*s, device=DEV, requires_grad=True) for s in ((T, D), (F, D), (D, I))]
+        f = aot_function(
+            lambda x, up, down, r=recompute: expert_mlp(x, up, down, "swiglu", r),
+            fw_compiler=forward_outputs(recompute), bw_compiler=lambda gm, _: gm,
+            partition_fn=min_cut_rematerialization_partition,
+        )  # fmt: skip
+        with config.patch(activation_memory_budget=1.0):
+            f(*leaves).sum().backward()
+    assert (T, F) in saved[False] and (T, F) not in saved[True], saved
+
+
 @pytest.mark.parametrize("with_grads", [(True, True, True), (True, False, False), (False, True, True)])
 def test_triton_router_ops_pass_opcheck(with_grads):
     logits = torch.randn(T, E, device=DEV)
