@@ -408,6 +408,12 @@ def train(args) -> dict:
             # CUDA graphs: without them the host launches slower than the GPU runs (seed-1b, H200: 87 ms
             # a step vs 60). EP stays eager-launched: the all-to-all's splits come through the host.
             mode = "reduce-overhead"
+        if args.step_in_backward and mode == "reduce-overhead":
+            raise SystemExit(
+                "--step-in-backward under block-by-block CUDA graphs (reduce-overhead) is untested: its "
+                "updates would read gradients in cudagraph trees' memory from another stream; use "
+                "--cuda-graph"
+            )
         # The partitioner then also recomputes pointwise ops (norms, activations) it would save:
         # seed-1b, H200: -0.6 GB at the same step time (docs/benchmarks.md)
         budget = _MEMORY_BUDGET if args.memory_budget is None else args.memory_budget

@@ -72,11 +72,14 @@ def test_triton_adamw_another_attention_kernel_and_loss_chunk_train_alike(tmp_pa
     _close(_run(tmp_path, "triton", *flags), _run(tmp_path, "torch"))
 
 
-def test_step_in_backward_refuses_torch_adamw():
+def test_step_in_backward_refuses_torch_adamw_and_block_graphs():
     from integration.full_integration import parse_args, train
 
     with pytest.raises(SystemExit, match="--step-in-backward updates each parameter as backward"):
         train(parse_args(["--device", "cpu", "--step-in-backward"]))
+    argv = ["--device", "cpu", "--optimizer", "triton", "--step-in-backward", "--compile"]
+    with pytest.raises(SystemExit, match="--step-in-backward under block-by-block CUDA graphs"):
+        train(parse_args([*argv, "--compile-mode", "reduce-overhead"]))
 
 
 @pytest.mark.gpu
