@@ -23,6 +23,7 @@ side stream. The result is the same step, bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -188,20 +189,20 @@ class AdamW(torch.optim.AdamW):
         group = self.param_groups[i]
         state = self._state_of(p, group)
         hp = self._hyperparameters_on(i, group, p.device) if group["capturable"] else None
-        if p.is_cuda:  # after what produced the gradient (the current stream), beside what follows it
-            side = self._side.get(p.device)
-            if side is None:
-                side = self._side[p.device] = torch.cuda.Stream(p.device)
-            side.wait_stream(torch.cuda.current_stream(p.device))
-            with torch.cuda.stream(side):
-                if group["capturable"]:
-                    state["step"].add_(1)
-                self._launch(p, state, group, hp)
-        else:
+        with torch.cuda.stream(self._side_after_current(p.device)) if p.is_cuda else contextlib.nullcontext():
             if group["capturable"]:
                 state["step"].add_(1)
             self._launch(p, state, group, hp)
         self._updated.add(id(p))
+
+    def _side_after_current(self, device: torch.device) -> torch.cuda.Stream:
+        """``device``'s side stream, ordered after what the current stream has queued (what produced
+        the gradient), beside what it queues next."""
+        side = self._side.get(device)
+        if side is None:
+            side = self._side[device] = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        return side
 
     def _state_of(self, p: torch.Tensor, group: dict) -> dict:
         """``p``'s state, created at its first step, checked, its step count where ``group`` keeps it (a
