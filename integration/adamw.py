@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from flashfusemoe.backends.triton.launch import cdiv, fast_launch
+from flashfusemoe.spec import check_bool
 
 __all__ = ["AdamW"]
 
@@ -148,7 +149,7 @@ class AdamW(torch.optim.AdamW):
         self._device_hp: dict[tuple[int, torch.device], tuple[tuple, torch.Tensor]] = {}
         self._side: dict[torch.device, torch.cuda.Stream] = {}  # step_in_backward's stream per device
         self._updated: set[int] = set()  # ids of the parameters a hook updated since the last step()
-        if step_in_backward:
+        if check_bool("step_in_backward", step_in_backward):
             for i, group in enumerate(self.param_groups):
                 for p in group["params"]:
                     p.register_post_accumulate_grad_hook(functools.partial(self._update_in_backward, i))

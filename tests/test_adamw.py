@@ -254,6 +254,8 @@ def test_triton_adamw_step_in_backward_is_the_step_after_backward(capturable):
 
 
 def test_triton_adamw_step_in_backward_refuses_a_second_backward_before_step():
+    with pytest.raises(TypeError, match="step_in_backward='yes' must be a bool"):
+        AdamW(_model().parameters(), step_in_backward="yes")
     m = _model()
     opt = AdamW(m.parameters(), step_in_backward=True)
     x = torch.randn(2, 5, device=_DEVICE)
