@@ -101,7 +101,11 @@ class Attention(nn.Module):
     def forward(self, x_BSD: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         B, S, D = x_BSD.shape
         q, k, v = self.qkv(x_BSD).view(B, S, 3, self.heads, D // self.heads).unbind(2)
-        q, k, v = (t.transpose(1, 2) for t in (_rope(q, rope), _rope(k, rope), v))  # [B, H, S, d]
+        # One new [B, S, 3, H, d] tensor holds the rotated q, k and v too: SDPA keeps all three for
+        # backward, and a v viewed in the projection's output would keep that whole [B, S, 3D] alive
+        # beside the rotated copies (seed-1b: 2 [T, D] bf16 more a block, 0.6 GB at the peak).
+        qkv_BS3Hd = torch.stack([_rope(q, rope), _rope(k, rope), v], dim=2)
+        q, k, v = (t.transpose(1, 2) for t in qkv_BS3Hd.unbind(2))  # [B, H, S, d]
         with sdpa_kernel(self.sdpa, set_priority=True):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.out(y.transpose(1, 2).reshape(B, S, D))
