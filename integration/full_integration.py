@@ -52,6 +52,7 @@ from integration.adamw import AdamW  # noqa: E402
 from integration.graphed_step import GraphedStep  # noqa: E402
 from integration.lm_loss import CHUNK as LOSS_CHUNK  # noqa: E402
 from integration.lm_loss import lm_head_cross_entropy  # noqa: E402
+from integration.rope import rope_qkv, rope_table  # noqa: E402
 
 _MEMORY_BUDGET = 0.95  # --compile's default activation memory budget
 _ALL = -1  # --recompute without a number: every block
@@ -69,22 +70,6 @@ PRESETS = {
 }  # fmt: skip
 
 
-def rope_table(S: int, d: int) -> torch.Tensor:
-    """``[2, S, 1, d/2]``: cos and sin of the rotary angles, position x frequency (fp32)."""
-    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
-    ang_Sd = torch.outer(torch.arange(S, dtype=torch.float32), inv)
-    return torch.stack([ang_Sd.cos(), ang_Sd.sin()])[:, :, None, :]
-
-
-def _rope(x_BSHd: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding over the last dim (pairs of halves); ``table`` from :func:`rope_table`.
-    In ``[B, S, H, d]`` layout, before the heads move forward: the pass reads whole rows."""
-    S, d = x_BSHd.shape[1], x_BSHd.shape[-1]
-    cos, sin = table[0, :S], table[1, :S]
-    a, b = x_BSHd[..., : d // 2], x_BSHd[..., d // 2 :]
-    return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
-
-
 def sdpa_order(first: str) -> list[SDPBackend]:
     """The SDPA backends by priority, ``first`` (a key of ``_SDPA_FIRST``) leading."""
     head = _SDPA_FIRST[first]
@@ -100,12 +85,10 @@ class Attention(nn.Module):
 
     def forward(self, x_BSD: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         B, S, D = x_BSD.shape
-        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.heads, D // self.heads).unbind(2)
-        # One new [B, S, 3, H, d] tensor holds the rotated q, k and v too: SDPA keeps all three for
-        # backward, and a v viewed in the projection's output would keep that whole [B, S, 3D] alive
-        # beside the rotated copies (seed-1b: 2 [T, D] bf16 more a block, 0.6 GB at the peak).
-        qkv_BS3Hd = torch.stack([_rope(q, rope), _rope(k, rope), v], dim=2)
-        q, k, v = (t.transpose(1, 2) for t in qkv_BS3Hd.unbind(2))  # [B, H, S, d]
+        # new q, k, v tensors: SDPA keeps all three for backward, and a v viewed in the projection's
+        # output would keep that whole [B, S, 3D] alive (seed-1b: 2 [T, D] bf16 more a block, 0.6 GB)
+        qkv = rope_qkv(self.qkv(x_BSD).view(B, S, 3, self.heads, D // self.heads), rope)
+        q, k, v = (t.transpose(1, 2) for t in qkv)  # [B, H, S, d]
         with sdpa_kernel(self.sdpa, set_priority=True):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.out(y.transpose(1, 2).reshape(B, S, D))

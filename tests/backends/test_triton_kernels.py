@@ -66,7 +66,7 @@ def test_triton_gather_is_bit_exact_and_combine_matches(p, drop_frac):
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("N, I", [(1, 1), (13, 7), (40, 150)])
+@pytest.mark.parametrize("N, I", [(1, 1), (13, 7), (40, 150), (5, 2100)])
 def test_triton_activation_forward_backward(activation, N, I):
     F_ = 2 * I if is_glu(activation) else I
     h = torch.randn(N, F_, device=DEV, requires_grad=True)
