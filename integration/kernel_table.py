@@ -1,5 +1,5 @@
-"""GPU kernel time of profiled steps by category (MoE kernels, grouped GEMMs, attention, dense GEMMs,
-compiler-fused elementwise, optimizer) and by kernel, for ``full_integration.py --profile``.
+"""GPU kernel time of profiled steps by category (MoE kernels, grouped GEMMs, attention, RoPE, dense
+GEMMs, compiler-fused elementwise, optimizer) and by kernel, for ``full_integration.py --profile``.
 
 ``kernel_table(prof, steps)`` -> printable text; ``categorize(name)`` -> the category of one kernel;
 ``short_name(name, width)`` -> a kernel's name as the tables print it.
@@ -16,6 +16,7 @@ _RULES = (  # (category, substrings of the kernel name); first match wins
     ("attention (SDPA)", ("flash", "fmha", "attention", "cudnn")),
     ("MoE grouped GEMM (CUTLASS)", ("grouped", "groupproblem", "ptrarray")),
     ("ATen elementwise (eager)", ("at::native",)),
+    ("rotary embedding (ours)", ("_rope_kernel",)),  # integration/rope.py
     ("MoE Triton kernels (ours)", ("_kernel",)),
     ("compiler-fused elementwise/reductions", ("triton_",)),
     ("dense GEMM (cuBLAS)", ("gemm", "nvjet", "xmma", "cutlass", "sm90")),

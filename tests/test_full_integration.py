@@ -152,6 +152,7 @@ def test_kernel_table_categories_and_busy_time():
     assert _gaps(kernels, 2) == [(60, "e", "f"), (8, "b", "c")]  # b ends the first busy stretch
     assert _gaps(kernels, 5)[-1] == (1, "c", "e")
     assert categorize("_tma_mm_kernel") == "MoE Triton kernels (ours)"
+    assert categorize("_rope_kernel") == "rotary embedding (ours)"
     assert categorize("void at::native::vectorized_elementwise_kernel<4>") == "ATen elementwise (eager)"
     assert categorize("triton_poi_fused_add_0") == "compiler-fused elementwise/reductions"
     assert categorize("nvjet_sm90_tst_256x128") == "dense GEMM (cuBLAS)"
