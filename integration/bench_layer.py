@@ -382,7 +382,7 @@ def emit(
             json.dump(payload, f, indent=1)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--shapes", default="seed,fine,mixtral")
     p.add_argument("--skip-reference", action="store_true", help="skip the (slow) torch reference")
@@ -396,7 +396,7 @@ def main() -> None:
         help="only run each chosen variant's forward+backward once per shape (compiles and tunes its "
         "kernels: SonicMoE's first call takes minutes) and exit",
     )
-    args = p.parse_args()
+    args = p.parse_args(argv)
     known = [*variants(SHAPES["seed"]), SONIC]
     unknown = [v for v in (args.variants or "").split(",") if v and v not in known]
     if unknown:

@@ -1,5 +1,7 @@
 """The benchmark's table (integration/bench_layer.py runs only on a GPU; its rendering runs anywhere)."""
 
+import pytest
+
 from integration.bench_layer import render
 
 
@@ -60,18 +62,17 @@ def test_emit_rewrites_only_its_block_of_a_shared_page(tmp_path, capsys):
     assert "| all |" in capsys.readouterr().out
 
 
-def test_bench_layer_refuses_unknown_variants_and_shapes():
-    import subprocess
-    import sys
-    from pathlib import Path
+def test_bench_layer_refuses_unknown_variants_and_shapes(capsys):
+    from integration.bench_layer import main
 
-    script = Path(__file__).resolve().parents[1] / "integration" / "bench_layer.py"
     for flags, name in (
         (["--variants", "ours,bogus"], "--variants"),
         (["--shapes", "seed,huge"], "--shapes"),
     ):
-        proc = subprocess.run([sys.executable, str(script), *flags], capture_output=True, text=True)
-        assert proc.returncode == 2 and name in proc.stderr and "unknown" in proc.stderr, proc.stderr
+        with pytest.raises(SystemExit) as exit_:
+            main(flags)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and name in err and "unknown" in err, err
 
 
 def test_bench_numerics_column_helpers_on_cpu():

@@ -230,9 +230,9 @@ def test_fake_ep_layer_on_the_triton_backend():
     """The interpreter runs one rank at a time (FakeWorld serializes ranks): no thread races."""
     from tests.strategies import Problem
 
-    for seed in range(3):
+    for seed in range(2):  # with and without the sync-free dispatch
         p = Problem(T=13, D=6, E=8, K=3, I=4, W=4, skew="few_experts", seed=seed)
-        check_ep_layer_equals_unsharded(p, backend="triton", sync_free=seed == 2)
+        check_ep_layer_equals_unsharded(p, backend="triton", sync_free=seed == 1)
 
 
 @given(problems(max_world=1, allow_empty=False), st.sampled_from(["softmax", "sigmoid"]), st.booleans())
@@ -472,11 +472,13 @@ def test_main_job_runs_and_checks():
         (["--activation", "tanh"], "argument --activation: invalid choice"),
     ],
 )
-def test_main_job_refuses_bad_options(flags, message):
-    proc = subprocess.run(
-        [sys.executable, "-m", "flashfusemoe", *flags], capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+def test_main_job_refuses_bad_options(flags, message, capsys):
+    from flashfusemoe.__main__ import main  # in process: `python -m flashfusemoe` runs in the test above
+
+    with pytest.raises(SystemExit) as exit_:
+        main(flags)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err, err
 
 
 def test_main_job_check_fails_on_a_wrong_gradient(monkeypatch, capsys):
