@@ -72,6 +72,12 @@ def test_triton_adamw_another_attention_kernel_and_loss_chunk_train_alike(tmp_pa
     _close(_run(tmp_path, "triton", *flags), _run(tmp_path, "torch"))
 
 
+def test_fused_norm_trains_alike(tmp_path):
+    """--fused-norm (integration/norm.py's Triton backward, the interpreter here) gives the losses of
+    nn.RMSNorm after each add (compiled: the EP test below)."""
+    _close(_run(tmp_path, "fused", "--fused-norm"), _run(tmp_path, "plain"))
+
+
 def test_step_in_backward_refuses_torch_adamw_and_block_graphs():
     from integration.full_integration import parse_args, train
 
@@ -152,7 +158,7 @@ def test_kernel_table_categories_and_busy_time():
     assert _gaps(kernels, 2) == [(60, "e", "f"), (8, "b", "c")]  # b ends the first busy stretch
     assert _gaps(kernels, 5)[-1] == (1, "c", "e")
     assert categorize("_tma_mm_kernel") == "MoE Triton kernels (ours)"
-    assert categorize("_rope_kernel") == "rotary embedding (ours)"
+    assert categorize("_rope_kernel") == categorize("_norm_bwd_kernel") == "RoPE and norm kernels (ours)"
     assert categorize("void at::native::vectorized_elementwise_kernel<4>") == "ATen elementwise (eager)"
     assert categorize("triton_poi_fused_add_0") == "compiler-fused elementwise/reductions"
     assert categorize("nvjet_sm90_tst_256x128") == "dense GEMM (cuBLAS)"
@@ -173,9 +179,11 @@ def test_ep2_under_torchrun_equals_one_process(tmp_path):
 
 def test_ep2_compiled_under_torchrun_equals_one_process(tmp_path):
     """--compile (block by block, triton on the CPU interpreter) under EP: compiled blocks around the
-    communicator's eager dispatch and combine train like one eager process."""
+    communicator's eager dispatch and combine, with --fused-norm's op inside them, train like one
+    eager process with nn.RMSNorm."""
     flags = ("--backend", "triton", "--steps", "3")
-    _close(_run(tmp_path, "ep2c", *flags, "--compile", ep=2), _run(tmp_path, "ep1e", *flags))
+    ep2 = _run(tmp_path, "ep2c", *flags, "--compile", "--fused-norm", ep=2)
+    _close(ep2, _run(tmp_path, "ep1e", *flags))
 
 
 @pytest.mark.parametrize("save_ep, resume_ep", [(2, 1), (1, 2), (4, 2)])
