@@ -22,7 +22,9 @@ none of the shared experts' in every block; the loss never holds all
 ``[tokens, vocab]`` logits (``integration/lm_loss.py``); AdamW is one Triton kernel per parameter tensor
 on a GPU (``integration/adamw.py``; ``--optimizer torch``: torch's fused one; ``--step-in-backward``:
 each tensor's update overlaps the rest of the backward); attention tries cuDNN's
-kernel first (``--sdpa flash``: flash's). ``--cuda-graph`` (one GPU) replays the whole step, optimizer
+kernel first (``--sdpa flash``: flash's), after RoPE's Triton kernels (``integration/rope.py``);
+``--fused-norm`` makes each residual add and the RMSNorm after it one op with a one-pass Triton
+backward (``integration/norm.py``). ``--cuda-graph`` (one GPU) replays the whole step, optimizer
 included, as one CUDA graph after two eager steps (``integration/graphed_step.py``).
 
 Legend: B sequences, S sequence length, D model dim, L layers, E experts, W EP world size.
