@@ -106,9 +106,11 @@ def _bwd(
     return dx_TD, dw_D
 
 
-def _rstd(h_TD: torch.Tensor, eps: float) -> torch.Tensor:
-    """``[T]`` fp32 ``rsqrt(mean(h^2) + eps)`` per row."""
-    return torch.rsqrt(h_TD.float().pow(2).mean(-1) + eps)
+def _forward(x_TD, r_TD, w_D, eps):
+    """``(h, rstd [T] fp32, y)``: the formula, in torch ops."""
+    h_TD = x_TD + r_TD if r_TD is not None else x_TD
+    rstd_T = torch.rsqrt(h_TD.float().pow(2).mean(-1) + eps)
+    return h_TD, rstd_T, (h_TD.float() * rstd_T[:, None] * w_D.float()).to(h_TD.dtype)
 
 
 class _AddRMSNorm(torch.autograd.Function):
@@ -117,10 +119,8 @@ class _AddRMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_TD, r_TD, w_D, eps):
-        h_TD = x_TD + r_TD if r_TD is not None else x_TD
-        rstd_T = _rstd(h_TD, eps)
-        y_TD = (h_TD.float() * rstd_T[:, None] * w_D.float()).to(h_TD.dtype)
-        ctx.save_for_backward(h_TD, rstd_T, w_D)
+        h_TD, rstd_T, y_TD = _forward(x_TD, r_TD, w_D, eps)
+        ctx.save_for_backward(h_TD.contiguous(), rstd_T, w_D)  # the kernel reads rows D apart
         ctx.has_r = r_TD is not None
         return (h_TD, y_TD) if ctx.has_r else y_TD
 
@@ -130,11 +130,6 @@ class _AddRMSNorm(torch.autograd.Function):
         dh_TD, dy_TD = grads if ctx.has_r else (None, grads[0])
         dx_TD, dw_D = _bwd(dy_TD, h_TD, rstd_T, w_D, dh_TD)
         return dx_TD, (dx_TD if ctx.has_r else None), dw_D, None
-
-
-def _reference(x_TD, r_TD, w_D, eps):
-    h_TD = x_TD + r_TD if r_TD is not None else x_TD
-    return h_TD, (h_TD.float() * _rstd(h_TD, eps)[:, None] * w_D.float()).to(h_TD.dtype)
 
 
 def add_rms_norm(
@@ -165,7 +160,7 @@ def add_rms_norm(
         )
     x_TD, r_TD = x.reshape(-1, D), r.reshape(-1, D) if r is not None else None
     if not kernel:
-        h_TD, y_TD = _reference(x_TD, r_TD, weight, eps)
+        h_TD, _, y_TD = _forward(x_TD, r_TD, weight, eps)
     elif r is None:
         h_TD, y_TD = x_TD, _AddRMSNorm.apply(x_TD, None, weight, eps)
     else:

@@ -38,7 +38,7 @@ def test_add_rms_norm_kernel_matches_autograd_of_the_formula(T, D, with_r):
     assert all(torch.equal(t.detach(), b) for t, b in zip((x, r, w), before, strict=True))
 
 
-def test_add_rms_norm_without_a_residual_gradient_and_empty_rows():
+def test_add_rms_norm_without_a_residual_gradient_a_strided_x_and_empty_rows():
     x = torch.randn(5, 6, device=_DEVICE, requires_grad=True)
     r = torch.randn(5, 6, device=_DEVICE, requires_grad=True)
     w = torch.randn(6, device=_DEVICE, requires_grad=True)
@@ -46,6 +46,11 @@ def test_add_rms_norm_without_a_residual_gradient_and_empty_rows():
     _, y = add_rms_norm(x, r, w, kernel=True)  # h unused: its gradient comes as zeros
     _, y_ref = add_rms_norm(x, r, w, kernel=False)
     for a, b in zip(_grads(y, (x, r, w), cot), _grads(y_ref, (x, r, w), cot), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    wide = torch.randn(5, 12, device=_DEVICE, requires_grad=True)  # rows 12 apart: a strided x
+    _, yk = add_rms_norm(wide[:, :6], None, w, kernel=True)
+    _, yr = add_rms_norm(wide[:, :6], None, w, kernel=False)
+    for a, b in zip(_grads(yk, (wide, w), cot), _grads(yr, (wide, w), cot), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     e = torch.zeros(0, 6, device=_DEVICE, requires_grad=True)
     h, y = add_rms_norm(e, e.detach(), w, kernel=True)
