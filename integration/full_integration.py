@@ -22,10 +22,9 @@ none of the shared experts' in every block; the loss never holds all
 ``[tokens, vocab]`` logits (``integration/lm_loss.py``); AdamW is one Triton kernel per parameter tensor
 on a GPU (``integration/adamw.py``; ``--optimizer torch``: torch's fused one; ``--step-in-backward``:
 each tensor's update overlaps the rest of the backward); attention tries cuDNN's
-kernel first (``--sdpa flash``: flash's), after RoPE's Triton kernels (``integration/rope.py``);
-``--fused-norm`` makes each residual add and the RMSNorm after it one op with a one-pass Triton
-backward (``integration/norm.py``). ``--cuda-graph`` (one GPU) replays the whole step, optimizer
-included, as one CUDA graph after two eager steps (``integration/graphed_step.py``).
+kernel first (``--sdpa flash``: flash's), after RoPE's Triton kernels (``integration/rope.py``).
+``--cuda-graph`` (one GPU) replays the whole step, optimizer included, as one CUDA graph after two
+eager steps (``integration/graphed_step.py``).
 
 Legend: B sequences, S sequence length, D model dim, L layers, E experts, W EP world size.
 """
@@ -54,7 +53,6 @@ from integration.adamw import AdamW  # noqa: E402
 from integration.graphed_step import GraphedStep  # noqa: E402
 from integration.lm_loss import CHUNK as LOSS_CHUNK  # noqa: E402
 from integration.lm_loss import lm_head_cross_entropy  # noqa: E402
-from integration.norm import add_rms_norm  # noqa: E402
 from integration.rope import rope_qkv, rope_table  # noqa: E402
 
 _MEMORY_BUDGET = 0.95  # --compile's default activation memory budget
@@ -97,36 +95,20 @@ class Attention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(B, S, D))
 
 
-def add_norm(
-    x_BSD: torch.Tensor, r_BSD: torch.Tensor | None, norm: nn.RMSNorm, fused: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(h, norm(h))`` with ``h = x + r`` (x without r); ``fused``: one Triton pass in backward for
-    both (``integration/norm.py``), else ``nn.RMSNorm`` after the add."""
-    if fused:
-        return add_rms_norm(x_BSD, r_BSD, norm.weight, norm.eps)
-    h_BSD = x_BSD if r_BSD is None else x_BSD + r_BSD
-    return h_BSD, norm(h_BSD)
-
-
 class Block(nn.Module):
     def __init__(self, cfg: dict, moe_kw: dict) -> None:
         super().__init__()
         D = cfg["d_model"]
         self.norm1, self.norm2 = nn.RMSNorm(D), nn.RMSNorm(D)
-        self.fused_norm = cfg.get("fused_norm", False)
         self.attn = Attention(D, cfg["heads"], cfg["sdpa"])
         self.moe = MoELayer(
             D, cfg["ffn_dim"], cfg["experts"], cfg["top_k"], num_shared_experts=cfg["shared"], **moe_kw
         )
 
-    def forward(self, x_BSD: torch.Tensor, r_BSD: torch.Tensor | None, rope: torch.Tensor):
-        """The residual stream enters as ``x + r`` (``r``: the previous block's MoE output, None in
-        the first block) and leaves as ``(h, y, losses)``: each residual add sits before the norm
-        that reads it, so the two can be one op."""
-        h_BSD, n_BSD = add_norm(x_BSD, r_BSD, self.norm1, self.fused_norm)
-        h_BSD, n_BSD = add_norm(h_BSD, self.attn(n_BSD, rope), self.norm2, self.fused_norm)
-        y_BSD, losses = self.moe(n_BSD)
-        return h_BSD, y_BSD, losses
+    def forward(self, x_BSD: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        x_BSD = x_BSD + self.attn(self.norm1(x_BSD), rope)
+        y_BSD, losses = self.moe(self.norm2(x_BSD))
+        return x_BSD + y_BSD, losses
 
 
 class MoELM(nn.Module):
@@ -161,17 +143,17 @@ class MoELM(nn.Module):
         return [b.moe for b in self.blocks]
 
     def forward(self, ids_BS: torch.Tensor):
-        x, r = self.embed(ids_BS[:, :-1]), None
+        x = self.embed(ids_BS[:, :-1])
         aux = x.new_zeros((), dtype=torch.float32)
         counts = []
         for block in self.blocks:
-            x, r, losses = block(x, r, self.rope)
+            x, losses = block(x, self.rope)
             aux = aux + losses["aux_loss"] + losses["z_loss"]
             counts.append(losses["tokens_per_expert"])
-        _, n = add_norm(x, r, self.norm, self.blocks[0].fused_norm)
         # fp32 logits chunk by chunk, never all [B*S, vocab] of them (integration/lm_loss.py)
-        targets = ids_BS[:, 1:].flatten()
-        ce = lm_head_cross_entropy(n.flatten(0, 1), self.head.weight, targets, self.loss_chunk)
+        ce = lm_head_cross_entropy(
+            self.norm(x).flatten(0, 1), self.head.weight, ids_BS[:, 1:].flatten(), self.loss_chunk
+        )
         return ce, aux, torch.stack(counts)
 
 
@@ -363,7 +345,7 @@ def train(args) -> dict:
     for key in ("steps", "batch", "seq", "layers"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
-    cfg["sdpa"], cfg["loss_chunk"], cfg["fused_norm"] = args.sdpa, args.loss_chunk, args.fused_norm
+    cfg["sdpa"], cfg["loss_chunk"] = args.sdpa, args.loss_chunk
     recompute = cfg["layers"] if args.recompute == _ALL else args.recompute
     if not 0 <= recompute <= cfg["layers"]:
         raise SystemExit(f"--recompute {args.recompute}: a number of blocks in [0, {cfg['layers']}]")
@@ -608,11 +590,6 @@ def parse_args(argv: list[str] | None = None):
         "--recompute-shared", action="store_true",
         help="the shared experts of every block recompute their activations in backward (with "
         "--recompute N: those of the other blocks too)",
-    )  # fmt: skip
-    p.add_argument(
-        "--fused-norm", action="store_true",
-        help="each residual add and the RMSNorm after it in one op with a Triton backward "
-        "(integration/norm.py; a GPU, else the same formula through autograd)",
     )  # fmt: skip
     p.add_argument(
         "--memory-budget", type=float, default=None,

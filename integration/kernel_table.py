@@ -16,8 +16,7 @@ _RULES = (  # (category, substrings of the kernel name); first match wins
     ("attention (SDPA)", ("flash", "fmha", "attention", "cudnn")),
     ("MoE grouped GEMM (CUTLASS)", ("grouped", "groupproblem", "ptrarray")),
     ("ATen elementwise (eager)", ("at::native",)),
-    # the LM example's own (integration/rope.py, integration/norm.py)
-    ("RoPE and norm kernels (ours)", ("_rope_kernel", "_norm_bwd_kernel", "_sum_rows_kernel")),
+    ("rotary embedding (ours)", ("_rope_kernel",)),  # integration/rope.py
     ("MoE Triton kernels (ours)", ("_kernel",)),
     ("compiler-fused elementwise/reductions", ("triton_",)),
     ("dense GEMM (cuBLAS)", ("gemm", "nvjet", "xmma", "cutlass", "sm90")),
