@@ -81,7 +81,7 @@ def test_compiled_blocks_give_eager_gradients():
 
     from integration.full_integration import PRESETS, MoELM
 
-    cfg = dict(PRESETS["tiny"], sdpa="cudnn", loss_chunk=2048)
+    cfg = dict(PRESETS["tiny"], sdpa="cudnn")
     torch.manual_seed(0)
     eager = MoELM(cfg, backend="triton").cuda()
     compiled = copy.deepcopy(eager)
