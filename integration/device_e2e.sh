@@ -3,7 +3,9 @@
 # (a call brings back only a few files).
 #   HF=1 (default): the HF GPU tests (and the CPU ones on this transformers) and bench_hf.
 #   SEED_RUNS (default "triton:eager torch:eager triton:compile"): full_integration.py --preset seed-1b runs,
-#     each "backend:eager|compile[:flag+flag...]"; PROFILE=1 adds --profile to the compiled triton runs.
+#     each "backend:eager|compile[:flag+flag...[:VAR=value+VAR=value...]]" (the last field: environment
+#     variables of that run, e.g. inductor's TORCHINDUCTOR_*); PROFILE=1 adds --profile to the compiled
+#     triton runs. SEED_FLAGS: flags of every run (the base row's too).
 #   SEED_BASE: an older full_integration.py (e.g. in the carried .ab_base/) run compiled as an A/B row.
 #   SONIC_WARM: shapes at which SonicMoE's kernels compile in the background from the start (minutes).
 #   LAYER_PROFILE: shapes (space-separated) whose layer kernel profile (integration/profile_layer.py) is taken.
@@ -52,21 +54,23 @@ if [ -n "${E2E:-}" ]; then  # bench_e2e's table (backends x EP sizes this machin
   timeout ${E2E_TIMEOUT:-240} python3 -m integration.bench_e2e $E2E --write "$LOG/e2e.md" --json "$LOG/e2e.json" \
     2>&1 | tee "$LOG/e2e.log" | tail -12
 fi
-seed() {  # name script flags...
+seed() {  # name script flags... (environment: the array run_env)
   local name=$1 script=$2; shift 2
-  timeout ${SEED_TIMEOUT:-110} python3 "$script" --preset seed-1b --steps ${SEED_STEPS:-12} --quiet \
-    --metrics "$LOG/seed_$name.json" "$@" 2>&1 | tee "$LOG/seed_$name.log" | tail -${SEED_TAIL:-3}
+  timeout ${SEED_TIMEOUT:-110} env "${run_env[@]}" python3 "$script" --preset seed-1b --steps ${SEED_STEPS:-12} \
+    --quiet --metrics "$LOG/seed_$name.json" ${SEED_FLAGS:-} "$@" 2>&1 | tee "$LOG/seed_$name.log" | tail -${SEED_TAIL:-3}
 }
 for run in ${SEED_RUNS-triton:eager torch:eager triton:compile}; do
-  IFS=: read -r backend mode extra <<< "$run"
+  IFS=: read -r backend mode extra envs <<< "$run"
   IFS=+ read -ra extras <<< "$extra"
+  IFS=+ read -ra run_env <<< "$envs"
   flags=(--backend "$backend" "${extras[@]}")
-  name=${backend}_${mode}$(echo "$extra" | tr -c 'a-z0-9\n' _)
+  name=${backend}_${mode}$(echo "$extra$envs" | tr 'A-Z' 'a-z' | tr -c 'a-z0-9\n' _)
   if [ "$mode" = compile ]; then
     flags+=(--compile); [ "${PROFILE:-0}" = 1 ] && [ "$backend" = triton ] && flags+=(--profile "$LOG/profile_$name.md")
   fi
   seed "$name" integration/full_integration.py "${flags[@]}"
 done
+run_env=()
 [ -n "${SEED_BASE:-}" ] && seed base_compile "$SEED_BASE" --backend triton --compile
 [ -n "${WARM_PID:-}" ] && { wait "$WARM_PID"; tail -5 "$LOG/sonic_warm.log"; }
 if [ -n "${LAYER:-}" ]; then  # bench_layer (with the SonicMoE column where its wheel is carried), LAYER = flags

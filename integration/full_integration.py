@@ -11,20 +11,20 @@ and averages the dense gradients with OverlappedGradSync (expert gradients scale
 trains exactly like one process on the global batch; tested). Checkpoints gather the experts on save
 (one file, any EP size can resume it).
 
-At the end: p50 step time, tokens/s, peak memory, model TFLOP/s and MFU against a dense bf16 GEMM
-ceiling measured in the same run (GPU), and the bytes an MoE layer saves for backward (mean over the
-layers). ``--plot`` writes the loss curve and a tokens-per-expert heatmap (layer x expert), with
-matplotlib if installed; ``--profile FILE`` the GPU kernel time of 3 more steps by category and the
-longest GPU idle stretches. ``--compile`` compiles block by block (CUDA graphs on one GPU) under an
-activation memory budget (``--memory-budget``, 0.95); ``--recompute [N]`` keeps no expert activations
-for backward in every block (or in the first N: less memory, a few more GEMMs), ``--recompute-shared``
-none of the shared experts' in every block; the loss never holds all
-``[tokens, vocab]`` logits (``integration/lm_loss.py``); AdamW is one Triton kernel per parameter tensor
-on a GPU (``integration/adamw.py``; ``--optimizer torch``: torch's fused one; ``--step-in-backward``:
-each tensor's update overlaps the rest of the backward); attention tries cuDNN's
+At the end: p50 step time (CUDA-event times on a GPU, the host a step ahead), tokens/s, peak memory,
+model TFLOP/s and MFU against a dense bf16 GEMM ceiling measured in the same run (GPU), and the bytes an
+MoE layer saves for backward (mean over the layers). ``--plot`` writes the loss curve and a
+tokens-per-expert heatmap (layer x expert), with matplotlib if installed; ``--profile FILE`` the GPU
+kernel time of 3 more steps by category and the longest GPU idle stretches. ``--compile`` compiles block
+by block (CUDA graphs on one GPU) under an activation memory budget (``--memory-budget``, 0.95);
+``--recompute [N]`` keeps no expert activations for backward in every block (or in the first N: less
+memory, a few more GEMMs), ``--recompute-shared`` none of the shared experts' in every block; the loss
+never holds all ``[tokens, vocab]`` logits (``integration/lm_loss.py``); AdamW is one Triton kernel per
+parameter tensor on a GPU (``integration/adamw.py``; ``--optimizer torch``: torch's fused one;
+``--step-in-backward``: each tensor's update overlaps the rest of the backward); attention tries cuDNN's
 kernel first (``--sdpa flash``: flash's), after RoPE's Triton kernels (``integration/rope.py``).
-``--cuda-graph`` (one GPU) replays the whole step, optimizer included, as one CUDA graph after two
-eager steps (``integration/graphed_step.py``).
+``--cuda-graph`` (one GPU) replays the whole step, optimizer included, as one CUDA graph after two eager
+steps (``integration/graphed_step.py``).
 
 Legend: B sequences, S sequence length, D model dim, L layers, E experts, W EP world size.
 """
@@ -414,7 +414,7 @@ def train(args) -> dict:
         if cfg["vocab"] < 256 or data.numel() < cfg["seq"] + 2:
             raise SystemExit("--data needs vocab >= 256 (byte tokens) and a file longer than a sequence")
     per_rank = cfg["batch"] // W
-    losses, times, counts_LE = [], [], None
+    losses, counts_LE = [], None
     bar = _progress(cfg["steps"] - start, args.quiet or rank != 0)
 
     def step_on(ids: torch.Tensor, phases: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -451,29 +451,42 @@ def train(args) -> dict:
         ids = (host_ids(step) if ids is None else ids).to(device, non_blocking=True)
         return graphed(ids) if graphed is not None else step_on(ids, phases)
 
-    phases, step_peaks, next_ids = None, [], host_ids(start)
-    for step in range(start, cfg["steps"]):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            if step == cfg["steps"] - 1:  # the last step says where the peak falls (host-side counters)
-                phases = {}
-        t0 = time.perf_counter()
-        loss, counts = train_step(step, phases, next_ids)
-        # the next batch is built while the GPU runs this step (a data loader's prefetch), not after
-        next_ids = host_ids(step + 1) if step + 1 < cfg["steps"] else None
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            step_peaks.append(max([torch.cuda.max_memory_allocated() / 1e9, *(phases or {}).values()]))
-        times.append(time.perf_counter() - t0)
-        losses.append(loss.item())
-        counts_LE = counts.cpu() if counts_LE is None else counts_LE + counts.cpu()
+    # The host runs one step ahead of the GPU, as a training loop that logs asynchronously does: a
+    # step's loss is read once the next step is queued, and steps are timed on the GPU's timeline (CUDA
+    # events; a host that falls behind shows as idle time inside the steps).
+    phases, step_peaks, next_ids, marks, queued = None, [], host_ids(start), [_mark(device)], None
+
+    def record(done: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Read a finished step's (loss, counts): waits for that step only."""
+        nonlocal counts_LE
+        losses.append(done[0].item())
+        counts_LE = done[1].cpu() if counts_LE is None else counts_LE + done[1].cpu()
         bar.update(1)
         bar.set_postfix_str(f"loss {losses[-1]:.4f}")
+
+    loop_t0 = time.perf_counter()
+    for step in range(start, cfg["steps"]):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()  # the allocator's counters are host-side: no sync
+            if step == cfg["steps"] - 1:  # the last step says where the peak falls (host-side counters)
+                phases = {}
+        loss, counts = train_step(step, phases, next_ids)
+        outputs = (loss.clone(), counts.clone())  # a graphed step's next replay overwrites its own
+        marks.append(_mark(device))
+        if device.type == "cuda":
+            step_peaks.append(max([torch.cuda.max_memory_allocated() / 1e9, *(phases or {}).values()]))
+        # the next batch is built while the GPU runs this step (a data loader's prefetch), not after
+        next_ids = host_ids(step + 1) if step + 1 < cfg["steps"] else None
+        if queued is not None:
+            record(queued)
+        queued = outputs
+    if queued is not None:
+        record(queued)
+    times, loop_s = _elapsed_s(marks), time.perf_counter() - loop_t0
     bar.close()
     if args.save:
         save_checkpoint(Path(args.save), model, opt, cfg["steps"], W, rank)
-    summary = summarize(args, cfg, model, times, device, dtype, W, phases, step_peaks)
+    summary = summarize(args, cfg, model, times, device, dtype, W, phases, step_peaks, loop_s)
     if args.profile:
         _profile(args.profile, lambda i: train_step(cfg["steps"] + i), rank)
     if W > 1:
@@ -489,6 +502,24 @@ def train(args) -> dict:
         if args.plot and counts_LE is not None:
             _plot(args.plot, losses, counts_LE)
     return result
+
+
+def _mark(device: torch.device):
+    """A point on the timeline steps run on: a recorded CUDA event on a GPU, the host clock otherwise."""
+    if device.type != "cuda":
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def _elapsed_s(marks: list) -> list[float]:
+    """Seconds between consecutive ``_mark``s (waits for the last event)."""
+    pairs = zip(marks[:-1], marks[1:], strict=True)
+    if marks and isinstance(marks[0], torch.cuda.Event):
+        marks[-1].synchronize()
+        return [a.elapsed_time(b) / 1e3 for a, b in pairs]
+    return [b - a for a, b in pairs]
 
 
 def _peak_of(phases: dict | None, name: str | None) -> None:
@@ -510,6 +541,7 @@ def summarize(
     W: int,
     phases: dict | None = None,
     step_peaks: list[float] | None = None,
+    loop_s: float | None = None,
 ) -> dict:
     total, active = param_counts(cfg)
     tokens = cfg["batch"] * cfg["seq"]
@@ -520,7 +552,7 @@ def summarize(
     out = dict(
         preset=args.preset, ep_size=W, backend=model.moe_layers()[0].backend, params_total=total,
         params_active=active, p50_step_s=p50, tokens_per_s=tokens / p50, model_tflops=flops / p50 / 1e12,
-        first_step_s=times[0] if times else float("nan"),
+        first_step_s=times[0] if times else float("nan"), step_times_s=times, loop_wall_s=loop_s,
     )  # fmt: skip
     layers = model.moe_layers()
     x = torch.randn(

@@ -35,6 +35,8 @@ def test_tiny_preset_trains_in_one_process(tmp_path):
     assert len(losses) == 8 and all(0 < x < 20 for x in losses)
     summary = json.loads((tmp_path / "one.json").read_text())["summary"]
     assert summary["params_total"] == 288064 and summary["saved_bytes_per_moe_layer"] > 0
+    times = summary["step_times_s"]  # one per step, within the loop's wall time
+    assert len(times) == 8 and min(times) > 0 and sum(times) <= summary["loop_wall_s"]
     assert (tmp_path / "profile.md").read_text().startswith("GPU kernel time per step")
 
 
