@@ -454,7 +454,9 @@ def train(args) -> dict:
     # The host runs one step ahead of the GPU, as a training loop that logs asynchronously does: a
     # step's loss is read once the next step is queued, and steps are timed on the GPU's timeline (CUDA
     # events; a host that falls behind shows as idle time inside the steps).
-    phases, step_peaks, next_ids, marks, queued = None, [], host_ids(start), [_mark(device)], None
+    phases, step_peaks, next_ids, queued = None, [], host_ids(start), None
+    loop_t0 = time.perf_counter()
+    marks = [_mark(device)]  # a step's start; the next one's start is its end
 
     def record(done: tuple[torch.Tensor, torch.Tensor]) -> None:
         """Read a finished step's (loss, counts): waits for that step only."""
@@ -464,7 +466,6 @@ def train(args) -> dict:
         bar.update(1)
         bar.set_postfix_str(f"loss {losses[-1]:.4f}")
 
-    loop_t0 = time.perf_counter()
     for step in range(start, cfg["steps"]):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()  # the allocator's counters are host-side: no sync
