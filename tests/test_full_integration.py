@@ -277,3 +277,22 @@ def test_attention_keeps_new_q_k_v_not_the_projection_output():
     assert len(proj) == 1 and saved and proj[0].untyped_storage().data_ptr() not in saved
     y.sum().backward()
     assert attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_compiled_block_saves_each_expert_h_once_and_recompute_drops_them():
+    """One compiled tiny block (AOTAutograd, min-cut partitioner, the 0.95 budget, the triton backend):
+    routed h [T*K, 2I] and shared h [T, 2I] kept once each, neither with recompute, shared h not with
+    recompute="shared"; the qkv projection's [T, 3D] output never kept (RoPE writes new q, k, v)."""
+    from integration.block_saved import saved_tensors
+    from integration.full_integration import PRESETS
+
+    cfg = PRESETS["tiny"]
+    T, D, K, F = cfg["seq"], cfg["d_model"], cfg["top_k"], cfg["ffn_dim"]
+    runs = {r: saved_tensors(cfg, T, recompute=r) for r in (False, "shared", True)}
+    shapes = {r: [row[1] for row in rows] for r, rows in runs.items()}
+    assert shapes[False].count((T * K, F)) == 1 and shapes[False].count((T, F)) == 1
+    assert (T, F) not in shapes["shared"] and shapes["shared"].count((T * K, F)) == 1
+    assert (T, F) not in shapes[True] and (T * K, F) not in shapes[True]
+    assert all((T, 3 * D) not in s for s in shapes.values())
+    units = {r: sum(row[3] for row in rows) for r, rows in runs.items()}
+    assert units[True] < units["shared"] < units[False]
