@@ -47,6 +47,10 @@ def saved_tensors(
     """The tensors one compiled ``Block(cfg)`` saves for backward on a ``[1, seq, D]`` input, as
     ``(graph node, shape, dtype, size in [T, D] units of dtype)``; ``recompute``: the MoE layer's
     ``recompute_activations``. Runs on the CPU (with ``TRITON_INTERPRET=1`` for the triton backend)."""
+    if not (isinstance(seq, int) and seq >= 1):
+        raise ValueError(f"seq must be an int >= 1 (tokens), got {seq!r}")
+    if not 0 < budget <= 1:
+        raise ValueError(f"budget must be in (0, 1] (an activation memory budget), got {budget!r}")
     D = cfg["d_model"]
     block = Block(dict(cfg, sdpa="flash"), dict(backend=backend, recompute_activations=recompute))
     block = block.to(dtype)
@@ -71,7 +75,7 @@ def saved_tensors(
     x = torch.randn(1, seq, D, dtype=dtype, requires_grad=True)
     rope = rope_table(seq, D // cfg["heads"]).to(dtype)
     with torch.no_grad():  # the block's own outputs: y, and a dict of losses and counts
-        y, losses = block(x, rope)
+        _, losses = block(x, rope)
     n_outputs = 1 + len(losses)
     old = torch._functorch.config.activation_memory_budget
     torch._functorch.config.activation_memory_budget = budget

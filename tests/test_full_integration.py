@@ -296,3 +296,14 @@ def test_compiled_block_saves_each_expert_h_once_and_recompute_drops_them():
     assert all((T, 3 * D) not in s for s in shapes.values())
     units = {r: sum(row[3] for row in rows) for r, rows in runs.items()}
     assert units[True] < units["shared"] < units[False]
+
+
+@pytest.mark.parametrize(
+    "kw, match", [(dict(seq=0), "seq must be an int >= 1"), (dict(budget=0.0), "budget")]
+)
+def test_block_saved_refuses_bad_arguments(kw, match):
+    from integration.block_saved import saved_tensors
+    from integration.full_integration import PRESETS
+
+    with pytest.raises(ValueError, match=match):
+        saved_tensors(PRESETS["tiny"], **{"seq": 8, **kw})
