@@ -29,6 +29,7 @@ SHAPES = {  # T, D, I, E, K
     "olmoe": (16384, 2048, 1024, 64, 8),
 }
 SONIC = "SonicMoE"
+TRITON_GEMMS = "ours-triton-gemm"  # ours with FLASHFUSEMOE_GEMM=triton (where QuACK runs: ours is on it)
 
 
 def timed(fn, iters: int = 20, warmup: int = 3) -> float:
@@ -101,8 +102,10 @@ def variants(shape):
             recompute_activations=recompute,
         )[0]
 
-    out = {
-        "ours": ours("triton"),
+    out = {"ours": ours("triton")}
+    if quack_runs():
+        out[TRITON_GEMMS] = _with_env("FLASHFUSEMOE_GEMM", "triton", ours("triton"))
+    out |= {
         "ours+recompute": ours("triton", True),
         "grouped_mm baseline": lambda x, gate, up, down, bias: titan_moe(x, gate, up, down, bias, K),
         "torch reference": ours("torch"),
@@ -111,6 +114,30 @@ def variants(shape):
     if sonic is not None:
         out[SONIC] = sonic
     return out
+
+
+def quack_runs() -> bool:
+    """Whether "ours" runs its experts on QuACK's GEMMs here (``FLASHFUSEMOE_GEMM`` auto)."""
+    from flashfusemoe.backends.triton.quack_gemm import _unavailable
+
+    return torch.cuda.is_available() and _unavailable(torch.cuda.current_device()) == ""
+
+
+def _with_env(name: str, value: str, fn):
+    """``fn`` called with the environment variable ``name`` set to ``value`` (restored after)."""
+
+    def call(*args):
+        old = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return fn(*args)
+        finally:
+            if old is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = old
+
+    return call
 
 
 def _sonic_layer(K: int):
@@ -397,7 +424,7 @@ def main(argv: list[str] | None = None) -> None:
         "kernels: SonicMoE's first call takes minutes) and exit",
     )
     args = p.parse_args(argv)
-    known = [*variants(SHAPES["seed"]), SONIC]
+    known = [*variants(SHAPES["seed"]), SONIC, TRITON_GEMMS]
     unknown = [v for v in (args.variants or "").split(",") if v and v not in known]
     if unknown:
         p.error(f"--variants: unknown {unknown}; choose from {known}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from flashfusemoe.backends.triton import quack_gemm
 from flashfusemoe.backends.triton.activation import activation_backward
 from flashfusemoe.backends.triton.grouped_gemm import grouped_mm, grouped_mm_act, grouped_mm_wgrad
 from flashfusemoe.backends.triton.metadata import routing_metadata
@@ -30,7 +31,7 @@ __all__ = ["experts", "saved_for_backward"]
 # so that autograd accumulates and frees each weight gradient before the other is computed.
 
 
-def _up_fwd_fake(x_TD, topk_ids_TK, w_up, activation, num_rows):
+def _up_fwd_fake(x_TD, topk_ids_TK, w_up, activation, num_rows, quack):
     T, K = topk_ids_TK.shape
     F = w_up.shape[1]
     i32 = dict(dtype=torch.int32)
@@ -43,17 +44,28 @@ def _up_fwd_fake(x_TD, topk_ids_TK, w_up, activation, num_rows):
     )
 
 
-def _up_fwd_flops(x_TD, topk_ids_TK, w_up, activation, num_rows):
+def _up_fwd_flops(x_TD, topk_ids_TK, w_up, activation, num_rows, quack):
     return 2 * num_rows * w_up[1] * w_up[2]  # shapes: w_up = [E, F, D]
 
 
 @custom_op("moe_up_fwd", _up_fwd_fake, flops=_up_fwd_flops)
 def _up_fwd(
-    x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, w_up: torch.Tensor, activation: str, num_rows: int
+    x_TD: torch.Tensor,
+    topk_ids_TK: torch.Tensor,
+    w_up: torch.Tensor,
+    activation: str,
+    num_rows: int,
+    quack: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(h, a, pos, row_slot, offs)``; with ``quack`` on QuACK's GEMM (``h``'s columns interleaved)."""
     meta = routing_metadata(topk_ids_TK, w_up.shape[0], num_rows)
-    gather = (meta.row_slot_M, topk_ids_TK.shape[1])  # expert-order row r is token row_slot[r] // K
-    h_NF, a_NI = grouped_mm_act(x_TD, w_up.transpose(1, 2), meta.offs_E, activation, gather=gather)
+    K = topk_ids_TK.shape[1]
+    if quack:
+        h_NF, a_NI = quack_gemm.up(x_TD, w_up, meta.offs_E, meta.row_slot_M, K)
+    else:  # expert-order row r is token row_slot[r] // K
+        h_NF, a_NI = grouped_mm_act(
+            x_TD, w_up.transpose(1, 2), meta.offs_E, activation, gather=(meta.row_slot_M, K)
+        )
     return h_NF, a_NI, meta.pos_TK, meta.row_slot_M, meta.offs_E
 
 
@@ -61,11 +73,11 @@ def _wgrad_fake(w, grad_w_acc, need_grad_w):
     return w.new_empty(w.shape if grad_w_acc is None and need_grad_w else (0,))
 
 
-def _up_bwd_fake(grad_h_NF, x_TD, w_up, pos_TK, row_slot_N, offs_E, grad_w_up_acc, need_grad_w_up):
+def _up_bwd_fake(grad_h_NF, x_TD, w_up, pos_TK, row_slot_N, offs_E, grad_w_up_acc, need_grad_w_up, quack):
     return x_TD.new_empty(x_TD.shape), _wgrad_fake(w_up, grad_w_up_acc, need_grad_w_up)
 
 
-def _up_bwd_flops(grad_h_NF, x_TD, w_up, pos_TK, row_slot_N, offs_E, grad_w_up_acc, need_grad_w_up):
+def _up_bwd_flops(grad_h_NF, x_TD, w_up, pos_TK, row_slot_N, offs_E, grad_w_up_acc, need_grad_w_up, quack):
     return (2 + 2 * need_grad_w_up) * grad_h_NF[0] * w_up[1] * w_up[2]  # grad_x (and grad_w_up)
 
 
@@ -79,9 +91,16 @@ def _up_bwd(
     offs_E: torch.Tensor,
     grad_w_up_acc: torch.Tensor | None,
     need_grad_w_up: bool,
+    quack: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(grad_x, grad_w_up)``; with ``grad_w_up_acc`` the weight gradient is added into it instead,
     and without ``need_grad_w_up`` not computed (a frozen weight): ``grad_w_up`` is then empty."""
+    if quack:
+        K = pos_TK.shape[1]
+        grad_rows, grad_w_up = quack_gemm.up_backward(
+            grad_h_NF, x_TD, w_up, offs_E, row_slot_N, K, grad_w_up_acc, need_grad_w_up
+        )
+        return combine_rows(grad_rows, pos_TK), grad_w_up
     if need_grad_w_up:
         x_ND = gather_rows(x_TD, row_slot_N, offs_E[-1:], pos_TK.shape[1])
         grad_w_up = _wgrad(grad_h_NF, x_ND, offs_E, grad_w_up_acc)
@@ -101,11 +120,11 @@ def _wgrad(a_NP, b_NQ, offs_E, acc_EPQ):
     return acc_EPQ.new_empty(0)
 
 
-def _down_fwd_fake(a_NI, weights_TK, w_down, pos_TK, offs_E):
+def _down_fwd_fake(a_NI, weights_TK, w_down, pos_TK, offs_E, quack):
     return a_NI.new_empty((pos_TK.shape[0], w_down.shape[1]))
 
 
-def _down_fwd_flops(a_NI, weights_TK, w_down, pos_TK, offs_E):
+def _down_fwd_flops(a_NI, weights_TK, w_down, pos_TK, offs_E, quack):
     return 2 * a_NI[0] * w_down[1] * w_down[2]
 
 
@@ -116,8 +135,12 @@ def _down_fwd(
     w_down: torch.Tensor,
     pos_TK: torch.Tensor,
     offs_E: torch.Tensor,
+    quack: bool,
 ) -> torch.Tensor:
-    return combine_rows(grouped_mm(a_NI, w_down.transpose(1, 2), offs_E), pos_TK, weights_TK)
+    y_ND = (
+        quack_gemm.down(a_NI, w_down, offs_E) if quack else grouped_mm(a_NI, w_down.transpose(1, 2), offs_E)
+    )
+    return combine_rows(y_ND, pos_TK, weights_TK)
 
 
 def _down_bwd_fake(
@@ -134,6 +157,7 @@ def _down_bwd_fake(
     reuse,
     grad_w_down_acc,
     need_grad_w_down,
+    quack,
 ):
     return (
         x_TD.new_empty((row_slot_N.shape[0], w_up.shape[1])),
@@ -143,7 +167,7 @@ def _down_bwd_fake(
 
 
 def _down_bwd_flops(grad_out_TD, h_saved, x_TD, w_up, weights_TK, w_down, pos_TK, row_slot_N, *rest):
-    N, need_grad_w_down = row_slot_N[0], rest[-1]
+    N, need_grad_w_down = row_slot_N[0], rest[-2]
     recomputed = 2 * N * w_up[1] * w_up[2] if len(h_saved) != 2 else 0
     return recomputed + (2 + 2 * need_grad_w_down) * N * w_down[1] * w_down[2]  # (h,) grad_a (, grad_w)
 
@@ -163,6 +187,7 @@ def _down_bwd(
     reuse_h: bool,
     grad_w_down_acc: torch.Tensor | None,
     need_grad_w_down: bool,
+    quack: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``grad_h`` (over ``h_saved`` itself with ``reuse_h``), the routing-weight and ``w_down`` grads
     (the last added into ``grad_w_down_acc`` if given, not computed without ``need_grad_w_down``:
@@ -170,6 +195,13 @@ def _down_bwd(
     live, K = offs_E[-1:], pos_TK.shape[1]
     gather = (row_slot_N, K)
     recomputed = h_saved.dim() != 2  # the forward kept no activations
+    if quack:
+        h_NF = quack_gemm.recompute_h(x_TD, w_up, offs_E, row_slot_N, K) if recomputed else h_saved
+        grad_h_NF, grad_w_S, grad_w_down = quack_gemm.down_backward(
+            grad_out_TD.contiguous(), h_NF, w_down, weights_TK.reshape(-1), offs_E, row_slot_N, K,
+            recomputed or reuse_h, grad_w_down_acc, need_grad_w_down,
+        )  # fmt: skip
+        return grad_h_NF, grad_w_S.view(pos_TK.shape), grad_w_down
     h_NF = grouped_mm(x_TD, w_up.transpose(1, 2), offs_E, gather=gather) if recomputed else h_saved
     # grad_out's rows in expert order (unweighted: the weights enter in the activation backward), one
     # copy for both GEMMs: a weight gradient reading rows through the index ran 1.4-1.8x slower (H100).
@@ -228,9 +260,10 @@ def saved_for_backward(ctx) -> tuple[torch.Tensor, ...]:
 
 class _Up(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_TD, w_up, topk_ids_TK, activation, num_rows):
-        h_NF, a_NI, pos_TK, row_slot_N, offs_E = _up_fwd(x_TD, topk_ids_TK, w_up, activation, num_rows)
+    def forward(ctx, x_TD, w_up, topk_ids_TK, activation, num_rows, quack):
+        h_NF, a_NI, pos_TK, row_slot_N, offs_E = _up_fwd(x_TD, topk_ids_TK, w_up, activation, num_rows, quack)
         ctx.save_for_backward(x_TD, w_up, pos_TK, row_slot_N, offs_E)
+        ctx.quack = quack
         ctx.mark_non_differentiable(pos_TK, row_slot_N, offs_E)
         ctx.set_materialize_grads(False)  # a's gradient never comes: _Down's backward goes through h
         return h_NF, a_NI, pos_TK, row_slot_N, offs_E
@@ -239,21 +272,33 @@ class _Up(torch.autograd.Function):
     def backward(ctx, grad_h_NF, _grad_a, _pos, _row_slot, _offs):
         check_first_order("the triton backend's experts")
         need, acc = ctx.needs_input_grad[1], _grad_buffer(ctx, 1)  # a frozen w_up: no dW GEMM
-        grad_x, grad_w_up = _up_bwd(grad_h_NF.contiguous(), *ctx.saved_tensors, acc, need)
-        return grad_x, grad_w_up if need and acc is None else None, None, None, None
+        grad_x, grad_w_up = _up_bwd(grad_h_NF.contiguous(), *ctx.saved_tensors, acc, need, ctx.quack)
+        return grad_x, grad_w_up if need and acc is None else None, None, None, None, None
 
 
 class _Down(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, h_NF, a_NI, weights_TK, w_down, pos_TK, row_slot_N, offs_E, x_TD, w_up, activation, recompute
+        ctx,
+        h_NF,
+        a_NI,
+        weights_TK,
+        w_down,
+        pos_TK,
+        row_slot_N,
+        offs_E,
+        x_TD,
+        w_up,
+        activation,
+        recompute,
+        quack,
     ):
         """``a = act(h)`` comes in beside ``h``: the backward differentiates the activation itself, from
         ``h`` (kept, or recomputed), and returns ``h``'s gradient; ``a`` gets none."""
-        out_TD = _down_fwd(a_NI, weights_TK, w_down, pos_TK, offs_E)
+        out_TD = _down_fwd(a_NI, weights_TK, w_down, pos_TK, offs_E, quack)
         kept_h = h_NF.new_empty(0) if recompute else h_NF
         ctx.save_for_backward(kept_h, x_TD, w_up, weights_TK, w_down, pos_TK, row_slot_N, offs_E)
-        ctx.activation = activation
+        ctx.activation, ctx.quack = activation, quack
         return out_TD
 
     @staticmethod
@@ -266,12 +311,12 @@ class _Down(torch.autograd.Function):
         reuse_h = h_kept.dim() == 2 and not as_op()
         need, acc = ctx.needs_input_grad[3], _grad_buffer(ctx, 3)
         grad_h, grad_w, grad_w_down = _down_bwd(
-            grad_out_TD, h_kept, *rest, ctx.activation, reuse_h, acc, need
+            grad_out_TD, h_kept, *rest, ctx.activation, reuse_h, acc, need, ctx.quack
         )
         if reuse_h:
             torch.autograd.graph.increment_version(h_kept)
         grad_w_down = grad_w_down if need and acc is None else None
-        return grad_h, None, grad_w, grad_w_down, None, None, None, None, None, None, None
+        return grad_h, None, grad_w, grad_w_down, None, None, None, None, None, None, None, None
 
 
 def experts(
@@ -298,10 +343,22 @@ def experts(
     x_TD = x_TD.contiguous()
     T, K = topk_ids_TK.shape
     num_rows = T * K if num_slots is None else num_slots
+    quack = quack_gemm.use_quack(x_TD, w_up_EFD, w_down_EDI, activation, num_rows)
     h_NF, a_NI, pos_TK, row_slot_N, offs_E = _Up.apply(
-        x_TD, w_up_EFD, topk_ids_TK.contiguous(), activation, num_rows
+        x_TD, w_up_EFD, topk_ids_TK.contiguous(), activation, num_rows, quack
     )
     weights_TK = topk_weights_TK.float().contiguous()
     return _Down.apply(
-        h_NF, a_NI, weights_TK, w_down_EDI, pos_TK, row_slot_N, offs_E, x_TD, w_up_EFD, activation, recompute
+        h_NF,
+        a_NI,
+        weights_TK,
+        w_down_EDI,
+        pos_TK,
+        row_slot_N,
+        offs_E,
+        x_TD,
+        w_up_EFD,
+        activation,
+        recompute,
+        quack,
     )

@@ -1,0 +1,244 @@
+"""QuACK's grouped GEMMs for SwiGLU experts on Hopper (optional): the token-row gather inside the GEMMs'
+loads, SwiGLU and its backward inside their epilogues.
+
+QuACK (``pip install quack-kernels``: Tri Dao's CuTe-DSL GEMMs, the ones under SonicMoE) has grouped
+(varlen) GEMMs that read A's rows through an index and ping-pong epilogues that overlap the next tile's
+MMAs, which Triton 3.6 does not give us. With it, the experts' six GEMMs become:
+
+- forward: ``h, a = swiglu(x[tok] @ w_up[e].T)`` (one kernel), ``y = a @ w_down[e].T``;
+- backward: ``g_a = g[tok] @ w_down[e]`` with the activation backward in its epilogue (``dh`` weighted,
+  ``w * a`` for ``dW_down``, the routing-weight gradient ``<a, g_a>``: one kernel, no gathered copy of
+  ``g``); ``dW_down = g[tok].T @ (w a)`` and ``dW_up = dh.T @ x[tok]`` read token rows through the index;
+  ``dx`` rows ``= dh @ w_up[e]``.
+
+``h`` and ``dh`` keep their columns interleaved (gate j, up j: QuACK's gated layout); the weights and their
+gradients keep ours (``[gate; up]``, through ``concat_layout``). Every kernel has one fixed configuration
+(below; H100 op-by-op sweep, docs/kernels.md): no autotuning, so a first call compiles ~7 kernels (~5 s
+each, cached on disk by QuACK for later processes).
+
+Chosen by ``FLASHFUSEMOE_GEMM``: ``auto`` (where it loads and runs, for intermediate sizes up to
+``MAX_I``), ``quack`` (required: an error says why it cannot run) or ``triton`` (never; the default
+until this path has run on a GPU).
+
+Legend: T tokens (or received rows), K top-k, N rows in expert order, E experts, D model dim, I
+intermediate dim, S = T*K slots.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from flashfusemoe import _env
+from flashfusemoe.backends.triton.launch import cdiv, fast_launch
+
+__all__ = ["down", "down_backward", "recompute_h", "up", "up_backward", "use_quack"]
+
+# Mixtral-like widths (I = 14336) ran slower on QuACK than on our kernels, op by op (H100): up 6.84 vs
+# 6.47 ms, the fused activation backward 4.43 vs 3.81
+MAX_I = 4096
+MODES = ("auto", "quack", "triton")
+DEFAULT_MODE = "triton"
+_STATE: dict = {}  # "reason": why QuACK cannot be imported ("" if it can), "api": its functions
+
+
+@torch.compiler.assume_constant_result  # called, not traced, under torch.compile: no import in a graph
+def _unavailable(device_index: int) -> str:
+    """Why QuACK cannot run on CUDA device ``device_index`` ("" when it can); imports it once."""
+    if "api" not in _STATE and "reason" not in _STATE:
+        _STATE["reason"] = _load()
+    if _STATE["reason"]:
+        return _STATE["reason"]
+    if torch.cuda.get_device_capability(device_index)[0] != 9:
+        return "QuACK's path here runs on Hopper GPUs (compute capability 9.x)"
+    return ""
+
+
+def _load() -> str:
+    """Import QuACK and fix its kernel configurations; why it failed, or ""."""
+    try:
+        from quack.gemm_config import GemmConfig
+        from quack.gemm_interface import gemm_dgated_tuned, gemm_gated_tuned, gemm_tuned
+    except Exception as exc:  # noqa: BLE001 - a broken optional dependency must not break the backend
+        return f"cannot import quack ({type(exc).__name__}: {exc}); pip install quack-kernels"
+
+    def config(m, n, pingpong):
+        return GemmConfig(
+            tile_m=m, tile_n=n, pingpong=pingpong, cluster_m=2, cluster_n=1, is_dynamic_persistent=False,
+            device_capacity=9,
+        )  # fmt: skip
+
+    _STATE["api"] = dict(
+        gemm=gemm_tuned.fn, gated=gemm_gated_tuned.fn, dgated=gemm_dgated_tuned.fn,
+        # fastest of 4 (tile, schedule) pairs per op at seed-, fine-, OLMoE-like shapes (H100)
+        up=config(128, 192, True), dgated_cfg=config(128, 128, True), wgrad=config(256, 192, False),
+        narrow=config(128, 128, True), wide=config(128, 192, True),
+    )  # fmt: skip
+    return ""
+
+
+def _why_not(x_TD, w_up, w_down, activation: str, num_rows: int) -> str | None:
+    """Why QuACK's path cannot run these experts, or None (static facts only: traceable)."""
+    E, F, D = w_up.shape
+    I = F // 2
+    if activation != "swiglu":
+        return f"activation {activation!r}: QuACK's path runs swiglu only"
+    if not (x_TD.is_cuda and x_TD.dtype == w_up.dtype == w_down.dtype == torch.bfloat16):
+        return "needs bf16 CUDA tensors (hidden states and expert weights)"
+    if D % 8 or I % 8:
+        return f"needs D and I multiples of 8 (16-byte rows), got D={D}, I={I}"
+    if not (w_up.is_contiguous() and w_down.is_contiguous()):
+        return "needs contiguous expert weights"
+    if not num_rows or not x_TD.shape[0]:
+        return "no rows"
+    return _unavailable(x_TD.device.index) or None
+
+
+def use_quack(x_TD, w_up, w_down, activation: str, num_rows: int) -> bool:
+    """Whether the experts run on QuACK's GEMMs: ``FLASHFUSEMOE_GEMM`` (see the module docstring)."""
+    mode = _env.gemm_from_env() or DEFAULT_MODE
+    if mode not in MODES:
+        raise ValueError(f"FLASHFUSEMOE_GEMM={mode!r} is not one of {MODES}")
+    if mode == "triton":
+        return False
+    reason = _why_not(x_TD, w_up, w_down, activation, num_rows)
+    if mode == "quack" and reason is not None:
+        raise RuntimeError(f"FLASHFUSEMOE_GEMM=quack, but QuACK's GEMMs cannot run these experts: {reason}")
+    return reason is None and (mode == "quack" or w_up.shape[1] // 2 <= MAX_I)
+
+
+# --------------------------------------------------------------- routing weights between slots and rows
+
+
+@fast_launch
+@triton.jit
+def _row_weights_kernel(w_ptr, row_slot_ptr, live_ptr, out_ptr, N, BLOCK: tl.constexpr):
+    """``out[r] = w[row_slot[r]]`` for live rows, 0 past them (their slot ids are unset)."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    live = (rows < N) & (rows < tl.load(live_ptr))
+    slot = tl.load(row_slot_ptr + rows, mask=live, other=0)
+    tl.store(out_ptr + rows, tl.load(w_ptr + slot, mask=live, other=0.0), mask=rows < N)
+
+
+@fast_launch
+@triton.jit
+def _slot_grads_kernel(g_rows_ptr, row_slot_ptr, live_ptr, out_ptr, N, BLOCK: tl.constexpr):
+    """``out[row_slot[r]] = g_rows[r]`` for live rows (``out`` zeroed: slots with no row get 0)."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    live = (rows < N) & (rows < tl.load(live_ptr))
+    slot = tl.load(row_slot_ptr + rows, mask=live, other=0)
+    tl.store(out_ptr + slot, tl.load(g_rows_ptr + rows, mask=live, other=0.0), mask=live)
+
+
+_BLOCK = 1024
+
+
+def _cu(offs_E: torch.Tensor) -> torch.Tensor:
+    """QuACK's group bounds: ``[0, offs...]`` (E+1 int32)."""
+    return torch.nn.functional.pad(offs_E, (1, 0))
+
+
+def _tokens(row_slot_N: torch.Tensor, K: int) -> torch.Tensor:
+    """The token each expert-order row reads (its slot // K; rows past the live ones are never read)."""
+    return torch.div(row_slot_N, K, rounding_mode="floor")
+
+
+# ------------------------------------------------------------------------------------------ the GEMMs
+
+
+def up(x_TD, w_up_EFD, offs_E, row_slot_N, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h [N, 2I] interleaved, a = swiglu(h) [N, I])`` of row r = token ``row_slot[r] // K``."""
+    q = _STATE["api"]
+    N, F = row_slot_N.shape[0], w_up_EFD.shape[1]
+    h_NF, a_NI = x_TD.new_empty((N, F)), x_TD.new_empty((N, F // 2))
+    q["gated"](
+        x_TD, w_up_EFD.transpose(1, 2), h_NF, a_NI, activation="swiglu", cu_seqlens_m=_cu(offs_E),
+        A_idx=_tokens(row_slot_N, K), dynamic_scheduler=False, config=q["up"], concat_layout=("B",),
+    )  # fmt: skip
+    return h_NF, a_NI
+
+
+def recompute_h(x_TD, w_up_EFD, offs_E, row_slot_N, K: int) -> torch.Tensor:
+    """``h`` as ``up`` computes it (same interleaved columns, same tiles), without the activation."""
+    q = _STATE["api"]
+    h_NF = x_TD.new_empty((row_slot_N.shape[0], w_up_EFD.shape[1]))
+    q["gemm"](
+        x_TD, w_up_EFD.transpose(1, 2), h_NF, cu_seqlens_m=_cu(offs_E), A_idx=_tokens(row_slot_N, K),
+        dynamic_scheduler=False, config=q["up"], concat_layout=("B",),
+    )  # fmt: skip
+    return h_NF
+
+
+def _mm(a_NP, b_EPQ, offs_E, concat: tuple = ()) -> torch.Tensor:
+    """``[N, Q]``: row group e of ``a`` times ``b[e]``."""
+    q = _STATE["api"]
+    Q = b_EPQ.shape[2]
+    c_NQ = a_NP.new_empty((a_NP.shape[0], Q))
+    q["gemm"](
+        a_NP, b_EPQ, c_NQ, cu_seqlens_m=_cu(offs_E), dynamic_scheduler=False,
+        config=q["narrow" if Q <= 1024 else "wide"], concat_layout=concat or None,
+    )  # fmt: skip
+    return c_NQ
+
+
+def down(a_NI, w_down_EDI, offs_E) -> torch.Tensor:
+    """``y [N, D]``: row group e of ``a`` times ``w_down[e].T``."""
+    return _mm(a_NI, w_down_EDI.transpose(1, 2), offs_E)
+
+
+def _wgrad(src_TP, b_NQ, out_EPQ, offs_E, row_slot_N, K: int, acc: bool, concat: tuple = ()) -> None:
+    """``out[e] (+)= src[tok].T @ b`` over row group e (token rows read through the index)."""
+    q = _STATE["api"]
+    q["gemm"](
+        src_TP.T, b_NQ, out_EPQ, cu_seqlens_k=_cu(offs_E), A_idx=_tokens(row_slot_N, K), add_to_output=acc,
+        dynamic_scheduler=False, config=q["wgrad"], concat_layout=concat or None,
+    )  # fmt: skip
+
+
+def down_backward(
+    grad_out_TD, h_NF, w_down_EDI, weights_S, offs_E, row_slot_N, K: int, overwrite_h: bool,
+    grad_w_down_acc: torch.Tensor | None, need_grad_w_down: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(grad_h [N, 2I] interleaved (times w), grad_w_S [S] fp32 slot order, grad_w_down)``, as
+    ``activation_backward`` + the ``w_down`` gradient of the triton path: ``grad_h`` over ``h`` itself
+    with ``overwrite_h``; ``grad_w_down`` added into ``grad_w_down_acc`` if given (then empty), empty
+    without ``need_grad_w_down``."""
+    q = _STATE["api"]
+    N, I = h_NF.shape[0], h_NF.shape[1] // 2
+    live = offs_E[-1:]
+    w_rows_N = torch.empty(N, dtype=torch.float32, device=h_NF.device)
+    _row_weights_kernel[(cdiv(N, _BLOCK),)](weights_S, row_slot_N, live, w_rows_N, N, BLOCK=_BLOCK)
+    grad_h_NF = h_NF if overwrite_h else torch.empty_like(h_NF)
+    wa_NI = h_NF.new_empty((N, I))
+    grad_w_N = q["dgated"](
+        grad_out_TD, w_down_EDI, h_NF, grad_h_NF, wa_NI, colvec_scale=w_rows_N, activation="swiglu",
+        colvec_reduce=True, cu_seqlens_m=_cu(offs_E), A_idx=_tokens(row_slot_N, K), dynamic_scheduler=False,
+        config=q["dgated_cfg"],
+    )  # fmt: skip
+    grad_w_S = torch.zeros(weights_S.shape[0], dtype=torch.float32, device=h_NF.device)
+    _slot_grads_kernel[(cdiv(N, _BLOCK),)](grad_w_N, row_slot_N, live, grad_w_S, N, BLOCK=_BLOCK)
+    if not need_grad_w_down:
+        grad_w_down = wa_NI.new_empty(0)
+    else:
+        out = grad_w_down_acc if grad_w_down_acc is not None else torch.empty_like(w_down_EDI)
+        _wgrad(grad_out_TD, wa_NI, out, offs_E, row_slot_N, K, grad_w_down_acc is not None)
+        grad_w_down = out if grad_w_down_acc is None else out.new_empty(0)
+    return grad_h_NF, grad_w_S, grad_w_down
+
+
+def up_backward(
+    grad_h_NF, x_TD, w_up_EFD, offs_E, row_slot_N, K: int, grad_w_up_acc: torch.Tensor | None,
+    need_grad_w_up: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(grad_x rows [N, D] in expert order, grad_w_up)`` from the interleaved ``grad_h``; the weight
+    gradient as in ``down_backward``."""
+    if not need_grad_w_up:
+        grad_w_up = grad_h_NF.new_empty(0)
+    else:
+        out = grad_w_up_acc if grad_w_up_acc is not None else torch.empty_like(w_up_EFD)
+        _wgrad(
+            x_TD, grad_h_NF, out.transpose(1, 2), offs_E, row_slot_N, K, grad_w_up_acc is not None, ("out",)
+        )
+        grad_w_up = out if grad_w_up_acc is None else out.new_empty(0)
+    return _mm(grad_h_NF, w_up_EFD, offs_E, ("B",)), grad_w_up

@@ -1,0 +1,108 @@
+"""The triton backend's experts on QuACK's GEMMs (``FLASHFUSEMOE_GEMM=quack``), where QuACK imports and a
+Hopper GPU runs it: within the tolerance rule of the fp32 reference (output, x, routing weights, both
+expert weights; fresh and accumulated gradients), dropped slots and empty experts, recompute bit for bit.
+The layer-level GPU tests (compile, CUDA graphs) take this path too wherever it loads (``auto``).
+The refusals run everywhere."""
+
+import pytest
+import torch
+
+from flashfusemoe.backends.torch.experts import experts as reference_experts
+from flashfusemoe.backends.triton import quack_gemm
+from flashfusemoe.backends.triton.experts import experts
+
+BF16_EPS = 2.0**-8
+
+
+def _quack_runs() -> bool:
+    return torch.cuda.is_available() and quack_gemm._unavailable(torch.cuda.current_device()) == ""
+
+
+needs_quack = pytest.mark.skipif(not _quack_runs(), reason="QuACK does not run here")
+
+
+def _inputs(T, D, I, E, K, routing, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    ids = torch.rand(T, E, device="cuda", generator=g).topk(K, dim=1).indices
+    if routing == "empty":  # half the experts get no token
+        ids = torch.rand(T, E, device="cuda", generator=g)[:, : max(K, E // 2)].topk(K, dim=1).indices
+    if routing == "dropped":  # under EP: slots whose expert is elsewhere
+        ids = torch.where(torch.rand(T, K, device="cuda", generator=g) < 0.3, -1, ids)
+    x = torch.randn(T, D, device="cuda", generator=g)
+    weights = torch.rand(T, K, device="cuda", generator=g)
+    w_up = torch.randn(E, 2 * I, D, device="cuda", generator=g) / D**0.5
+    w_down = torch.randn(E, D, I, device="cuda", generator=g) / I**0.5
+    cot = torch.randn(T, D, device="cuda", generator=g)
+    return ids, [x, weights, w_up, w_down], cot
+
+
+def _run(fn, ids, leaves, cot, dtype, existing=None, **kw):
+    """Output and the gradients of x, weights, w_up, w_down (fp32); ``existing``: starting ``.grad`` of
+    the expert weights (accumulation)."""
+    x, weights, w_up, w_down = (
+        t.detach().to(dtype if i != 1 else torch.float32) for i, t in enumerate(leaves)
+    )
+    for t in (x, weights, w_up, w_down):
+        t.requires_grad_()
+    if existing is not None:
+        w_up.grad, w_down.grad = (e.to(dtype).clone() for e in existing)
+    out = fn(x, ids, weights, w_up, w_down, "swiglu", **kw)
+    (out.float() * cot).sum().backward()
+    return [t.float() for t in (out, x.grad, weights.grad, w_up.grad, w_down.grad)]
+
+
+@pytest.mark.gpu
+@needs_quack
+@pytest.mark.parametrize("routing", ["balanced", "empty", "dropped"])
+@pytest.mark.parametrize(
+    "shape", [(512, 256, 256, 8, 2), (333, 200, 88, 16, 4), (128, 64, 32, 4, 4)], ids=["small", "odd", "K=E"]
+)
+@pytest.mark.parametrize("grads", ["new", "existing"])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_quack_experts_within_tolerance_rule(monkeypatch, routing, shape, grads, recompute):
+    monkeypatch.setenv("FLASHFUSEMOE_GEMM", "quack")
+    ids, leaves, cot = _inputs(*shape, routing, seed=sum(shape))
+    kept = int((ids >= 0).sum())
+    existing = None
+    if grads == "existing":
+        existing = [torch.randn_like(leaves[2]), torch.randn_like(leaves[3])]
+    ref32 = _run(reference_experts, ids, leaves, cot, torch.float32, existing)
+    ref16 = _run(reference_experts, ids, leaves, cot, torch.bfloat16, existing)
+    got = _run(experts, ids, leaves, cot, torch.bfloat16, existing, recompute=recompute, num_slots=kept)
+    for name, r32, r16, g in zip(["out", "x", "weights", "w_up", "w_down"], ref32, ref16, got, strict=True):
+        floor = BF16_EPS * r32.abs().max().item()
+        err16, err = (r16 - r32).abs().max().item(), (g - r32).abs().max().item()
+        assert err <= 2 * err16 + floor, f"{name}: quack {err:.3e} vs torch bf16 {err16:.3e}"
+
+
+@pytest.mark.gpu
+@needs_quack
+def test_quack_recompute_is_bit_identical():
+    """The recompute's h comes from the same tiles as the forward's: gradients equal bit for bit."""
+    ids, leaves, cot = _inputs(512, 256, 256, 8, 2, "empty", seed=3)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLASHFUSEMOE_GEMM", "quack")
+        kept = _run(experts, ids, leaves, cot, torch.bfloat16)
+        again = _run(experts, ids, leaves, cot, torch.bfloat16, recompute=True)
+    for a, b in zip(kept, again, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_quack_requested_where_it_cannot_run_is_refused(monkeypatch):
+    """An explicit FLASHFUSEMOE_GEMM=quack that cannot run says why (here: CPU/fp32 tensors, or fp16 on
+    a GPU); an unknown value names the choices; ``triton`` and ``auto`` fall back to our kernels."""
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    x = torch.randn(4, 16, device=dev, dtype=torch.float16 if dev.type == "cuda" else torch.float32)
+    up, down = (
+        torch.randn(2, 16, 16, device=dev, dtype=x.dtype),
+        torch.randn(2, 16, 8, device=dev, dtype=x.dtype),
+    )
+    monkeypatch.setenv("FLASHFUSEMOE_GEMM", "quack")
+    with pytest.raises(RuntimeError, match="FLASHFUSEMOE_GEMM=quack.*bf16 CUDA"):
+        quack_gemm.use_quack(x, up, down, "swiglu", 8)
+    monkeypatch.setenv("FLASHFUSEMOE_GEMM", "cutlass")
+    with pytest.raises(ValueError, match="FLASHFUSEMOE_GEMM='cutlass' is not one of"):
+        quack_gemm.use_quack(x, up, down, "swiglu", 8)
+    for mode in ("triton", "auto"):  # (auto: fp16 or CPU tensors do not qualify)
+        monkeypatch.setenv("FLASHFUSEMOE_GEMM", mode)
+        assert not quack_gemm.use_quack(x, up, down, "swiglu", 8)
