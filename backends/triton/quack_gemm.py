@@ -16,9 +16,9 @@ gradients keep ours (``[gate; up]``, through ``concat_layout``). Every kernel ha
 (below; H100 op-by-op sweep, docs/kernels.md): no autotuning, so a first call compiles ~7 kernels (~5 s
 each, cached on disk by QuACK for later processes).
 
-Chosen by ``FLASHFUSEMOE_GEMM``: ``auto`` (the default: where it loads and runs, for intermediate sizes
-up to ``MAX_I`` and layers of at least ``MIN_FLOPS``), ``quack`` (required: an error says why it cannot
-run) or ``triton`` (never).
+Chosen by ``FLASHFUSEMOE_GEMM``: ``auto`` (the default: where it loads and runs, for model dims up to
+``MAX_D``, intermediate sizes up to ``MAX_I`` and layers of at least ``MIN_FLOPS``: where it measured
+faster), ``quack`` (required: an error says why it cannot run) or ``triton`` (never).
 
 Legend: T tokens (or received rows), K top-k, N rows in expert order, E experts, D model dim, I
 intermediate dim, S = T*K slots.
@@ -35,10 +35,13 @@ from flashfusemoe.backends.triton.launch import cdiv, fast_launch
 
 __all__ = ["down", "down_backward", "recompute_h", "up", "up_backward", "use_quack"]
 
-# Where auto takes QuACK (H100, docs/kernels.md). Mixtral-like widths (I = 14336) ran slower on it than
-# on our kernels, op by op: up 6.84 vs 6.47 ms, the fused activation backward 4.43 vs 3.81. Small layers
-# are host-bound in eager mode, and QuACK's host path is the longer one: seed-like (forward 2.1e11
-# FLOPs) 2.97 vs 2.54 ms eager, 1.29 vs 1.34 graphed; fine-grained (1.2e12) 8.30 vs 9.49, 7.57 vs 8.25.
+# Where auto takes QuACK: where the layer measured faster on it (H100, docs/kernels.md; forward+backward
+# ms eager / graphed, QuACK vs ours): fine-grained (D 2048, I 768) 8.30 / 7.57 vs 9.49 / 8.25, OLMoE-like
+# (2048, 1024) 9.92 / 9.21 vs 10.47 / 9.77. Slower at D = 4096: SonicMoE's default shape (I 1024) 40.52 /
+# 40.95 vs 38.62 / 37.65, Mixtral-like (I 14336) op by op (up 6.84 vs 6.47, activation backward 4.43 vs
+# 3.81). Small layers are host-bound in eager mode, and QuACK's host path is the longer one: seed-like
+# (2.1e11 forward FLOPs) 2.97 vs 2.54 eager, 1.29 vs 1.34 graphed.
+MAX_D = 2048
 MAX_I = 4096
 MIN_FLOPS = 5e11  # the experts' forward GEMMs: 6 N D I
 MODES = ("auto", "quack", "triton")
@@ -108,8 +111,14 @@ def use_quack(x_TD, w_up, w_down, activation: str, num_rows: int) -> bool:
     reason = _why_not(x_TD, w_up, w_down, activation, num_rows)
     if mode == "quack" and reason is not None:
         raise RuntimeError(f"FLASHFUSEMOE_GEMM=quack, but QuACK's GEMMs cannot run these experts: {reason}")
-    D, I = w_up.shape[2], w_up.shape[1] // 2
-    return reason is None and (mode == "quack" or (I <= MAX_I and 6 * num_rows * D * I >= MIN_FLOPS))
+    return reason is None and (
+        mode == "quack" or measured_faster(num_rows, w_up.shape[2], w_up.shape[1] // 2)
+    )
+
+
+def measured_faster(num_rows: int, D: int, I: int) -> bool:
+    """Whether ``auto`` takes QuACK for ``num_rows`` expert rows of model dim D, intermediate dim I."""
+    return D <= MAX_D and I <= MAX_I and 6 * num_rows * D * I >= MIN_FLOPS
 
 
 # --------------------------------------------------------------- routing weights between slots and rows

@@ -106,3 +106,18 @@ def test_quack_requested_where_it_cannot_run_is_refused(monkeypatch):
     for mode in ("triton", "auto"):  # (auto: fp16 or CPU tensors do not qualify)
         monkeypatch.setenv("FLASHFUSEMOE_GEMM", mode)
         assert not quack_gemm.use_quack(x, up, down, "swiglu", 8)
+
+
+@pytest.mark.parametrize(
+    "shape, quack",
+    [
+        ((16384, 2048, 768, 128, 8), True),  # fine-grained: 8.30 vs 9.49 ms (H100)
+        ((16384, 2048, 1024, 64, 8), True),  # OLMoE-like: 9.92 vs 10.47
+        ((8192, 1024, 2048, 8, 2), False),  # seed-like: host-bound eager, 2.97 vs 2.54
+        ((32768, 4096, 1024, 128, 8), False),  # SonicMoE's default: 40.52 vs 38.62
+        ((8192, 4096, 14336, 8, 2), False),  # Mixtral-like: slower op by op
+    ],
+)
+def test_quack_auto_takes_the_shapes_where_it_measured_faster(shape, quack):
+    T, D, I, E, K = shape
+    assert quack_gemm.measured_faster(T * K, D, I) == quack
