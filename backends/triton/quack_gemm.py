@@ -33,7 +33,17 @@ import triton.language as tl
 from flashfusemoe import _env
 from flashfusemoe.backends.triton.launch import cdiv, fast_launch
 
-__all__ = ["down", "down_backward", "recompute_h", "up", "up_backward", "use_quack"]
+__all__ = [
+    "down",
+    "down_backward",
+    "measured_faster",
+    "recompute_h",
+    "rows_from_slots",
+    "slots_from_rows",
+    "up",
+    "up_backward",
+    "use_quack",
+]
 
 # Where auto takes QuACK: where the layer measured faster on it (H100, docs/kernels.md; forward+backward
 # ms eager / graphed, QuACK vs ours): fine-grained (D 2048, I 768) 8.30 / 7.57 vs 9.49 / 8.25, OLMoE-like
@@ -126,22 +136,36 @@ def measured_faster(num_rows: int, D: int, I: int) -> bool:
 
 @fast_launch
 @triton.jit
-def _row_weights_kernel(w_ptr, row_slot_ptr, live_ptr, out_ptr, N, BLOCK: tl.constexpr):
-    """``out[r] = w[row_slot[r]]`` for live rows, 0 past them (their slot ids are unset)."""
+def _rows_slots_kernel(
+    src_ptr, row_slot_ptr, live_ptr, dst_ptr, N, TO_SLOTS: tl.constexpr, BLOCK: tl.constexpr
+):
+    """Live rows only (the slot ids of rows past them are unset). ``TO_SLOTS``: ``dst[row_slot[r]] =
+    src[r]`` (rows' values to slot order); else ``dst[r] = src[row_slot[r]]``, 0 past the live rows."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     live = (rows < N) & (rows < tl.load(live_ptr))
     slot = tl.load(row_slot_ptr + rows, mask=live, other=0)
-    tl.store(out_ptr + rows, tl.load(w_ptr + slot, mask=live, other=0.0), mask=rows < N)
+    if TO_SLOTS:
+        tl.store(dst_ptr + slot, tl.load(src_ptr + rows, mask=live), mask=live)
+    else:
+        tl.store(dst_ptr + rows, tl.load(src_ptr + slot, mask=live, other=0.0), mask=rows < N)
 
 
-@fast_launch
-@triton.jit
-def _slot_grads_kernel(g_rows_ptr, row_slot_ptr, live_ptr, out_ptr, N, BLOCK: tl.constexpr):
-    """``out[row_slot[r]] = g_rows[r]`` for live rows (``out`` zeroed: slots with no row get 0)."""
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    live = (rows < N) & (rows < tl.load(live_ptr))
-    slot = tl.load(row_slot_ptr + rows, mask=live, other=0)
-    tl.store(out_ptr + slot, tl.load(g_rows_ptr + rows, mask=live, other=0.0), mask=live)
+def rows_from_slots(w_S: torch.Tensor, row_slot_N: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """``[N]``: row r's value ``w[row_slot[r]]`` for the ``live`` (1-element int32 tensor) rows, 0 after."""
+    N = row_slot_N.shape[0]
+    out_N = w_S.new_empty(N)
+    if N:
+        _rows_slots_kernel[(cdiv(N, _BLOCK),)](w_S, row_slot_N, live, out_N, N, TO_SLOTS=False, BLOCK=_BLOCK)
+    return out_N
+
+
+def slots_from_rows(g_N: torch.Tensor, row_slot_N: torch.Tensor, live: torch.Tensor, S: int) -> torch.Tensor:
+    """``[S]``: slot ``row_slot[r]`` gets ``g[r]`` for the live rows; slots with no row get 0."""
+    N = row_slot_N.shape[0]
+    out_S = g_N.new_zeros(S)
+    if N:
+        _rows_slots_kernel[(cdiv(N, _BLOCK),)](g_N, row_slot_N, live, out_S, N, TO_SLOTS=True, BLOCK=_BLOCK)
+    return out_S
 
 
 _BLOCK = 1024
@@ -220,8 +244,7 @@ def down_backward(
     q = _STATE["api"]
     N, I = h_NF.shape[0], h_NF.shape[1] // 2
     live = offs_E[-1:]
-    w_rows_N = torch.empty(N, dtype=torch.float32, device=h_NF.device)
-    _row_weights_kernel[(cdiv(N, _BLOCK),)](weights_S, row_slot_N, live, w_rows_N, N, BLOCK=_BLOCK)
+    w_rows_N = rows_from_slots(weights_S, row_slot_N, live)
     grad_h_NF = h_NF if overwrite_h else torch.empty_like(h_NF)
     wa_NI = h_NF.new_empty((N, I))
     grad_w_N = q["dgated"](
@@ -229,8 +252,7 @@ def down_backward(
         colvec_reduce=True, cu_seqlens_m=_cu(offs_E), A_idx=_tokens(row_slot_N, K), dynamic_scheduler=False,
         config=q["dgated_cfg"],
     )  # fmt: skip
-    grad_w_S = torch.zeros(weights_S.shape[0], dtype=torch.float32, device=h_NF.device)
-    _slot_grads_kernel[(cdiv(N, _BLOCK),)](grad_w_N, row_slot_N, live, grad_w_S, N, BLOCK=_BLOCK)
+    grad_w_S = slots_from_rows(grad_w_N, row_slot_N, live, weights_S.shape[0])
     if not need_grad_w_down:
         grad_w_down = wa_NI.new_empty(0)
     else:

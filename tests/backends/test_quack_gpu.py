@@ -2,7 +2,7 @@
 Hopper GPU runs it: within the tolerance rule of the fp32 reference (output, x, routing weights, both
 expert weights; fresh and accumulated gradients), dropped slots and empty experts, recompute bit for bit.
 The layer-level GPU tests (compile, CUDA graphs) take this path too wherever it loads (``auto``).
-The refusals run everywhere."""
+The refusals, the auto rule and the routing-weight kernels run everywhere (CPU: Triton's interpreter)."""
 
 import pytest
 import torch
@@ -121,3 +121,18 @@ def test_quack_requested_where_it_cannot_run_is_refused(monkeypatch):
 def test_quack_auto_takes_the_shapes_where_it_measured_faster(shape, quack):
     T, D, I, E, K = shape
     assert quack_gemm.measured_faster(T * K, D, I) == quack
+
+
+def test_routing_weights_move_between_slots_and_rows():
+    """Row r's weight is its slot's; the gradients go back to slot order; rows past the live count
+    (their slot ids unset: garbage here) are neither read nor written."""
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    S, live = 12, 9
+    row_slot = torch.cat([torch.randperm(S)[:live], torch.full((3,), 10**6)]).int().to(dev)
+    w_S = torch.rand(S, device=dev)
+    got = quack_gemm.rows_from_slots(w_S, row_slot, torch.tensor([live], dtype=torch.int32, device=dev))
+    assert torch.equal(got[:live], w_S[row_slot[:live].long()]) and not got[live:].any()
+    g_N = torch.rand(S, device=dev)
+    back = quack_gemm.slots_from_rows(g_N, row_slot, torch.tensor([live], dtype=torch.int32, device=dev), S)
+    expect = torch.zeros(S, device=dev).index_put_((row_slot[:live].long(),), g_N[:live])
+    assert torch.equal(back, expect)
