@@ -1,5 +1,6 @@
 """The ``triton`` backend: fused Triton kernels for every non-GEMM step of the MoE layer, grouped GEMMs
-through ``torch._grouped_mm`` or our Triton kernel (whichever runs and is faster for the shape).
+through ``torch._grouped_mm`` or our Triton kernel (whichever runs and is faster for the shape), or on
+QuACK's kernels where they are installed and measured faster (``quack_gemm.py``).
 
 Runs on CUDA tensors; on CPU tensors only under ``TRITON_INTERPRET=1`` (fp32, small shapes: tests).
 """

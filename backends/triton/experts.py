@@ -3,6 +3,9 @@
 every world size: under expert parallelism the "tokens" are the rows a communicator delivered, with
 their local expert ids (-1 for experts elsewhere) and weights.
 
+Where QuACK runs and measured faster (``quack_gemm.py``, ``FLASHFUSEMOE_GEMM``), its GEMMs take all six
+products, the backward's row gathers and the activation backward.
+
 Each step is a ``torch.library.custom_op`` (opaque to torch.compile, no host sync) under an
 autograd.Function that saves only ``h`` (the up-projection, or nothing with ``recompute``) beside what
 the caller already holds (x, weights, routing).
