@@ -133,6 +133,8 @@ def measured_faster(num_rows: int, D: int, I: int) -> bool:
 
 # --------------------------------------------------------------- routing weights between slots and rows
 
+_BLOCK = 1024
+
 
 @fast_launch
 @triton.jit
@@ -166,9 +168,6 @@ def slots_from_rows(g_N: torch.Tensor, row_slot_N: torch.Tensor, live: torch.Ten
     if N:
         _rows_slots_kernel[(cdiv(N, _BLOCK),)](g_N, row_slot_N, live, out_S, N, TO_SLOTS=True, BLOCK=_BLOCK)
     return out_S
-
-
-_BLOCK = 1024
 
 
 def _cu(offs_E: torch.Tensor) -> torch.Tensor:
