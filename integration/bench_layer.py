@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from flashfusemoe import RouterConfig, fused_moe
+from flashfusemoe.backends.triton import quack_gemm
 from flashfusemoe.backends.triton.grouped_gemm import grouped_mm, grouped_mm_wgrad
 
 SHAPES = {  # T, D, I, E, K
@@ -103,7 +104,7 @@ def variants(shape):
         )[0]
 
     out = {"ours": ours("triton")}
-    if quack_runs():
+    if quack_gemm.runs_here():
         out[TRITON_GEMMS] = _with_env("FLASHFUSEMOE_GEMM", "triton", ours("triton"))
     out |= {
         "ours+recompute": ours("triton", True),
@@ -114,13 +115,6 @@ def variants(shape):
     if sonic is not None:
         out[SONIC] = sonic
     return out
-
-
-def quack_runs() -> bool:
-    """Whether "ours" runs its experts on QuACK's GEMMs here (``FLASHFUSEMOE_GEMM`` auto)."""
-    from flashfusemoe.backends.triton.quack_gemm import _unavailable
-
-    return torch.cuda.is_available() and _unavailable(torch.cuda.current_device()) == ""
 
 
 def _with_env(name: str, value: str, fn):

@@ -39,6 +39,7 @@ __all__ = [
     "measured_faster",
     "recompute_h",
     "rows_from_slots",
+    "runs_here",
     "slots_from_rows",
     "up",
     "up_backward",
@@ -92,6 +93,11 @@ def _load() -> str:
         narrow=config(128, 128, True), wide=config(128, 192, True),
     )  # fmt: skip
     return ""
+
+
+def runs_here() -> bool:
+    """Whether QuACK imports and runs on the current CUDA device (no shape or dtype considered)."""
+    return torch.cuda.is_available() and _unavailable(torch.cuda.current_device()) == ""
 
 
 def _why_not(x_TD, w_up, w_down, activation: str, num_rows: int) -> str | None:

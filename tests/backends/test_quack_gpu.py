@@ -14,11 +14,7 @@ from flashfusemoe.backends.triton.experts import experts
 BF16_EPS = 2.0**-8
 
 
-def _quack_runs() -> bool:
-    return torch.cuda.is_available() and quack_gemm._unavailable(torch.cuda.current_device()) == ""
-
-
-needs_quack = pytest.mark.skipif(not _quack_runs(), reason="QuACK does not run here")
+needs_quack = pytest.mark.skipif(not quack_gemm.runs_here(), reason="QuACK does not run here")
 
 
 def _inputs(T, D, I, E, K, routing, seed):
