@@ -8,7 +8,8 @@
 #     triton runs. SEED_FLAGS: flags of every run (the base row's too).
 #   SEED_BASE: an older full_integration.py (e.g. in the carried .ab_base/) run compiled as an A/B row.
 #   SONIC_WARM: shapes at which SonicMoE's kernels compile in the background from the start (minutes).
-#   LAYER_PROFILE: shapes (space-separated) whose layer kernel profile (integration/profile_layer.py) is taken.
+#   LAYER_PROFILE: shapes (space-separated) whose layer kernel profile (integration/profile_layer.py) is taken;
+#     PROFILE_FLAGS: its extra flags (e.g. --timeline, --variant ours-triton-gemm).
 #   EXTRA: any other command (its log: extra.log).
 #   TESTS: extra pytest targets run first. E2E: flags of an integration/bench_e2e.py run. LAYER: flags of
 #   an integration/bench_layer.py run, last (after the SonicMoE warm-up).
@@ -44,7 +45,7 @@ if [ -n "${EXTRA:-}" ]; then  # any other command, e.g. a carried A/B script
   timeout ${EXTRA_TIMEOUT:-120} bash -c "$EXTRA" 2>&1 | tee "$LOG/extra.log" | grep -v -i warn | tail -${EXTRA_TAIL:-20}
 fi
 for shape in ${LAYER_PROFILE:-}; do  # our layer's per-kernel GPU times (integration/profile_layer.py)
-  timeout 120 python3 -m integration.profile_layer --shape "$shape" --rows 30 2>&1 | tee "$LOG/profile_layer_$shape.log" | tail -${PROFILE_TAIL:-8}
+  timeout 120 python3 -m integration.profile_layer --shape "$shape" --rows 30 ${PROFILE_FLAGS:-} 2>&1 | tee "$LOG/profile_layer_$shape.log" | tail -${PROFILE_TAIL:-8}
 done
 if [ "${HF:-1}" = 1 ]; then
   timeout 100 python3 -m pytest -q -p no:cacheprovider tests/integrations -k "gpu or bf16 or torch or refused or sentinels or import" 2>&1 | tee "$LOG/tests.log" | tail -6

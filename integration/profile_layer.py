@@ -1,7 +1,8 @@
 """Where the time of one MoE layer forward+backward goes: eager vs CUDA-graph replay (the gap is CPU
-launch overhead) and the profiler's per-kernel GPU times.
+launch overhead), the profiler's per-kernel GPU times, and (``--timeline``) one eager step's kernels in
+GPU order with the idle time before each: where the GPU waits on the host.
 
-``python integration/profile_layer.py --shape seed [--backend triton]``
+``python integration/profile_layer.py --shape seed [--variant ours] [--timeline]``
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ def main() -> None:
     p.add_argument("--shape", default="seed", choices=SHAPES)
     p.add_argument("--variant", default="ours")
     p.add_argument("--rows", type=int, default=25)
+    p.add_argument("--timeline", action="store_true", help="one eager step's kernels in GPU order")
     args = p.parse_args()
     shape = SHAPES[args.shape]
     fn = variants(shape)[args.variant]
@@ -42,6 +44,33 @@ def main() -> None:
     averages = prof.key_averages()
     print(averages.table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=50))
     print(averages.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=50))
+    if args.timeline:
+        print_timeline(step)
+
+
+def print_timeline(step) -> None:
+    """One eager step from an idle GPU (as ``timed`` runs it): each kernel's start, duration and the
+    idle gap before it, in us from the first kernel; then the step's busy and idle totals."""
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    kernels = sorted(
+        (e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+        key=lambda e: e.time_range.start,
+    )
+    if not kernels:
+        return
+    t0 = end = kernels[0].time_range.start
+    busy = 0.0
+    print(f"{'start us':>9} {'dur us':>8} {'idle before':>11}  kernel")
+    for e in kernels:
+        start, dur = e.time_range.start, e.time_range.elapsed_us()
+        gap = max(0.0, start - end)
+        print(f"{start - t0:9.1f} {dur:8.1f} {gap:11.1f}  {e.name[:90]}")
+        busy += dur
+        end = max(end, start + dur)
+    print(f"step: {end - t0:.1f} us, kernels {busy:.1f} us, idle {end - t0 - busy:.1f} us ({len(kernels)} kernels)")
 
 
 if __name__ == "__main__":
