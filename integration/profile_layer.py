@@ -70,7 +70,8 @@ def print_timeline(step) -> None:
         print(f"{start - t0:9.1f} {dur:8.1f} {gap:11.1f}  {e.name[:90]}")
         busy += dur
         end = max(end, start + dur)
-    print(f"step: {end - t0:.1f} us, kernels {busy:.1f} us, idle {end - t0 - busy:.1f} us ({len(kernels)} kernels)")
+    span = end - t0
+    print(f"step: {span:.1f} us, kernels {busy:.1f} us, idle {span - busy:.1f} us ({len(kernels)} kernels)")
 
 
 if __name__ == "__main__":
