@@ -6,7 +6,8 @@ kernels and ``torch._grouped_mm``, the gathers included where QuACK folds them) 
 of ``CFGS``, beside a dense cuBLAS GEMM of the same FLOPs; QuACK's outputs checked against ours. What
 chose ``backends/triton/quack_gemm.py``'s configurations (docs/kernels.md).
 
-    python integration/quack_sweep.py                  # compile (parallel workers), then time and check
+    python integration/quack_sweep.py [--shapes fine,sonic] [--cfgs pp128x192c21,...]
+                                                       # compile (parallel workers), then time and check
     python integration/quack_sweep.py worker KIND CFG  # one compile (internal)
 
 Legend: T tokens, D model dim, I intermediate dim, E experts, K top-k, N = T*K rows.
@@ -14,6 +15,7 @@ Legend: T tokens, D model dim, I intermediate dim, E experts, K top-k, N = T*K r
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -31,6 +33,7 @@ SHAPES = {
     "fine": (16384, 2048, 768, 128, 8),
     "olmoe": (16384, 2048, 1024, 64, 8),
     "mixtral": (8192, 4096, 14336, 8, 2),
+    "sonic": (32768, 4096, 1024, 128, 8),
 }
 KINDS = ["up", "down", "dact", "dw_down", "dx", "dw_up"]
 CFGS = {
@@ -38,7 +41,13 @@ CFGS = {
     "pp128x128c21": dict(tile_m=128, tile_n=128, pingpong=True, cluster_m=2, cluster_n=1),
     "co256x128c21": dict(tile_m=256, tile_n=128, pingpong=False, cluster_m=2, cluster_n=1),
     "co256x192c21": dict(tile_m=256, tile_n=192, pingpong=False, cluster_m=2, cluster_n=1),
+    "pp128x160c21": dict(tile_m=128, tile_n=160, pingpong=True, cluster_m=2, cluster_n=1),
+    "pp128x192c12": dict(tile_m=128, tile_n=192, pingpong=True, cluster_m=1, cluster_n=2),
+    "co128x256c21": dict(tile_m=128, tile_n=256, pingpong=False, cluster_m=2, cluster_n=1),
+    "co256x160c21": dict(tile_m=256, tile_n=160, pingpong=False, cluster_m=2, cluster_n=1),
 }
+DEFAULT_SHAPES = ["seed", "fine", "olmoe", "mixtral"]
+DEFAULT_CFGS = ["pp128x192c21", "pp128x128c21", "co256x128c21", "co256x192c21"]
 
 
 def cfg(name):
@@ -228,9 +237,17 @@ def worker(kind, name):
 
 
 def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default=",".join(DEFAULT_SHAPES), help=f"of {list(SHAPES)}")
+    p.add_argument("--cfgs", default=",".join(DEFAULT_CFGS), help=f"of {list(CFGS)}")
+    args = p.parse_args()
+    shapes, cfgs = args.shapes.split(","), args.cfgs.split(",")
+    for name in shapes + cfgs:
+        if name not in SHAPES and name not in CFGS:
+            p.error(f"unknown shape or configuration {name!r}")
     out = os.environ.get("OUT", "/tmp")
     t0 = time.time()
-    jobs = [(k, n) for k in KINDS for n in CFGS]
+    jobs = [(k, n) for k in KINDS for n in cfgs]
     procs = [
         subprocess.Popen(
             [sys.executable, __file__, "worker", k, n],
@@ -249,7 +266,8 @@ def main():
             compile_s[f"{k}/{n}"] = json.loads(so.strip().splitlines()[-1])["s"]
     print(f"parallel compile wall {time.time() - t0:.1f} s; per job {compile_s}", flush=True)
     rows = []
-    for sname, shape in SHAPES.items():
+    for sname in shapes:
+        shape = SHAPES[sname]
         d = inputs(shape)
         ours, oo = our_ops(d)
         tq = {}
@@ -269,7 +287,7 @@ def main():
         )  # (M, K, N) of the dense GEMM with the op's FLOPs
         t_dense = {k: dense_ms(*mkn) for k, mkn in dims.items()}
         rows.append(dict(shape=sname, cfg="dense", ms=t_dense))
-        for n in CFGS:
+        for n in cfgs:
             try:
                 qops, qo = quack_ops(d, n)
                 t1 = time.time()
