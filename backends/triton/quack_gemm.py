@@ -21,7 +21,7 @@ Chosen by ``FLASHFUSEMOE_GEMM``: ``auto`` (the default: where it loads and runs,
 faster), ``quack`` (required: an error says why it cannot run) or ``triton`` (never).
 
 Legend: T tokens (or received rows), K top-k, N rows in expert order, E experts, D model dim, I
-intermediate dim, S = T*K slots.
+intermediate dim, S = T*K slots, E1 = E + 1 group bounds (``[0, offs...]``).
 """
 
 from __future__ import annotations
@@ -212,13 +212,13 @@ def recompute_h(x_TD, w_up_EFD, offs_E, row_slot_N, K: int) -> torch.Tensor:
     return h_NF
 
 
-def _mm(a_NP, b_EPQ, offs_E, concat: tuple = ()) -> torch.Tensor:
-    """``[N, Q]``: row group e of ``a`` times ``b[e]``."""
+def _mm(a_NP, b_EPQ, cu_E1, concat: tuple = ()) -> torch.Tensor:
+    """``[N, Q]``: row group e of ``a`` times ``b[e]`` (group bounds ``cu``)."""
     q = _STATE["api"]
     Q = b_EPQ.shape[2]
     c_NQ = a_NP.new_empty((a_NP.shape[0], Q))
     q["gemm"](
-        a_NP, b_EPQ, c_NQ, cu_seqlens_m=_cu(offs_E), dynamic_scheduler=False,
+        a_NP, b_EPQ, c_NQ, cu_seqlens_m=cu_E1, dynamic_scheduler=False,
         config=q["narrow" if Q <= 1024 else "wide"], concat_layout=concat or None,
     )  # fmt: skip
     return c_NQ
@@ -226,14 +226,14 @@ def _mm(a_NP, b_EPQ, offs_E, concat: tuple = ()) -> torch.Tensor:
 
 def down(a_NI, w_down_EDI, offs_E) -> torch.Tensor:
     """``y [N, D]``: row group e of ``a`` times ``w_down[e].T``."""
-    return _mm(a_NI, w_down_EDI.transpose(1, 2), offs_E)
+    return _mm(a_NI, w_down_EDI.transpose(1, 2), _cu(offs_E))
 
 
-def _wgrad(src_TP, b_NQ, out_EPQ, offs_E, row_slot_N, K: int, acc: bool, concat: tuple = ()) -> None:
+def _wgrad(src_TP, b_NQ, out_EPQ, cu_E1, tok_N, acc: bool, concat: tuple = ()) -> None:
     """``out[e] (+)= src[tok].T @ b`` over row group e (token rows read through the index)."""
     q = _STATE["api"]
     q["gemm"](
-        src_TP.T, b_NQ, out_EPQ, cu_seqlens_k=_cu(offs_E), A_idx=_tokens(row_slot_N, K), add_to_output=acc,
+        src_TP.T, b_NQ, out_EPQ, cu_seqlens_k=cu_E1, A_idx=tok_N, add_to_output=acc,
         dynamic_scheduler=False, config=q["wgrad"], concat_layout=concat or None,
     )  # fmt: skip
 
@@ -249,12 +249,13 @@ def down_backward(
     q = _STATE["api"]
     N, I = h_NF.shape[0], h_NF.shape[1] // 2
     live = offs_E[-1:]
+    cu_E1, tok_N = _cu(offs_E), _tokens(row_slot_N, K)  # shared by both GEMMs
     w_rows_N = rows_from_slots(weights_S, row_slot_N, live)
     grad_h_NF = h_NF if overwrite_h else torch.empty_like(h_NF)
     wa_NI = h_NF.new_empty((N, I))
     grad_w_N = q["dgated"](
         grad_out_TD, w_down_EDI, h_NF, grad_h_NF, wa_NI, colvec_scale=w_rows_N, activation="swiglu",
-        colvec_reduce=True, cu_seqlens_m=_cu(offs_E), A_idx=_tokens(row_slot_N, K), dynamic_scheduler=False,
+        colvec_reduce=True, cu_seqlens_m=cu_E1, A_idx=tok_N, dynamic_scheduler=False,
         config=q["dgated_cfg"],
     )  # fmt: skip
     grad_w_S = slots_from_rows(grad_w_N, row_slot_N, live, weights_S.shape[0])
@@ -262,7 +263,7 @@ def down_backward(
         grad_w_down = wa_NI.new_empty(0)
     else:
         out = grad_w_down_acc if grad_w_down_acc is not None else torch.empty_like(w_down_EDI)
-        _wgrad(grad_out_TD, wa_NI, out, offs_E, row_slot_N, K, grad_w_down_acc is not None)
+        _wgrad(grad_out_TD, wa_NI, out, cu_E1, tok_N, grad_w_down_acc is not None)
         grad_w_down = out if grad_w_down_acc is None else out.new_empty(0)
     return grad_h_NF, grad_w_S, grad_w_down
 
@@ -273,12 +274,12 @@ def up_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """``(grad_x rows [N, D] in expert order, grad_w_up)`` from the interleaved ``grad_h``; the weight
     gradient as in ``down_backward``."""
+    cu_E1 = _cu(offs_E)
     if not need_grad_w_up:
         grad_w_up = grad_h_NF.new_empty(0)
     else:
         out = grad_w_up_acc if grad_w_up_acc is not None else torch.empty_like(w_up_EFD)
-        _wgrad(
-            x_TD, grad_h_NF, out.transpose(1, 2), offs_E, row_slot_N, K, grad_w_up_acc is not None, ("out",)
-        )
+        tok_N = _tokens(row_slot_N, K)
+        _wgrad(x_TD, grad_h_NF, out.transpose(1, 2), cu_E1, tok_N, grad_w_up_acc is not None, ("out",))
         grad_w_up = out if grad_w_up_acc is None else out.new_empty(0)
-    return _mm(grad_h_NF, w_up_EFD, offs_E, ("B",)), grad_w_up
+    return _mm(grad_h_NF, w_up_EFD, cu_E1, ("B",)), grad_w_up
