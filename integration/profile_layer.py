@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, schedule
 
 from integration.bench_layer import SHAPES, graphed_ms, make_inputs, timed, variants
 
@@ -50,13 +50,22 @@ def main() -> None:
 
 def print_timeline(step) -> None:
     """One eager step from an idle GPU (as ``timed`` runs it): each kernel's start, duration and the
-    idle gap before it, in us from the first kernel; then the step's busy and idle totals."""
+    idle gap before it, in us from the first kernel; then the step's busy and idle totals. A first
+    step runs under the started profiler unrecorded: the tracer's own start-up (its buffers: ms of
+    host time) would otherwise show as idle before the step's first kernels."""
+    recorded = []
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
+    with profile(
+        activities=[ProfilerActivity.CUDA],
+        schedule=schedule(wait=0, warmup=1, active=1),
+        on_trace_ready=lambda prof: recorded.extend(prof.events()),
+    ) as prof:
+        for _ in range(2):
+            step()
+            torch.cuda.synchronize()
+            prof.step()
     kernels = sorted(
-        (e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+        (e for e in recorded if e.device_type == torch.autograd.DeviceType.CUDA),
         key=lambda e: e.time_range.start,
     )
     if not kernels:
