@@ -236,15 +236,16 @@ def worker(kind, name):
     print(json.dumps(dict(kind=kind, cfg=name, s=time.time() - t0)), flush=True)
 
 
-def main():
+def main(argv: list[str] | None = None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default=",".join(DEFAULT_SHAPES), help=f"of {list(SHAPES)}")
     p.add_argument("--cfgs", default=",".join(DEFAULT_CFGS), help=f"of {list(CFGS)}")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     shapes, cfgs = args.shapes.split(","), args.cfgs.split(",")
-    for name in shapes + cfgs:
-        if name not in SHAPES and name not in CFGS:
-            p.error(f"unknown shape or configuration {name!r}")
+    for flag, names, known in (("--shapes", shapes, SHAPES), ("--cfgs", cfgs, CFGS)):
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            p.error(f"{flag}: unknown {unknown}; known: {list(known)}")
     out = os.environ.get("OUT", "/tmp")
     t0 = time.time()
     jobs = [(k, n) for k in KINDS for n in cfgs]

@@ -1,4 +1,7 @@
-"""The benchmark's table (integration/bench_layer.py runs only on a GPU; its rendering runs anywhere)."""
+"""The benchmarks' tables and arguments (integration/bench_layer.py and quack_sweep.py run only on a
+GPU; their rendering and argument checks run anywhere)."""
+
+import importlib
 
 import pytest
 
@@ -62,17 +65,21 @@ def test_emit_rewrites_only_its_block_of_a_shared_page(tmp_path, capsys):
     assert "| all |" in capsys.readouterr().out
 
 
-def test_bench_layer_refuses_unknown_variants_and_shapes(capsys):
-    from integration.bench_layer import main
-
-    for flags, name in (
-        (["--variants", "ours,bogus"], "--variants"),
-        (["--shapes", "seed,huge"], "--shapes"),
-    ):
-        with pytest.raises(SystemExit) as exit_:
-            main(flags)
-        err = capsys.readouterr().err
-        assert exit_.value.code == 2 and name in err and "unknown" in err, err
+@pytest.mark.parametrize(
+    "script, flags, name",
+    [
+        ("bench_layer", ["--variants", "ours,bogus"], "--variants"),
+        ("bench_layer", ["--shapes", "seed,huge"], "--shapes"),
+        ("quack_sweep", ["--shapes", "fine,huge"], "--shapes"),
+        ("quack_sweep", ["--cfgs", "pp128x192c21,pp999"], "--cfgs"),
+    ],
+)
+def test_bench_scripts_refuse_unknown_names(capsys, script, flags, name):
+    main = importlib.import_module(f"integration.{script}").main
+    with pytest.raises(SystemExit) as exit_:
+        main(flags)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and name in err and "unknown" in err, err
 
 
 def test_bench_numerics_column_helpers_on_cpu():
