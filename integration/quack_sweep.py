@@ -68,9 +68,8 @@ def inputs(shape, seed=0):
     ids = torch.rand(T, E, device=dev, generator=g).topk(K, dim=1).indices.int()
     wts = torch.rand(T, K, device=dev, generator=g).float()
     gout = torch.randn(T, D, device=dev, dtype=bf, generator=g)
-    meta = routing_metadata(ids, E, T * K)
-    cu = torch.cat([meta.offs_E.new_zeros(1), meta.offs_E]).int()
-    a_idx = (meta.row_slot_M // K).int()
+    meta = routing_metadata(ids, E, T * K, row_tokens=True)
+    cu, a_idx = meta.bounds_E1, meta.row_token_M
     s_rows = wts.reshape(-1)[meta.row_slot_M.long()].contiguous()
     return dict(
         x=x,

@@ -43,7 +43,8 @@ def _up_fwd_fake(x_TD, topk_ids_TK, w_up, activation, num_rows, quack):
         x_TD.new_empty((num_rows, F // 2 if is_glu(activation) else F)),
         x_TD.new_empty((T, K), **i32),
         x_TD.new_empty((num_rows,), **i32),
-        x_TD.new_empty((w_up.shape[0],), **i32),
+        x_TD.new_empty((num_rows if quack else 0,), **i32),
+        x_TD.new_empty((w_up.shape[0] + 1,), **i32),
     )
 
 
@@ -59,28 +60,30 @@ def _up_fwd(
     activation: str,
     num_rows: int,
     quack: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(h, a, pos, row_slot, offs)``; with ``quack`` on QuACK's GEMM (``h``'s columns interleaved)."""
-    meta = routing_metadata(topk_ids_TK, w_up.shape[0], num_rows)
-    K = topk_ids_TK.shape[1]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(h, a, pos, row_slot, row_token, bounds)`` (``row_token`` empty unless ``quack``); with
+    ``quack`` on QuACK's GEMM (``h``'s columns interleaved)."""
+    meta = routing_metadata(topk_ids_TK, w_up.shape[0], num_rows, row_tokens=quack)
     if quack:
-        h_NF, a_NI = quack_gemm.up(x_TD, w_up, meta.offs_E, meta.row_slot_M, K)
+        h_NF, a_NI = quack_gemm.up(x_TD, w_up, meta.bounds_E1, meta.row_token_M)
     else:  # expert-order row r is token row_slot[r] // K
-        h_NF, a_NI = grouped_mm_act(
-            x_TD, w_up.transpose(1, 2), meta.offs_E, activation, gather=(meta.row_slot_M, K)
-        )
-    return h_NF, a_NI, meta.pos_TK, meta.row_slot_M, meta.offs_E
+        gather = (meta.row_slot_M, topk_ids_TK.shape[1])
+        h_NF, a_NI = grouped_mm_act(x_TD, w_up.transpose(1, 2), meta.offs_E, activation, gather=gather)
+    return h_NF, a_NI, meta.pos_TK, meta.row_slot_M, meta.row_token_M, meta.bounds_E1
 
 
 def _wgrad_fake(w, grad_w_acc, need_grad_w):
     return w.new_empty(w.shape if grad_w_acc is None and need_grad_w else (0,))
 
 
-def _up_bwd_fake(grad_h_NF, x_TD, w_up, pos_TK, row_slot_N, offs_E, grad_w_up_acc, need_grad_w_up, quack):
+def _up_bwd_fake(
+    grad_h_NF, x_TD, w_up, pos_TK, row_slot_N, row_token_N, bounds_E1, grad_w_up_acc, need_grad_w_up, quack
+):
     return x_TD.new_empty(x_TD.shape), _wgrad_fake(w_up, grad_w_up_acc, need_grad_w_up)
 
 
-def _up_bwd_flops(grad_h_NF, x_TD, w_up, pos_TK, row_slot_N, offs_E, grad_w_up_acc, need_grad_w_up, quack):
+def _up_bwd_flops(grad_h_NF, x_TD, w_up, *rest):
+    need_grad_w_up = rest[-2]
     return (2 + 2 * need_grad_w_up) * grad_h_NF[0] * w_up[1] * w_up[2]  # grad_x (and grad_w_up)
 
 
@@ -91,7 +94,8 @@ def _up_bwd(
     w_up: torch.Tensor,
     pos_TK: torch.Tensor,
     row_slot_N: torch.Tensor,
-    offs_E: torch.Tensor,
+    row_token_N: torch.Tensor,
+    bounds_E1: torch.Tensor,
     grad_w_up_acc: torch.Tensor | None,
     need_grad_w_up: bool,
     quack: bool,
@@ -99,11 +103,11 @@ def _up_bwd(
     """``(grad_x, grad_w_up)``; with ``grad_w_up_acc`` the weight gradient is added into it instead,
     and without ``need_grad_w_up`` not computed (a frozen weight): ``grad_w_up`` is then empty."""
     if quack:
-        K = pos_TK.shape[1]
         grad_rows, grad_w_up = quack_gemm.up_backward(
-            grad_h_NF, x_TD, w_up, offs_E, row_slot_N, K, grad_w_up_acc, need_grad_w_up
+            grad_h_NF, x_TD, w_up, bounds_E1, row_token_N, grad_w_up_acc, need_grad_w_up
         )
         return combine_rows(grad_rows, pos_TK), grad_w_up
+    offs_E = bounds_E1[1:]
     if need_grad_w_up:
         x_ND = gather_rows(x_TD, row_slot_N, offs_E[-1:], pos_TK.shape[1])
         grad_w_up = _wgrad(grad_h_NF, x_ND, offs_E, grad_w_up_acc)
@@ -123,11 +127,11 @@ def _wgrad(a_NP, b_NQ, offs_E, acc_EPQ):
     return acc_EPQ.new_empty(0)
 
 
-def _down_fwd_fake(a_NI, weights_TK, w_down, pos_TK, offs_E, quack):
+def _down_fwd_fake(a_NI, weights_TK, w_down, pos_TK, bounds_E1, quack):
     return a_NI.new_empty((pos_TK.shape[0], w_down.shape[1]))
 
 
-def _down_fwd_flops(a_NI, weights_TK, w_down, pos_TK, offs_E, quack):
+def _down_fwd_flops(a_NI, weights_TK, w_down, pos_TK, bounds_E1, quack):
     return 2 * a_NI[0] * w_down[1] * w_down[2]
 
 
@@ -137,11 +141,13 @@ def _down_fwd(
     weights_TK: torch.Tensor,
     w_down: torch.Tensor,
     pos_TK: torch.Tensor,
-    offs_E: torch.Tensor,
+    bounds_E1: torch.Tensor,
     quack: bool,
 ) -> torch.Tensor:
     y_ND = (
-        quack_gemm.down(a_NI, w_down, offs_E) if quack else grouped_mm(a_NI, w_down.transpose(1, 2), offs_E)
+        quack_gemm.down(a_NI, w_down, bounds_E1)
+        if quack
+        else grouped_mm(a_NI, w_down.transpose(1, 2), bounds_E1[1:])
     )
     return combine_rows(y_ND, pos_TK, weights_TK)
 
@@ -155,7 +161,8 @@ def _down_bwd_fake(
     w_down,
     pos_TK,
     row_slot_N,
-    offs_E,
+    row_token_N,
+    bounds_E1,
     act,
     reuse,
     grad_w_down_acc,
@@ -185,7 +192,8 @@ def _down_bwd(
     w_down: torch.Tensor,
     pos_TK: torch.Tensor,
     row_slot_N: torch.Tensor,
-    offs_E: torch.Tensor,
+    row_token_N: torch.Tensor,
+    bounds_E1: torch.Tensor,
     activation: str,
     reuse_h: bool,
     grad_w_down_acc: torch.Tensor | None,
@@ -195,17 +203,16 @@ def _down_bwd(
     """``grad_h`` (over ``h_saved`` itself with ``reuse_h``), the routing-weight and ``w_down`` grads
     (the last added into ``grad_w_down_acc`` if given, not computed without ``need_grad_w_down``:
     then empty)."""
-    live, K = offs_E[-1:], pos_TK.shape[1]
-    gather = (row_slot_N, K)
     recomputed = h_saved.dim() != 2  # the forward kept no activations
     if quack:
-        h_NF = quack_gemm.recompute_h(x_TD, w_up, offs_E, row_slot_N, K) if recomputed else h_saved
+        h_NF = quack_gemm.recompute_h(x_TD, w_up, bounds_E1, row_token_N) if recomputed else h_saved
         grad_h_NF, grad_w_S, grad_w_down = quack_gemm.down_backward(
-            grad_out_TD.contiguous(), h_NF, w_down, weights_TK.reshape(-1), offs_E, row_slot_N, K,
-            recomputed or reuse_h, grad_w_down_acc, need_grad_w_down,
+            grad_out_TD.contiguous(), h_NF, w_down, weights_TK.reshape(-1), bounds_E1, row_slot_N,
+            row_token_N, recomputed or reuse_h, grad_w_down_acc, need_grad_w_down,
         )  # fmt: skip
         return grad_h_NF, grad_w_S.view(pos_TK.shape), grad_w_down
-    h_NF = grouped_mm(x_TD, w_up.transpose(1, 2), offs_E, gather=gather) if recomputed else h_saved
+    offs_E, live, K = bounds_E1[1:], bounds_E1[-1:], pos_TK.shape[1]
+    h_NF = grouped_mm(x_TD, w_up.transpose(1, 2), offs_E, gather=(row_slot_N, K)) if recomputed else h_saved
     # grad_out's rows in expert order (unweighted: the weights enter in the activation backward), one
     # copy for both GEMMs: a weight gradient reading rows through the index ran 1.4-1.8x slower (H100).
     grad_y = gather_rows(grad_out_TD.contiguous(), row_slot_N, live, K)
@@ -264,15 +271,15 @@ def saved_for_backward(ctx) -> tuple[torch.Tensor, ...]:
 class _Up(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, w_up, topk_ids_TK, activation, num_rows, quack):
-        h_NF, a_NI, pos_TK, row_slot_N, offs_E = _up_fwd(x_TD, topk_ids_TK, w_up, activation, num_rows, quack)
-        ctx.save_for_backward(x_TD, w_up, pos_TK, row_slot_N, offs_E)
+        h_NF, a_NI, *routing = _up_fwd(x_TD, topk_ids_TK, w_up, activation, num_rows, quack)
+        ctx.save_for_backward(x_TD, w_up, *routing)
         ctx.quack = quack
-        ctx.mark_non_differentiable(pos_TK, row_slot_N, offs_E)
+        ctx.mark_non_differentiable(*routing)
         ctx.set_materialize_grads(False)  # a's gradient never comes: _Down's backward goes through h
-        return h_NF, a_NI, pos_TK, row_slot_N, offs_E
+        return h_NF, a_NI, *routing
 
     @staticmethod
-    def backward(ctx, grad_h_NF, _grad_a, _pos, _row_slot, _offs):
+    def backward(ctx, grad_h_NF, _grad_a, *_routing):
         check_first_order("the triton backend's experts")
         need, acc = ctx.needs_input_grad[1], _grad_buffer(ctx, 1)  # a frozen w_up: no dW GEMM
         grad_x, grad_w_up = _up_bwd(grad_h_NF.contiguous(), *ctx.saved_tensors, acc, need, ctx.quack)
@@ -289,7 +296,8 @@ class _Down(torch.autograd.Function):
         w_down,
         pos_TK,
         row_slot_N,
-        offs_E,
+        row_token_N,
+        bounds_E1,
         x_TD,
         w_up,
         activation,
@@ -298,9 +306,10 @@ class _Down(torch.autograd.Function):
     ):
         """``a = act(h)`` comes in beside ``h``: the backward differentiates the activation itself, from
         ``h`` (kept, or recomputed), and returns ``h``'s gradient; ``a`` gets none."""
-        out_TD = _down_fwd(a_NI, weights_TK, w_down, pos_TK, offs_E, quack)
+        out_TD = _down_fwd(a_NI, weights_TK, w_down, pos_TK, bounds_E1, quack)
         kept_h = h_NF.new_empty(0) if recompute else h_NF
-        ctx.save_for_backward(kept_h, x_TD, w_up, weights_TK, w_down, pos_TK, row_slot_N, offs_E)
+        routing = (pos_TK, row_slot_N, row_token_N, bounds_E1)
+        ctx.save_for_backward(kept_h, x_TD, w_up, weights_TK, w_down, *routing)
         ctx.activation, ctx.quack = activation, quack
         return out_TD
 
@@ -319,7 +328,7 @@ class _Down(torch.autograd.Function):
         if reuse_h:
             torch.autograd.graph.increment_version(h_kept)
         grad_w_down = grad_w_down if need and acc is None else None
-        return grad_h, None, grad_w, grad_w_down, None, None, None, None, None, None, None, None
+        return grad_h, None, grad_w, grad_w_down, *(None,) * 9
 
 
 def experts(
@@ -347,18 +356,14 @@ def experts(
     T, K = topk_ids_TK.shape
     num_rows = T * K if num_slots is None else num_slots
     quack = quack_gemm.use_quack(x_TD, w_up_EFD, w_down_EDI, activation, num_rows)
-    h_NF, a_NI, pos_TK, row_slot_N, offs_E = _Up.apply(
-        x_TD, w_up_EFD, topk_ids_TK.contiguous(), activation, num_rows, quack
-    )
+    h_NF, a_NI, *routing = _Up.apply(x_TD, w_up_EFD, topk_ids_TK.contiguous(), activation, num_rows, quack)
     weights_TK = topk_weights_TK.float().contiguous()
     return _Down.apply(
         h_NF,
         a_NI,
         weights_TK,
         w_down_EDI,
-        pos_TK,
-        row_slot_N,
-        offs_E,
+        *routing,
         x_TD,
         w_up_EFD,
         activation,

@@ -3,10 +3,12 @@
 Three kernels: a per-block expert histogram, its running sum over blocks per expert, then each slot's row
 ``expert_start[e] + (earlier blocks' slots of e) + (earlier slots of e in this block)``: a stable
 (expert, token, k) order, the same as the reference's stable sort. Ids outside ``[0, E)`` (-1: dropped,
-or an expert of another rank) get no row.
+or an expert of another rank) get no row. The last kernel also writes the group bounds ``[0, ends...]``
+and, when asked, each row's token: what QuACK's GEMMs read, so that no launch between the metadata and
+the first GEMM reshapes them.
 
-Legend: T tokens (or received rows), K top-k, N = T*K slots, E experts, B slot blocks of BLOCK_N,
-M rows of the expert-order buffers (N, or a smaller bound on the kept slots).
+Legend: T tokens (or received rows), K top-k, N = T*K slots, E experts, E1 = E + 1 group bounds, B slot
+blocks of BLOCK_N, M rows of the expert-order buffers (N, or a smaller bound on the kept slots).
 """
 
 from __future__ import annotations
@@ -26,12 +28,23 @@ BLOCK_N = 64
 
 class RoutingMeta(NamedTuple):
     """``pos_TK`` int32 row of each slot (-1: no row); ``row_slot_M`` int32 slot of each row (rows past
-    ``live`` unset); ``offs_E`` int32 inclusive row ends per expert; ``live`` = ``offs_E[-1:]``."""
+    ``live`` unset); ``bounds_E1`` int32 ``[0, row ends per expert...]``; ``row_token_M`` int32 token of
+    each row (``row_slot // K``; empty unless asked for)."""
 
     pos_TK: torch.Tensor
     row_slot_M: torch.Tensor
-    offs_E: torch.Tensor
-    live: torch.Tensor
+    bounds_E1: torch.Tensor
+    row_token_M: torch.Tensor
+
+    @property
+    def offs_E(self) -> torch.Tensor:
+        """Inclusive row ends per expert (a view)."""
+        return self.bounds_E1[1:]
+
+    @property
+    def live(self) -> torch.Tensor:
+        """The number of rows with an expert, ``[1]`` (a view)."""
+        return self.bounds_E1[-1:]
 
 
 @fast_launch
@@ -65,11 +78,14 @@ def _positions_kernel(
     cum_ptr,
     pos_ptr,
     row_slot_ptr,
-    offs_ptr,
+    row_token_ptr,
+    bounds_ptr,
     N,
     M,
     B,
+    K,
     E: tl.constexpr,
+    TOKENS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
@@ -91,13 +107,19 @@ def _positions_kernel(
     pos = tl.where(has_row, pos, -1)
     tl.store(pos_ptr + slots, pos, mask=slots < N)
     tl.store(row_slot_ptr + pos, slots, mask=(slots < N) & has_row)
+    if TOKENS:
+        tl.store(row_token_ptr + pos, slots // K, mask=(slots < N) & has_row)
     if pid == 0:
-        tl.store(offs_ptr + cols, tl.minimum(expert_end, M), mask=col_ok)
+        tl.store(bounds_ptr + 1 + cols, tl.minimum(expert_end, M), mask=col_ok)
+        tl.store(bounds_ptr, 0)
 
 
-def routing_metadata(topk_ids_TK: torch.Tensor, num_experts: int, num_rows: int | None = None) -> RoutingMeta:
+def routing_metadata(
+    topk_ids_TK: torch.Tensor, num_experts: int, num_rows: int | None = None, row_tokens: bool = False
+) -> RoutingMeta:
     """Expert-order layout of the slots of ``topk_ids_TK`` whose id lies in ``[0, E)``, in buffers of
-    ``num_rows`` rows (default T*K): at least the number of such slots."""
+    ``num_rows`` rows (default T*K): at least the number of such slots. ``row_tokens``: also each
+    row's token."""
     T, K = topk_ids_TK.shape
     N, E = T * K, num_experts
     M = N if num_rows is None else num_rows
@@ -107,14 +129,16 @@ def routing_metadata(topk_ids_TK: torch.Tensor, num_experts: int, num_rows: int 
     BLOCK_E = next_pow2(E)
     pos = torch.empty((N,), dtype=torch.int32, device=dev)
     row_slot = torch.empty((M,), dtype=torch.int32, device=dev)
+    row_token = torch.empty((M if row_tokens else 0,), dtype=torch.int32, device=dev)
     if not N:
-        offs = torch.zeros((E,), dtype=torch.int32, device=dev)
+        bounds = torch.zeros((E + 1,), dtype=torch.int32, device=dev)
     else:  # every kernel writes all of its output: no zero-fill launches
-        offs = torch.empty((E,), dtype=torch.int32, device=dev)
+        bounds = torch.empty((E + 1,), dtype=torch.int32, device=dev)
         counts_BE, cum_BE = torch.empty((2, B, E), dtype=torch.int32, device=dev)
         _histogram_kernel[(B,)](ids_N, counts_BE, N, E=E, BLOCK_N=BLOCK_N, BLOCK_E=BLOCK_E)
         _block_prefix_kernel[(E,)](counts_BE, cum_BE, B, E=E, BLOCK_B=min(next_pow2(B), 1024))
         _positions_kernel[(B,)](
-            ids_N, cum_BE, pos, row_slot, offs, N, M, B, E=E, BLOCK_N=BLOCK_N, BLOCK_E=BLOCK_E
-        )
-    return RoutingMeta(pos.view(T, K), row_slot, offs, offs[-1:])
+            ids_N, cum_BE, pos, row_slot, row_token if row_tokens else row_slot, bounds, N, M, B, K,
+            E=E, TOKENS=row_tokens, BLOCK_N=BLOCK_N, BLOCK_E=BLOCK_E,
+        )  # fmt: skip
+    return RoutingMeta(pos.view(T, K), row_slot, bounds, row_token)

@@ -176,70 +176,60 @@ def slots_from_rows(g_N: torch.Tensor, row_slot_N: torch.Tensor, live: torch.Ten
     return out_S
 
 
-def _cu(offs_E: torch.Tensor) -> torch.Tensor:
-    """QuACK's group bounds: ``[0, offs...]`` (E+1 int32)."""
-    return torch.nn.functional.pad(offs_E, (1, 0))
-
-
-def _tokens(row_slot_N: torch.Tensor, K: int) -> torch.Tensor:
-    """The token each expert-order row reads (its slot // K; rows past the live ones are never read)."""
-    return torch.div(row_slot_N, K, rounding_mode="floor")
-
-
 # ------------------------------------------------------------------------------------------ the GEMMs
 
 
-def up(x_TD, w_up_EFD, offs_E, row_slot_N, K: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(h [N, 2I] interleaved, a = swiglu(h) [N, I])`` of row r = token ``row_slot[r] // K``."""
+def up(x_TD, w_up_EFD, bounds_E1, row_token_N) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h [N, 2I] interleaved, a = swiglu(h) [N, I])`` of row r = token ``row_token[r]``."""
     q = _STATE["api"]
-    N, F = row_slot_N.shape[0], w_up_EFD.shape[1]
+    N, F = row_token_N.shape[0], w_up_EFD.shape[1]
     h_NF, a_NI = x_TD.new_empty((N, F)), x_TD.new_empty((N, F // 2))
     q["gated"](
-        x_TD, w_up_EFD.transpose(1, 2), h_NF, a_NI, activation="swiglu", cu_seqlens_m=_cu(offs_E),
-        A_idx=_tokens(row_slot_N, K), dynamic_scheduler=False, config=q["up"], concat_layout=("B",),
+        x_TD, w_up_EFD.transpose(1, 2), h_NF, a_NI, activation="swiglu", cu_seqlens_m=bounds_E1,
+        A_idx=row_token_N, dynamic_scheduler=False, config=q["up"], concat_layout=("B",),
     )  # fmt: skip
     return h_NF, a_NI
 
 
-def recompute_h(x_TD, w_up_EFD, offs_E, row_slot_N, K: int) -> torch.Tensor:
+def recompute_h(x_TD, w_up_EFD, bounds_E1, row_token_N) -> torch.Tensor:
     """``h`` as ``up`` computes it (same interleaved columns, same tiles), without the activation."""
     q = _STATE["api"]
-    h_NF = x_TD.new_empty((row_slot_N.shape[0], w_up_EFD.shape[1]))
+    h_NF = x_TD.new_empty((row_token_N.shape[0], w_up_EFD.shape[1]))
     q["gemm"](
-        x_TD, w_up_EFD.transpose(1, 2), h_NF, cu_seqlens_m=_cu(offs_E), A_idx=_tokens(row_slot_N, K),
+        x_TD, w_up_EFD.transpose(1, 2), h_NF, cu_seqlens_m=bounds_E1, A_idx=row_token_N,
         dynamic_scheduler=False, config=q["up"], concat_layout=("B",),
     )  # fmt: skip
     return h_NF
 
 
-def _mm(a_NP, b_EPQ, cu_E1, concat: tuple = ()) -> torch.Tensor:
-    """``[N, Q]``: row group e of ``a`` times ``b[e]`` (group bounds ``cu``)."""
+def _mm(a_NP, b_EPQ, bounds_E1, concat: tuple = ()) -> torch.Tensor:
+    """``[N, Q]``: row group e of ``a`` times ``b[e]``."""
     q = _STATE["api"]
     Q = b_EPQ.shape[2]
     c_NQ = a_NP.new_empty((a_NP.shape[0], Q))
     q["gemm"](
-        a_NP, b_EPQ, c_NQ, cu_seqlens_m=cu_E1, dynamic_scheduler=False,
+        a_NP, b_EPQ, c_NQ, cu_seqlens_m=bounds_E1, dynamic_scheduler=False,
         config=q["narrow" if Q <= 1024 else "wide"], concat_layout=concat or None,
     )  # fmt: skip
     return c_NQ
 
 
-def down(a_NI, w_down_EDI, offs_E) -> torch.Tensor:
+def down(a_NI, w_down_EDI, bounds_E1) -> torch.Tensor:
     """``y [N, D]``: row group e of ``a`` times ``w_down[e].T``."""
-    return _mm(a_NI, w_down_EDI.transpose(1, 2), _cu(offs_E))
+    return _mm(a_NI, w_down_EDI.transpose(1, 2), bounds_E1)
 
 
-def _wgrad(src_TP, b_NQ, out_EPQ, cu_E1, tok_N, acc: bool, concat: tuple = ()) -> None:
+def _wgrad(src_TP, b_NQ, out_EPQ, bounds_E1, row_token_N, acc: bool, concat: tuple = ()) -> None:
     """``out[e] (+)= src[tok].T @ b`` over row group e (token rows read through the index)."""
     q = _STATE["api"]
     q["gemm"](
-        src_TP.T, b_NQ, out_EPQ, cu_seqlens_k=cu_E1, A_idx=tok_N, add_to_output=acc,
+        src_TP.T, b_NQ, out_EPQ, cu_seqlens_k=bounds_E1, A_idx=row_token_N, add_to_output=acc,
         dynamic_scheduler=False, config=q["wgrad"], concat_layout=concat or None,
     )  # fmt: skip
 
 
 def down_backward(
-    grad_out_TD, h_NF, w_down_EDI, weights_S, offs_E, row_slot_N, K: int, overwrite_h: bool,
+    grad_out_TD, h_NF, w_down_EDI, weights_S, bounds_E1, row_slot_N, row_token_N, overwrite_h: bool,
     grad_w_down_acc: torch.Tensor | None, need_grad_w_down: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """``(grad_h [N, 2I] interleaved (times w), grad_w_S [S] fp32 slot order, grad_w_down)``, as
@@ -248,14 +238,13 @@ def down_backward(
     without ``need_grad_w_down``."""
     q = _STATE["api"]
     N, I = h_NF.shape[0], h_NF.shape[1] // 2
-    live = offs_E[-1:]
-    cu_E1, tok_N = _cu(offs_E), _tokens(row_slot_N, K)  # shared by both GEMMs
+    live = bounds_E1[-1:]
     w_rows_N = rows_from_slots(weights_S, row_slot_N, live)
     grad_h_NF = h_NF if overwrite_h else torch.empty_like(h_NF)
     wa_NI = h_NF.new_empty((N, I))
     grad_w_N = q["dgated"](
         grad_out_TD, w_down_EDI, h_NF, grad_h_NF, wa_NI, colvec_scale=w_rows_N, activation="swiglu",
-        colvec_reduce=True, cu_seqlens_m=cu_E1, A_idx=tok_N, dynamic_scheduler=False,
+        colvec_reduce=True, cu_seqlens_m=bounds_E1, A_idx=row_token_N, dynamic_scheduler=False,
         config=q["dgated_cfg"],
     )  # fmt: skip
     grad_w_S = slots_from_rows(grad_w_N, row_slot_N, live, weights_S.shape[0])
@@ -263,23 +252,22 @@ def down_backward(
         grad_w_down = wa_NI.new_empty(0)
     else:
         out = grad_w_down_acc if grad_w_down_acc is not None else torch.empty_like(w_down_EDI)
-        _wgrad(grad_out_TD, wa_NI, out, cu_E1, tok_N, grad_w_down_acc is not None)
+        _wgrad(grad_out_TD, wa_NI, out, bounds_E1, row_token_N, grad_w_down_acc is not None)
         grad_w_down = out if grad_w_down_acc is None else out.new_empty(0)
     return grad_h_NF, grad_w_S, grad_w_down
 
 
 def up_backward(
-    grad_h_NF, x_TD, w_up_EFD, offs_E, row_slot_N, K: int, grad_w_up_acc: torch.Tensor | None,
+    grad_h_NF, x_TD, w_up_EFD, bounds_E1, row_token_N, grad_w_up_acc: torch.Tensor | None,
     need_grad_w_up: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """``(grad_x rows [N, D] in expert order, grad_w_up)`` from the interleaved ``grad_h``; the weight
     gradient as in ``down_backward``."""
-    cu_E1 = _cu(offs_E)
     if not need_grad_w_up:
         grad_w_up = grad_h_NF.new_empty(0)
     else:
         out = grad_w_up_acc if grad_w_up_acc is not None else torch.empty_like(w_up_EFD)
-        tok_N = _tokens(row_slot_N, K)
-        _wgrad(x_TD, grad_h_NF, out.transpose(1, 2), cu_E1, tok_N, grad_w_up_acc is not None, ("out",))
+        acc = grad_w_up_acc is not None
+        _wgrad(x_TD, grad_h_NF, out.transpose(1, 2), bounds_E1, row_token_N, acc, ("out",))
         grad_w_up = out if grad_w_up_acc is None else out.new_empty(0)
-    return _mm(grad_h_NF, w_up_EFD, cu_E1, ("B",)), grad_w_up
+    return _mm(grad_h_NF, w_up_EFD, bounds_E1, ("B",)), grad_w_up

@@ -38,11 +38,15 @@ def _dev(*ts):
 @given(problems(max_world=1), st.sampled_from([0.0, 0.3]))
 def test_triton_metadata_equals_stable_sort(p, drop_frac):
     (ids,) = _dev(topk_ids(p, drop_frac=drop_frac))
-    meta = routing_metadata(ids, p.E)
+    meta, with_tokens = routing_metadata(ids, p.E), routing_metadata(ids, p.E, row_tokens=True)
     slots, counts = sort_slots_by_expert(ids, p.E)
     S = slots.numel()
     assert torch.equal(meta.row_slot_M[:S].long(), slots)
-    assert torch.equal(meta.offs_E.long(), torch.cumsum(counts, 0))
+    assert torch.equal(meta.bounds_E1.long(), torch.cumsum(torch.cat([counts.new_zeros(1), counts]), 0))
+    assert meta.row_token_M.numel() == 0
+    assert torch.equal(with_tokens.row_token_M[:S].long(), slots // p.K)
+    assert torch.equal(with_tokens.pos_TK, meta.pos_TK) and torch.equal(with_tokens.bounds_E1, meta.bounds_E1)
+    assert torch.equal(with_tokens.row_slot_M[:S], meta.row_slot_M[:S])
     pos = meta.pos_TK.reshape(-1).long()
     assert torch.equal(pos[slots], torch.arange(S, device=DEV))
     assert bool((pos[ids.reshape(-1) < 0] == -1).all())

@@ -38,16 +38,14 @@ def test_triton_expert_ops_pass_opcheck():
         _check(ops.moe_up_fwd.default, (x, ids, up, activation, T * K, False))
         _check(ops.moe_up_fwd.default, (x, other_rank, up, activation, T * K - 3, False))
     meta = routing_metadata(ids, E)
+    routing = (meta.pos_TK, meta.row_slot_M, meta.row_token_M, meta.bounds_E1)
     h = torch.randn(T * K, F, device=DEV)
     # weight gradient returned, added into a buffer, or not computed (a frozen weight)
     for acc, need in ((None, True), (torch.randn_like(up), True), (None, False)):
-        _check(
-            ops.moe_up_bwd.default, (h, x, up, meta.pos_TK, meta.row_slot_M, meta.offs_E, acc, need, False)
-        )
+        _check(ops.moe_up_bwd.default, (h, x, up, *routing, acc, need, False))
     a = torch.randn(T * K, F // 2, device=DEV)
-    _check(ops.moe_down_fwd.default, (a, w, down, meta.pos_TK, meta.offs_E, False))
+    _check(ops.moe_down_fwd.default, (a, w, down, meta.pos_TK, meta.bounds_E1, False))
     grad_out = torch.randn(T, D, device=DEV)
-    routing = (meta.pos_TK, meta.row_slot_M, meta.offs_E)
     for h_saved in (h, h.new_empty(0)):  # kept activations, and recompute
         for acc, need in ((None, True), (torch.randn_like(down), True), (None, False)):
             args = (grad_out, h_saved, x, up, w, down, *routing, "swiglu", False, acc, need, False)
