@@ -13,8 +13,8 @@ MMAs, which Triton 3.6 does not give us. With it, the experts' six GEMMs become:
 
 ``h`` and ``dh`` keep their columns interleaved (gate j, up j: QuACK's gated layout); the weights and their
 gradients keep ours (``[gate; up]``, through ``concat_layout``). Every kernel has one fixed configuration
-(below; H100 op-by-op sweep, docs/kernels.md): no autotuning, so a first call compiles ~7 kernels (~5 s
-each, cached on disk by QuACK for later processes).
+(below; from SonicMoE's own autotuning of the same GEMMs, docs/kernels.md): no autotuning, so a first
+call compiles ~7 kernels (~5 s each, cached on disk by QuACK for later processes).
 
 Chosen by ``FLASHFUSEMOE_GEMM``: ``auto`` (the default: where it loads and runs, for model dims up to
 ``MAX_D``, intermediate sizes up to ``MAX_I`` and layers of at least ``MIN_FLOPS``: where it measured
@@ -46,13 +46,14 @@ __all__ = [
     "use_quack",
 ]
 
-# Where auto takes QuACK: where the layer measured faster on it (H100, docs/kernels.md; forward+backward
-# ms eager / graphed, QuACK vs ours): fine-grained (D 2048, I 768) 8.30 / 7.57 vs 9.49 / 8.25, OLMoE-like
-# (2048, 1024) 9.92 / 9.21 vs 10.47 / 9.77. Slower at D = 4096: SonicMoE's default shape (I 1024) 40.52 /
-# 40.95 vs 38.62 / 37.65, Mixtral-like (I 14336) op by op (up 6.84 vs 6.47, activation backward 4.43 vs
-# 3.81). Small layers are host-bound in eager mode, and QuACK's host path is the longer one: seed-like
-# (2.1e11 forward FLOPs) 2.97 vs 2.54 eager, 1.29 vs 1.34 graphed.
-MAX_D = 2048
+# Where auto takes QuACK: where it measured faster (H100, docs/kernels.md; forward+backward ms eager /
+# graphed, QuACK vs ours): fine-grained (D 2048, I 768) 8.50 / 7.63 vs 9.00 / 8.22, OLMoE-like (2048,
+# 1024) 9.81 / 9.23 vs 10.55 / 9.97 (both with the configurations before SonicMoE's); SonicMoE's default
+# shape (4096, 1024) op by op with its configurations (up 7.0 vs 7.2, down 3.1 vs 3.7, activation
+# backward 4.2 vs 5.2). Slower at Mixtral-like I = 14336 with every configuration tried (op by op, total
+# 27.4 vs 26.8). Small layers are host-bound in eager mode, and QuACK's host path is the longer one:
+# seed-like (2.1e11 forward FLOPs) 2.97 vs 2.54 eager, 1.29 vs 1.34 graphed.
+MAX_D = 4096
 MAX_I = 4096
 MIN_FLOPS = 5e11  # the experts' forward GEMMs: 6 N D I
 MODES = ("auto", "quack", "triton")
@@ -80,17 +81,21 @@ def _load() -> str:
     except Exception as exc:  # noqa: BLE001 - a broken optional dependency must not break the backend
         return f"cannot import quack ({type(exc).__name__}: {exc}); pip install quack-kernels"
 
-    def config(m, n, pingpong):
+    def config(m, n, pingpong, cluster=(2, 1)):  # a GEMM reading rows through an index: cluster_n 1
         return GemmConfig(
-            tile_m=m, tile_n=n, pingpong=pingpong, cluster_m=2, cluster_n=1, is_dynamic_persistent=False,
-            device_capacity=9,
+            tile_m=m, tile_n=n, pingpong=pingpong, cluster_m=cluster[0], cluster_n=cluster[1],
+            is_dynamic_persistent=False, device_capacity=9,
         )  # fmt: skip
 
     _STATE["api"] = dict(
         gemm=gemm_tuned.fn, gated=gemm_gated_tuned.fn, dgated=gemm_dgated_tuned.fn,
-        # fastest of 4 (tile, schedule) pairs per op at seed-, fine-, OLMoE-like shapes (H100)
-        up=config(128, 192, True), dgated_cfg=config(128, 128, True), wgrad=config(256, 192, False),
-        narrow=config(128, 128, True), wide=config(128, 192, True),
+        # Per op, the one of SonicMoE's autotuned choices (H100, fine-grained, OLMoE-like and SonicMoE's
+        # default shapes) within 3% of the fastest at each: cooperative 128 x 256 where token rows are
+        # gathered (up, activation backward, dW_down), 256 x 128 for dW_up and, clustered along N, for
+        # the plain GEMMs of D >= 2048 columns (down, dx). ``narrow``: the plain GEMMs of D <= 1024
+        # (ping-pong 128 x 128, the fastest of 4 at the seed-like shape).
+        up=config(128, 256, False), dgated_cfg=config(128, 256, False), wgrad_down=config(128, 256, False),
+        wgrad_up=config(256, 128, False), narrow=config(128, 128, True), wide=config(256, 128, False, (1, 2)),
     )  # fmt: skip
     return ""
 
@@ -219,12 +224,12 @@ def down(a_NI, w_down_EDI, bounds_E1) -> torch.Tensor:
     return _mm(a_NI, w_down_EDI.transpose(1, 2), bounds_E1)
 
 
-def _wgrad(src_TP, b_NQ, out_EPQ, bounds_E1, row_token_N, acc: bool, concat: tuple = ()) -> None:
+def _wgrad(src_TP, b_NQ, out_EPQ, bounds_E1, row_token_N, acc: bool, config: str, concat: tuple = ()) -> None:
     """``out[e] (+)= src[tok].T @ b`` over row group e (token rows read through the index)."""
     q = _STATE["api"]
     q["gemm"](
         src_TP.T, b_NQ, out_EPQ, cu_seqlens_k=bounds_E1, A_idx=row_token_N, add_to_output=acc,
-        dynamic_scheduler=False, config=q["wgrad"], concat_layout=concat or None,
+        dynamic_scheduler=False, config=q[config], concat_layout=concat or None,
     )  # fmt: skip
 
 
@@ -252,7 +257,7 @@ def down_backward(
         grad_w_down = wa_NI.new_empty(0)
     else:
         out = grad_w_down_acc if grad_w_down_acc is not None else torch.empty_like(w_down_EDI)
-        _wgrad(grad_out_TD, wa_NI, out, bounds_E1, row_token_N, grad_w_down_acc is not None)
+        _wgrad(grad_out_TD, wa_NI, out, bounds_E1, row_token_N, grad_w_down_acc is not None, "wgrad_down")
         grad_w_down = out if grad_w_down_acc is None else out.new_empty(0)
     return grad_h_NF, grad_w_S, grad_w_down
 
@@ -268,6 +273,6 @@ def up_backward(
     else:
         out = grad_w_up_acc if grad_w_up_acc is not None else torch.empty_like(w_up_EFD)
         acc = grad_w_up_acc is not None
-        _wgrad(x_TD, grad_h_NF, out.transpose(1, 2), bounds_E1, row_token_N, acc, ("out",))
+        _wgrad(x_TD, grad_h_NF, out.transpose(1, 2), bounds_E1, row_token_N, acc, "wgrad_up", ("out",))
         grad_w_up = out if grad_w_up_acc is None else out.new_empty(0)
     return _mm(grad_h_NF, w_up_EFD, bounds_E1, ("B",)), grad_w_up
