@@ -49,10 +49,11 @@ __all__ = [
 # Where auto takes QuACK: where it measured faster (H100, docs/kernels.md; forward+backward ms eager /
 # graphed, QuACK vs ours): fine-grained (D 2048, I 768) 8.50 / 7.63 vs 9.00 / 8.22, OLMoE-like (2048,
 # 1024) 9.81 / 9.23 vs 10.55 / 9.97 (both with the configurations before SonicMoE's); SonicMoE's default
-# shape (4096, 1024) op by op with its configurations (up 7.0 vs 7.2, down 3.1 vs 3.7, activation
-# backward 4.2 vs 5.2). Slower at Mixtral-like I = 14336 with every configuration tried (op by op, total
-# 27.4 vs 26.8). Small layers are host-bound in eager mode, and QuACK's host path is the longer one:
-# seed-like (2.1e11 forward FLOPs) 2.97 vs 2.54 eager, 1.29 vs 1.34 graphed.
+# shape (4096, 1024) op by op with the configurations below (integration/quack_sweep.py: the six GEMMs
+# 32.8 vs 34.0 ms, activation backward 4.2 vs 5.2). Slower at Mixtral-like I = 14336 with every
+# configuration tried (op by op, 27.4 vs 26.8 at best). Small layers are host-bound in eager mode, and
+# QuACK's host path is the longer one: seed-like (2.1e11 forward FLOPs) 2.97 vs 2.54 eager, 1.29 vs 1.34
+# graphed.
 MAX_D = 4096
 MAX_I = 4096
 MIN_FLOPS = 5e11  # the experts' forward GEMMs: 6 N D I
@@ -81,21 +82,21 @@ def _load() -> str:
     except Exception as exc:  # noqa: BLE001 - a broken optional dependency must not break the backend
         return f"cannot import quack ({type(exc).__name__}: {exc}); pip install quack-kernels"
 
-    def config(m, n, pingpong, cluster=(2, 1)):  # a GEMM reading rows through an index: cluster_n 1
+    def config(m, n, pingpong):
         return GemmConfig(
-            tile_m=m, tile_n=n, pingpong=pingpong, cluster_m=cluster[0], cluster_n=cluster[1],
-            is_dynamic_persistent=False, device_capacity=9,
+            tile_m=m, tile_n=n, pingpong=pingpong, cluster_m=2, cluster_n=1, is_dynamic_persistent=False,
+            device_capacity=9,
         )  # fmt: skip
 
     _STATE["api"] = dict(
         gemm=gemm_tuned.fn, gated=gemm_gated_tuned.fn, dgated=gemm_dgated_tuned.fn,
-        # Per op, the one of SonicMoE's autotuned choices (H100, fine-grained, OLMoE-like and SonicMoE's
-        # default shapes) within 3% of the fastest at each: cooperative 128 x 256 where token rows are
-        # gathered (up, activation backward, dW_down), 256 x 128 for dW_up and, clustered along N, for
-        # the plain GEMMs of D >= 2048 columns (down, dx). ``narrow``: the plain GEMMs of D <= 1024
-        # (ping-pong 128 x 128, the fastest of 4 at the seed-like shape).
+        # The GEMMs that read token rows through the index: per op, the configuration SonicMoE's own
+        # autotuning timed within 3% of its fastest at the fine-grained and OLMoE-like shapes (H100):
+        # cooperative 128 x 256 (up, activation backward, dW_down), 256 x 128 (dW_up). The plain
+        # GEMMs (down, dx): ping-pong 128 x 128 for D <= 1024 columns, 128 x 192 above (the fastest of
+        # 4 at the seed-, fine- and OLMoE-like shapes, H100).
         up=config(128, 256, False), dgated_cfg=config(128, 256, False), wgrad_down=config(128, 256, False),
-        wgrad_up=config(256, 128, False), narrow=config(128, 128, True), wide=config(256, 128, False, (1, 2)),
+        wgrad_up=config(256, 128, False), narrow=config(128, 128, True), wide=config(128, 192, True),
     )  # fmt: skip
     return ""
 
