@@ -13,8 +13,8 @@ MMAs, which Triton 3.6 does not give us. With it, the experts' six GEMMs become:
 
 ``h`` and ``dh`` keep their columns interleaved (gate j, up j: QuACK's gated layout); the weights and their
 gradients keep ours (``[gate; up]``, through ``concat_layout``). Every kernel has one fixed configuration
-(below; from SonicMoE's own autotuning of the same GEMMs, docs/kernels.md): no autotuning, so a first
-call compiles ~7 kernels (~5 s each, cached on disk by QuACK for later processes).
+(below; from our op-by-op sweep and SonicMoE's own autotuning of the same GEMMs, docs/kernels.md): no
+autotuning, so a first call compiles ~7 kernels (~5 s each, cached on disk by QuACK for later processes).
 
 Chosen by ``FLASHFUSEMOE_GEMM``: ``auto`` (the default: where it loads and runs, for model dims up to
 ``MAX_D``, intermediate sizes up to ``MAX_I`` and layers of at least ``MIN_FLOPS``: where it measured
