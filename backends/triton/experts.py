@@ -4,7 +4,8 @@ every world size: under expert parallelism the "tokens" are the rows a communica
 their local expert ids (-1 for experts elsewhere) and weights.
 
 Where QuACK runs and measured faster (``quack_gemm.py``, ``FLASHFUSEMOE_GEMM``), its GEMMs take all six
-products, the backward's row gathers and the activation backward.
+products, the backward's row gathers and the activation backward (``gemms`` = ``quack_gemm.ALL``), or
+only the two weight gradients (``WGRAD``); ``NONE``: ours and ``torch._grouped_mm``.
 
 Each step is a ``torch.library.custom_op`` (opaque to torch.compile, no host sync) under an
 autograd.Function that saves only ``h`` (the up-projection, or nothing with ``recompute``) beside what
@@ -34,7 +35,7 @@ __all__ = ["experts", "saved_for_backward"]
 # so that autograd accumulates and frees each weight gradient before the other is computed.
 
 
-def _up_fwd_fake(x_TD, topk_ids_TK, w_up, activation, num_rows, quack):
+def _up_fwd_fake(x_TD, topk_ids_TK, w_up, activation, num_rows, gemms):
     T, K = topk_ids_TK.shape
     F = w_up.shape[1]
     i32 = dict(dtype=torch.int32)
@@ -43,12 +44,12 @@ def _up_fwd_fake(x_TD, topk_ids_TK, w_up, activation, num_rows, quack):
         x_TD.new_empty((num_rows, F // 2 if is_glu(activation) else F)),
         x_TD.new_empty((T, K), **i32),
         x_TD.new_empty((num_rows,), **i32),
-        x_TD.new_empty((num_rows if quack else 0,), **i32),
+        x_TD.new_empty((num_rows if gemms != quack_gemm.NONE else 0,), **i32),
         x_TD.new_empty((w_up.shape[0] + 1,), **i32),
     )
 
 
-def _up_fwd_flops(x_TD, topk_ids_TK, w_up, activation, num_rows, quack):
+def _up_fwd_flops(x_TD, topk_ids_TK, w_up, activation, num_rows, gemms):
     return 2 * num_rows * w_up[1] * w_up[2]  # shapes: w_up = [E, F, D]
 
 
@@ -59,12 +60,12 @@ def _up_fwd(
     w_up: torch.Tensor,
     activation: str,
     num_rows: int,
-    quack: bool,
+    gemms: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(h, a, pos, row_slot, row_token, bounds)`` (``row_token`` empty unless ``quack``); with
-    ``quack`` on QuACK's GEMM (``h``'s columns interleaved)."""
-    meta = routing_metadata(topk_ids_TK, w_up.shape[0], num_rows, row_tokens=quack)
-    if quack:
+    """``(h, a, pos, row_slot, row_token, bounds)`` (``row_token`` empty where no GEMM is on QuACK); with
+    ``gemms`` = ALL on QuACK's GEMM (``h``'s columns interleaved)."""
+    meta = routing_metadata(topk_ids_TK, w_up.shape[0], num_rows, row_tokens=gemms != quack_gemm.NONE)
+    if gemms == quack_gemm.ALL:
         h_NF, a_NI = quack_gemm.up(x_TD, w_up, meta.bounds_E1, meta.row_token_M)
     else:  # expert-order row r is token row_slot[r] // K
         gather = (meta.row_slot_M, topk_ids_TK.shape[1])
@@ -77,7 +78,7 @@ def _wgrad_fake(w, grad_w_acc, need_grad_w):
 
 
 def _up_bwd_fake(
-    grad_h_NF, x_TD, w_up, pos_TK, row_slot_N, row_token_N, bounds_E1, grad_w_up_acc, need_grad_w_up, quack
+    grad_h_NF, x_TD, w_up, pos_TK, row_slot_N, row_token_N, bounds_E1, grad_w_up_acc, need_grad_w_up, gemms
 ):
     return x_TD.new_empty(x_TD.shape), _wgrad_fake(w_up, grad_w_up_acc, need_grad_w_up)
 
@@ -98,22 +99,25 @@ def _up_bwd(
     bounds_E1: torch.Tensor,
     grad_w_up_acc: torch.Tensor | None,
     need_grad_w_up: bool,
-    quack: bool,
+    gemms: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(grad_x, grad_w_up)``; with ``grad_w_up_acc`` the weight gradient is added into it instead,
     and without ``need_grad_w_up`` not computed (a frozen weight): ``grad_w_up`` is then empty."""
-    if quack:
+    if gemms == quack_gemm.ALL:
         grad_rows, grad_w_up = quack_gemm.up_backward(
             grad_h_NF, x_TD, w_up, bounds_E1, row_token_N, grad_w_up_acc, need_grad_w_up
         )
         return combine_rows(grad_rows, pos_TK), grad_w_up
     offs_E = bounds_E1[1:]
-    if need_grad_w_up:
+    grad_w_up = grad_h_NF.new_empty(0)
+    if need_grad_w_up and gemms == quack_gemm.WGRAD:  # x's token rows read through the index
+        grad_w_up = quack_gemm.weight_grad(
+            x_TD, grad_h_NF, w_up, bounds_E1, row_token_N, grad_w_up_acc, "wgrad_up_rows", True
+        )
+    elif need_grad_w_up:
         x_ND = gather_rows(x_TD, row_slot_N, offs_E[-1:], pos_TK.shape[1])
         grad_w_up = _wgrad(grad_h_NF, x_ND, offs_E, grad_w_up_acc)
         del x_ND
-    else:
-        grad_w_up = grad_h_NF.new_empty(0)
     grad_x_TD = combine_rows(grouped_mm(grad_h_NF, w_up, offs_E), pos_TK)
     return grad_x_TD, grad_w_up
 
@@ -127,11 +131,11 @@ def _wgrad(a_NP, b_NQ, offs_E, acc_EPQ):
     return acc_EPQ.new_empty(0)
 
 
-def _down_fwd_fake(a_NI, weights_TK, w_down, pos_TK, bounds_E1, quack):
+def _down_fwd_fake(a_NI, weights_TK, w_down, pos_TK, bounds_E1, gemms):
     return a_NI.new_empty((pos_TK.shape[0], w_down.shape[1]))
 
 
-def _down_fwd_flops(a_NI, weights_TK, w_down, pos_TK, bounds_E1, quack):
+def _down_fwd_flops(a_NI, weights_TK, w_down, pos_TK, bounds_E1, gemms):
     return 2 * a_NI[0] * w_down[1] * w_down[2]
 
 
@@ -142,11 +146,11 @@ def _down_fwd(
     w_down: torch.Tensor,
     pos_TK: torch.Tensor,
     bounds_E1: torch.Tensor,
-    quack: bool,
+    gemms: str,
 ) -> torch.Tensor:
     y_ND = (
         quack_gemm.down(a_NI, w_down, bounds_E1)
-        if quack
+        if gemms == quack_gemm.ALL
         else grouped_mm(a_NI, w_down.transpose(1, 2), bounds_E1[1:])
     )
     return combine_rows(y_ND, pos_TK, weights_TK)
@@ -167,7 +171,7 @@ def _down_bwd_fake(
     reuse,
     grad_w_down_acc,
     need_grad_w_down,
-    quack,
+    gemms,
 ):
     return (
         x_TD.new_empty((row_slot_N.shape[0], w_up.shape[1])),
@@ -198,13 +202,13 @@ def _down_bwd(
     reuse_h: bool,
     grad_w_down_acc: torch.Tensor | None,
     need_grad_w_down: bool,
-    quack: bool,
+    gemms: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``grad_h`` (over ``h_saved`` itself with ``reuse_h``), the routing-weight and ``w_down`` grads
     (the last added into ``grad_w_down_acc`` if given, not computed without ``need_grad_w_down``:
     then empty)."""
     recomputed = h_saved.dim() != 2  # the forward kept no activations
-    if quack:
+    if gemms == quack_gemm.ALL:
         h_NF = quack_gemm.recompute_h(x_TD, w_up, bounds_E1, row_token_N) if recomputed else h_saved
         grad_h_NF, grad_w_S, grad_w_down = quack_gemm.down_backward(
             grad_out_TD.contiguous(), h_NF, w_down, weights_TK.reshape(-1), bounds_E1, row_slot_N,
@@ -221,7 +225,13 @@ def _down_bwd(
         h_NF, grad_a_NI, activation, live, weights_TK.reshape(-1), row_slot_N, recomputed or reuse_h
     )
     del grad_a_NI, h_NF
-    grad_w_down = _wgrad(grad_y, wa_NI, offs_E, grad_w_down_acc) if need_grad_w_down else wa_NI.new_empty(0)
+    grad_w_down = wa_NI.new_empty(0)
+    if need_grad_w_down and gemms == quack_gemm.WGRAD:
+        grad_w_down = quack_gemm.weight_grad(
+            grad_y, wa_NI, w_down, bounds_E1, None, grad_w_down_acc, "wgrad_down_rows"
+        )
+    elif need_grad_w_down:
+        grad_w_down = _wgrad(grad_y, wa_NI, offs_E, grad_w_down_acc)
     return grad_h_NF, grad_w_S.view(pos_TK.shape), grad_w_down
 
 
@@ -270,10 +280,10 @@ def saved_for_backward(ctx) -> tuple[torch.Tensor, ...]:
 
 class _Up(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_TD, w_up, topk_ids_TK, activation, num_rows, quack):
-        h_NF, a_NI, *routing = _up_fwd(x_TD, topk_ids_TK, w_up, activation, num_rows, quack)
+    def forward(ctx, x_TD, w_up, topk_ids_TK, activation, num_rows, gemms):
+        h_NF, a_NI, *routing = _up_fwd(x_TD, topk_ids_TK, w_up, activation, num_rows, gemms)
         ctx.save_for_backward(x_TD, w_up, *routing)
-        ctx.quack = quack
+        ctx.gemms = gemms
         ctx.mark_non_differentiable(*routing)
         ctx.set_materialize_grads(False)  # a's gradient never comes: _Down's backward goes through h
         return h_NF, a_NI, *routing
@@ -282,7 +292,7 @@ class _Up(torch.autograd.Function):
     def backward(ctx, grad_h_NF, _grad_a, *_routing):
         check_first_order("the triton backend's experts")
         need, acc = ctx.needs_input_grad[1], _grad_buffer(ctx, 1)  # a frozen w_up: no dW GEMM
-        grad_x, grad_w_up = _up_bwd(grad_h_NF.contiguous(), *ctx.saved_tensors, acc, need, ctx.quack)
+        grad_x, grad_w_up = _up_bwd(grad_h_NF.contiguous(), *ctx.saved_tensors, acc, need, ctx.gemms)
         return grad_x, grad_w_up if need and acc is None else None, None, None, None, None
 
 
@@ -302,15 +312,15 @@ class _Down(torch.autograd.Function):
         w_up,
         activation,
         recompute,
-        quack,
+        gemms,
     ):
         """``a = act(h)`` comes in beside ``h``: the backward differentiates the activation itself, from
         ``h`` (kept, or recomputed), and returns ``h``'s gradient; ``a`` gets none."""
-        out_TD = _down_fwd(a_NI, weights_TK, w_down, pos_TK, bounds_E1, quack)
+        out_TD = _down_fwd(a_NI, weights_TK, w_down, pos_TK, bounds_E1, gemms)
         kept_h = h_NF.new_empty(0) if recompute else h_NF
         routing = (pos_TK, row_slot_N, row_token_N, bounds_E1)
         ctx.save_for_backward(kept_h, x_TD, w_up, weights_TK, w_down, *routing)
-        ctx.activation, ctx.quack = activation, quack
+        ctx.activation, ctx.gemms = activation, gemms
         return out_TD
 
     @staticmethod
@@ -323,7 +333,7 @@ class _Down(torch.autograd.Function):
         reuse_h = h_kept.dim() == 2 and not as_op()
         need, acc = ctx.needs_input_grad[3], _grad_buffer(ctx, 3)
         grad_h, grad_w, grad_w_down = _down_bwd(
-            grad_out_TD, h_kept, *rest, ctx.activation, reuse_h, acc, need, ctx.quack
+            grad_out_TD, h_kept, *rest, ctx.activation, reuse_h, acc, need, ctx.gemms
         )
         if reuse_h:
             torch.autograd.graph.increment_version(h_kept)
@@ -355,8 +365,8 @@ def experts(
     x_TD = x_TD.contiguous()
     T, K = topk_ids_TK.shape
     num_rows = T * K if num_slots is None else num_slots
-    quack = quack_gemm.use_quack(x_TD, w_up_EFD, w_down_EDI, activation, num_rows)
-    h_NF, a_NI, *routing = _Up.apply(x_TD, w_up_EFD, topk_ids_TK.contiguous(), activation, num_rows, quack)
+    gemms = quack_gemm.plan(x_TD, w_up_EFD, w_down_EDI, activation, num_rows)
+    h_NF, a_NI, *routing = _Up.apply(x_TD, w_up_EFD, topk_ids_TK.contiguous(), activation, num_rows, gemms)
     weights_TK = topk_weights_TK.float().contiguous()
     return _Down.apply(
         h_NF,
@@ -368,5 +378,5 @@ def experts(
         w_up_EFD,
         activation,
         recompute,
-        quack,
+        gemms,
     )

@@ -16,9 +16,17 @@ gradients keep ours (``[gate; up]``, through ``concat_layout``). Every kernel ha
 (below; from our op-by-op sweep and SonicMoE's own autotuning of the same GEMMs, docs/kernels.md): no
 autotuning, so a first call compiles ~7 kernels (~5 s each, cached on disk by QuACK for later processes).
 
-Chosen by ``FLASHFUSEMOE_GEMM``: ``auto`` (the default: where it loads and runs, for model dims up to
-``MAX_D``, intermediate sizes up to ``MAX_I`` and layers of at least ``MIN_FLOPS``: where it measured
-faster), ``quack`` (required: an error says why it cannot run) or ``triton`` (never).
+Where the triton path keeps its own up projection and activation backward (intermediate sizes above
+``MAX_I``, e.g. Mixtral-like), QuACK can still take its two weight-gradient GEMMs (``weight_grad``):
+``dW_up = dh.T @ x[tok]`` reads token rows through the index (no gathered copy of x) and ``dW_down =
+g_rows.T @ (w a)`` the triton path's gathered ``grad_out`` rows; ``dh`` is already in ``w_up``'s row
+order there.
+
+Chosen by ``FLASHFUSEMOE_GEMM`` (``plan``): ``auto`` (the default: where QuACK loads and runs and
+measured faster: all six GEMMs for model dims up to ``MAX_D``, intermediate sizes up to ``MAX_I`` and
+layers of at least ``MIN_FLOPS``; the two weight gradients for larger intermediate sizes), ``quack``
+(all six, required: an error says why they cannot run), ``quack-wgrad`` (the weight gradients only,
+required) or ``triton`` (never).
 
 Legend: T tokens (or received rows), K top-k, N rows in expert order, E experts, D model dim, I
 intermediate dim, S = T*K slots, E1 = E + 1 group bounds (``[0, offs...]``).
@@ -36,28 +44,32 @@ from flashfusemoe.backends.triton.launch import cdiv, fast_launch
 __all__ = [
     "down",
     "down_backward",
-    "measured_faster",
+    "measured_choice",
+    "plan",
     "recompute_h",
     "rows_from_slots",
     "runs_here",
     "slots_from_rows",
     "up",
     "up_backward",
-    "use_quack",
+    "weight_grad",
 ]
 
 # Where auto takes QuACK: where it measured faster (H100, docs/kernels.md; forward+backward ms eager /
 # graphed, QuACK vs ours): fine-grained (D 2048, I 768) 8.50 / 7.63 vs 9.00 / 8.22, OLMoE-like (2048,
 # 1024) 9.81 / 9.23 vs 10.55 / 9.97 (both with the configurations before SonicMoE's); SonicMoE's default
 # shape (4096, 1024) op by op with the configurations below (integration/quack_sweep.py: the six GEMMs
-# 32.8 vs 34.0 ms, activation backward 4.2 vs 5.2). Slower at Mixtral-like I = 14336 with every
-# configuration tried (op by op, 27.4 vs 26.8 at best). Small layers are host-bound in eager mode, and
-# QuACK's host path is the longer one: seed-like (2.1e11 forward FLOPs) 2.97 vs 2.54 eager, 1.29 vs 1.34
-# graphed.
+# 32.8 vs 34.0 ms, activation backward 4.2 vs 5.2). At Mixtral-like I = 14336 all six are slower with
+# every configuration tried (op by op, 27.4 vs 26.8 at best), but the two weight gradients are faster
+# (dW_up 5.53 vs 6.13 with the gather of x, dW_down 2.56 vs 2.73). Small layers are host-bound in eager
+# mode, and QuACK's host path is the longer one: seed-like (2.1e11 forward FLOPs) 2.97 vs 2.54 eager,
+# 1.29 vs 1.34 graphed.
 MAX_D = 4096
 MAX_I = 4096
 MIN_FLOPS = 5e11  # the experts' forward GEMMs: 6 N D I
-MODES = ("auto", "quack", "triton")
+# What a layer runs (``plan``): all six GEMMs on QuACK, its weight gradients only, or none
+ALL, WGRAD, NONE = "quack", "quack-wgrad", "triton"
+MODES = ("auto", ALL, WGRAD, NONE)
 DEFAULT_MODE = "auto"
 _STATE: dict = {}  # "reason": why QuACK cannot be imported ("" if it can), "api": its functions
 
@@ -97,6 +109,8 @@ def _load() -> str:
         # 4 at the seed-, fine- and OLMoE-like shapes, H100).
         up=config(128, 256, False), dgated_cfg=config(128, 256, False), wgrad_down=config(128, 256, False),
         wgrad_up=config(256, 128, False), narrow=config(128, 128, True), wide=config(128, 192, True),
+        # The triton path's weight gradients (WGRAD): the fastest of 8 at Mixtral-like I = 14336 (H100)
+        wgrad_up_rows=config(128, 192, True), wgrad_down_rows=config(256, 192, False),
     )  # fmt: skip
     return ""
 
@@ -106,16 +120,17 @@ def runs_here() -> bool:
     return torch.cuda.is_available() and _unavailable(torch.cuda.current_device()) == ""
 
 
-def _why_not(x_TD, w_up, w_down, activation: str, num_rows: int) -> str | None:
-    """Why QuACK's path cannot run these experts, or None (static facts only: traceable)."""
+def _why_not(x_TD, w_up, w_down, activation: str, num_rows: int, gemms: str) -> str | None:
+    """Why QuACK cannot run ``gemms`` (ALL or WGRAD) of these experts, or None (static facts only:
+    traceable)."""
     E, F, D = w_up.shape
-    I = F // 2
-    if activation != "swiglu":
+    I = w_down.shape[2]
+    if gemms == ALL and activation != "swiglu":
         return f"activation {activation!r}: QuACK's path runs swiglu only"
     if not (x_TD.is_cuda and x_TD.dtype == w_up.dtype == w_down.dtype == torch.bfloat16):
         return "needs bf16 CUDA tensors (hidden states and expert weights)"
-    if D % 8 or I % 8:
-        return f"needs D and I multiples of 8 (16-byte rows), got D={D}, I={I}"
+    if D % 8 or I % 8 or F % 8:
+        return f"needs D, I and w_up's rows multiples of 8 (16-byte rows), got D={D}, I={I}, {F} rows"
     if not (w_up.is_contiguous() and w_down.is_contiguous()):
         return "needs contiguous expert weights"
     if not num_rows or not x_TD.shape[0]:
@@ -123,24 +138,34 @@ def _why_not(x_TD, w_up, w_down, activation: str, num_rows: int) -> str | None:
     return _unavailable(x_TD.device.index) or None
 
 
-def use_quack(x_TD, w_up, w_down, activation: str, num_rows: int) -> bool:
-    """Whether the experts run on QuACK's GEMMs: ``FLASHFUSEMOE_GEMM`` (see the module docstring)."""
+def plan(x_TD, w_up, w_down, activation: str, num_rows: int) -> str:
+    """Which of the experts' GEMMs run on QuACK: ALL, WGRAD or NONE, as ``FLASHFUSEMOE_GEMM`` says (see
+    the module docstring)."""
     mode = _env.gemm_from_env() or DEFAULT_MODE
     if mode not in MODES:
         raise ValueError(f"FLASHFUSEMOE_GEMM={mode!r} is not one of {MODES}")
-    if mode == "triton":
-        return False
-    reason = _why_not(x_TD, w_up, w_down, activation, num_rows)
-    if mode == "quack" and reason is not None:
-        raise RuntimeError(f"FLASHFUSEMOE_GEMM=quack, but QuACK's GEMMs cannot run these experts: {reason}")
-    return reason is None and (
-        mode == "quack" or measured_faster(num_rows, w_up.shape[2], w_up.shape[1] // 2)
-    )
+    if mode == NONE:
+        return NONE
+    if mode != "auto":
+        reason = _why_not(x_TD, w_up, w_down, activation, num_rows, mode)
+        if reason is not None:
+            raise RuntimeError(
+                f"FLASHFUSEMOE_GEMM={mode}, but QuACK's GEMMs cannot run these experts: {reason}"
+            )
+        return mode
+    choice = measured_choice(num_rows, w_up.shape[2], w_down.shape[2])
+    if choice == NONE or _why_not(x_TD, w_up, w_down, activation, num_rows, choice) is not None:
+        return NONE
+    return choice
 
 
-def measured_faster(num_rows: int, D: int, I: int) -> bool:
-    """Whether ``auto`` takes QuACK for ``num_rows`` expert rows of model dim D, intermediate dim I."""
-    return D <= MAX_D and I <= MAX_I and 6 * num_rows * D * I >= MIN_FLOPS
+def measured_choice(num_rows: int, D: int, I: int) -> str:
+    """What ``auto`` runs on QuACK for ``num_rows`` expert rows of model dim D, intermediate dim I."""
+    if 6 * num_rows * D * I < MIN_FLOPS:
+        return NONE
+    if I > MAX_I:
+        return WGRAD
+    return ALL if D <= MAX_D else NONE
 
 
 # --------------------------------------------------------------- routing weights between slots and rows
@@ -225,13 +250,22 @@ def down(a_NI, w_down_EDI, bounds_E1) -> torch.Tensor:
     return _mm(a_NI, w_down_EDI.transpose(1, 2), bounds_E1)
 
 
-def _wgrad(src_TP, b_NQ, out_EPQ, bounds_E1, row_token_N, acc: bool, config: str, concat: tuple = ()) -> None:
-    """``out[e] (+)= src[tok].T @ b`` over row group e (token rows read through the index)."""
+def weight_grad(
+    src_RP, b_NQ, w, bounds_E1, row_token_N: torch.Tensor | None, acc: torch.Tensor | None, config: str,
+    transposed: bool = False, concat: tuple = (),
+) -> torch.Tensor:  # fmt: skip
+    """The gradient of ``w`` [E, P, Q] (``[E, Q, P]`` with ``transposed``): for row group e,
+    ``src[rows].T @ b`` with ``rows`` = ``row_token`` (token rows read through the index) or, if None,
+    ``src``'s own rows in expert order. Added into ``acc`` if given (then an empty tensor is returned: a
+    custom op's output may not alias its input)."""
     q = _STATE["api"]
+    out = acc if acc is not None else torch.empty_like(w)
     q["gemm"](
-        src_TP.T, b_NQ, out_EPQ, cu_seqlens_k=bounds_E1, A_idx=row_token_N, add_to_output=acc,
-        dynamic_scheduler=False, config=q[config], concat_layout=concat or None,
+        src_RP.T, b_NQ, out.transpose(1, 2) if transposed else out, cu_seqlens_k=bounds_E1,
+        A_idx=row_token_N, add_to_output=acc is not None, dynamic_scheduler=False, config=q[config],
+        concat_layout=concat or None,
     )  # fmt: skip
+    return out if acc is None else out.new_empty(0)
 
 
 def down_backward(
@@ -254,12 +288,11 @@ def down_backward(
         config=q["dgated_cfg"],
     )  # fmt: skip
     grad_w_S = slots_from_rows(grad_w_N, row_slot_N, live, weights_S.shape[0])
-    if not need_grad_w_down:
-        grad_w_down = wa_NI.new_empty(0)
-    else:
-        out = grad_w_down_acc if grad_w_down_acc is not None else torch.empty_like(w_down_EDI)
-        _wgrad(grad_out_TD, wa_NI, out, bounds_E1, row_token_N, grad_w_down_acc is not None, "wgrad_down")
-        grad_w_down = out if grad_w_down_acc is None else out.new_empty(0)
+    grad_w_down = wa_NI.new_empty(0)
+    if need_grad_w_down:
+        grad_w_down = weight_grad(
+            grad_out_TD, wa_NI, w_down_EDI, bounds_E1, row_token_N, grad_w_down_acc, "wgrad_down"
+        )
     return grad_h_NF, grad_w_S, grad_w_down
 
 
@@ -269,11 +302,9 @@ def up_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """``(grad_x rows [N, D] in expert order, grad_w_up)`` from the interleaved ``grad_h``; the weight
     gradient as in ``down_backward``."""
-    if not need_grad_w_up:
-        grad_w_up = grad_h_NF.new_empty(0)
-    else:
-        out = grad_w_up_acc if grad_w_up_acc is not None else torch.empty_like(w_up_EFD)
-        acc = grad_w_up_acc is not None
-        _wgrad(x_TD, grad_h_NF, out.transpose(1, 2), bounds_E1, row_token_N, acc, "wgrad_up", ("out",))
-        grad_w_up = out if grad_w_up_acc is None else out.new_empty(0)
+    grad_w_up = grad_h_NF.new_empty(0)
+    if need_grad_w_up:
+        grad_w_up = weight_grad(
+            x_TD, grad_h_NF, w_up_EFD, bounds_E1, row_token_N, grad_w_up_acc, "wgrad_up", True, ("out",)
+        )
     return _mm(grad_h_NF, w_up_EFD, bounds_E1, ("B",)), grad_w_up

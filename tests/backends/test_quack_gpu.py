@@ -1,6 +1,7 @@
-"""The triton backend's experts on QuACK's GEMMs (``FLASHFUSEMOE_GEMM=quack``), where QuACK imports and a
-Hopper GPU runs it: within the tolerance rule of the fp32 reference (output, x, routing weights, both
-expert weights; fresh and accumulated gradients), dropped slots and empty experts, recompute bit for bit.
+"""The triton backend's experts on QuACK's GEMMs (``FLASHFUSEMOE_GEMM=quack``: all six; ``quack-wgrad``: the
+two weight gradients inside the triton path), where QuACK imports and a Hopper GPU runs it: within the
+tolerance rule of the fp32 reference (output, x, routing weights, both expert weights; fresh and
+accumulated gradients), dropped slots and empty experts, recompute bit for bit.
 The layer-level GPU tests (compile, CUDA graphs) take this path too wherever it loads (``auto``).
 The refusals, the auto rule and the routing-weight kernels run everywhere (CPU: Triton's interpreter)."""
 
@@ -17,7 +18,7 @@ BF16_EPS = 2.0**-8
 needs_quack = pytest.mark.skipif(not quack_gemm.runs_here(), reason="QuACK does not run here")
 
 
-def _inputs(T, D, I, E, K, routing, seed):
+def _inputs(T, D, I, E, K, routing, seed, glu=True):
     g = torch.Generator(device="cuda").manual_seed(seed)
     ids = torch.rand(T, E, device="cuda", generator=g).topk(K, dim=1).indices
     if routing == "empty":  # half the experts get no token
@@ -26,13 +27,13 @@ def _inputs(T, D, I, E, K, routing, seed):
         ids = torch.where(torch.rand(T, K, device="cuda", generator=g) < 0.3, -1, ids)
     x = torch.randn(T, D, device="cuda", generator=g)
     weights = torch.rand(T, K, device="cuda", generator=g)
-    w_up = torch.randn(E, 2 * I, D, device="cuda", generator=g) / D**0.5
+    w_up = torch.randn(E, 2 * I if glu else I, D, device="cuda", generator=g) / D**0.5
     w_down = torch.randn(E, D, I, device="cuda", generator=g) / I**0.5
     cot = torch.randn(T, D, device="cuda", generator=g)
     return ids, [x, weights, w_up, w_down], cot
 
 
-def _run(fn, ids, leaves, cot, dtype, existing=None, **kw):
+def _run(fn, ids, leaves, cot, dtype, existing=None, activation="swiglu", **kw):
     """Output and the gradients of x, weights, w_up, w_down (fp32); ``existing``: starting ``.grad`` of
     the expert weights (accumulation)."""
     x, weights, w_up, w_down = (
@@ -42,7 +43,7 @@ def _run(fn, ids, leaves, cot, dtype, existing=None, **kw):
         t.requires_grad_()
     if existing is not None:
         w_up.grad, w_down.grad = (e.to(dtype).clone() for e in existing)
-    out = fn(x, ids, weights, w_up, w_down, "swiglu", **kw)
+    out = fn(x, ids, weights, w_up, w_down, activation, **kw)
     (out.float() * cot).sum().backward()
     return [t.float() for t in (out, x.grad, weights.grad, w_up.grad, w_down.grad)]
 
@@ -55,20 +56,28 @@ def _run(fn, ids, leaves, cot, dtype, existing=None, **kw):
 )
 @pytest.mark.parametrize("grads", ["new", "existing"])
 @pytest.mark.parametrize("recompute", [False, True])
-def test_quack_experts_within_tolerance_rule(monkeypatch, routing, shape, grads, recompute):
-    monkeypatch.setenv("FLASHFUSEMOE_GEMM", "quack")
-    ids, leaves, cot = _inputs(*shape, routing, seed=sum(shape))
+@pytest.mark.parametrize(
+    "gemms, activation", [("quack", "swiglu"), ("quack-wgrad", "swiglu"), ("quack-wgrad", "gelu")]
+)
+def test_quack_experts_within_tolerance_rule(
+    monkeypatch, routing, shape, grads, recompute, gemms, activation
+):
+    monkeypatch.setenv("FLASHFUSEMOE_GEMM", gemms)
+    glu = activation == "swiglu"
+    ids, leaves, cot = _inputs(*shape, routing, seed=sum(shape), glu=glu)
     kept = int((ids >= 0).sum())
     existing = None
     if grads == "existing":
         existing = [torch.randn_like(leaves[2]), torch.randn_like(leaves[3])]
-    ref32 = _run(reference_experts, ids, leaves, cot, torch.float32, existing)
-    ref16 = _run(reference_experts, ids, leaves, cot, torch.bfloat16, existing)
-    got = _run(experts, ids, leaves, cot, torch.bfloat16, existing, recompute=recompute, num_slots=kept)
+    ref32 = _run(reference_experts, ids, leaves, cot, torch.float32, existing, activation)
+    ref16 = _run(reference_experts, ids, leaves, cot, torch.bfloat16, existing, activation)
+    got = _run(
+        experts, ids, leaves, cot, torch.bfloat16, existing, activation, recompute=recompute, num_slots=kept
+    )
     for name, r32, r16, g in zip(["out", "x", "weights", "w_up", "w_down"], ref32, ref16, got, strict=True):
         floor = BF16_EPS * r32.abs().max().item()
         err16, err = (r16 - r32).abs().max().item(), (g - r32).abs().max().item()
-        assert err <= 2 * err16 + floor, f"{name}: quack {err:.3e} vs torch bf16 {err16:.3e}"
+        assert err <= 2 * err16 + floor, f"{name}: {gemms} {err:.3e} vs torch bf16 {err16:.3e}"
 
 
 @pytest.mark.gpu
@@ -85,38 +94,44 @@ def test_quack_recompute_is_bit_identical():
 
 
 def test_quack_requested_where_it_cannot_run_is_refused(monkeypatch):
-    """An explicit FLASHFUSEMOE_GEMM=quack that cannot run says why (here: CPU/fp32 tensors, or fp16 on
-    a GPU); an unknown value names the choices; ``triton`` and ``auto`` fall back to our kernels."""
+    """An explicit FLASHFUSEMOE_GEMM=quack or quack-wgrad that cannot run says why (here: CPU/fp32
+    tensors, or fp16 on a GPU); the full path refuses an activation other than swiglu; an unknown value
+    names the choices; ``triton`` and ``auto`` fall back to our kernels."""
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     x = torch.randn(4, 16, device=dev, dtype=torch.float16 if dev.type == "cuda" else torch.float32)
     up, down = (
         torch.randn(2, 16, 16, device=dev, dtype=x.dtype),
         torch.randn(2, 16, 8, device=dev, dtype=x.dtype),
     )
+    for mode in ("quack", "quack-wgrad"):
+        monkeypatch.setenv("FLASHFUSEMOE_GEMM", mode)
+        with pytest.raises(RuntimeError, match=f"FLASHFUSEMOE_GEMM={mode}, .*bf16 CUDA"):
+            quack_gemm.plan(x, up, down, "swiglu", 8)
     monkeypatch.setenv("FLASHFUSEMOE_GEMM", "quack")
-    with pytest.raises(RuntimeError, match="FLASHFUSEMOE_GEMM=quack.*bf16 CUDA"):
-        quack_gemm.use_quack(x, up, down, "swiglu", 8)
+    with pytest.raises(RuntimeError, match="FLASHFUSEMOE_GEMM=quack, .*activation 'gelu'"):
+        quack_gemm.plan(x, up[:, :8], down, "gelu", 8)
     monkeypatch.setenv("FLASHFUSEMOE_GEMM", "cutlass")
     with pytest.raises(ValueError, match="FLASHFUSEMOE_GEMM='cutlass' is not one of"):
-        quack_gemm.use_quack(x, up, down, "swiglu", 8)
+        quack_gemm.plan(x, up, down, "swiglu", 8)
     for mode in ("triton", "auto"):  # (auto: fp16 or CPU tensors do not qualify)
         monkeypatch.setenv("FLASHFUSEMOE_GEMM", mode)
-        assert not quack_gemm.use_quack(x, up, down, "swiglu", 8)
+        assert quack_gemm.plan(x, up, down, "swiglu", 8) == "triton"
 
 
 @pytest.mark.parametrize(
-    "shape, quack",
+    "shape, gemms",
     [
-        ((16384, 2048, 768, 128, 8), True),  # fine-grained: 8.50 vs 9.00 ms (H100)
-        ((16384, 2048, 1024, 64, 8), True),  # OLMoE-like: 9.81 vs 10.55
-        ((8192, 1024, 2048, 8, 2), False),  # seed-like: host-bound eager, 2.97 vs 2.54
-        ((32768, 4096, 1024, 128, 8), True),  # SonicMoE's default: faster op by op
-        ((8192, 4096, 14336, 8, 2), False),  # Mixtral-like: slower op by op
+        ((16384, 2048, 768, 128, 8), "quack"),  # fine-grained: 8.50 vs 9.00 ms (H100)
+        ((16384, 2048, 1024, 64, 8), "quack"),  # OLMoE-like: 9.81 vs 10.55
+        ((8192, 1024, 2048, 8, 2), "triton"),  # seed-like: host-bound eager, 2.97 vs 2.54
+        ((32768, 4096, 1024, 128, 8), "quack"),  # SonicMoE's default: faster op by op
+        ((8192, 4096, 14336, 8, 2), "quack-wgrad"),  # Mixtral-like: only the weight gradients faster
+        ((512, 8192, 8192, 8, 2), "triton"),  # too small to pay QuACK's host path
     ],
 )
-def test_quack_auto_takes_the_shapes_where_it_measured_faster(shape, quack):
+def test_quack_auto_takes_the_shapes_where_it_measured_faster(shape, gemms):
     T, D, I, E, K = shape
-    assert quack_gemm.measured_faster(T * K, D, I) == quack
+    assert quack_gemm.measured_choice(T * K, D, I) == gemms
 
 
 def test_routing_weights_move_between_slots_and_rows():

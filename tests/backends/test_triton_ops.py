@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from flashfusemoe.backends.triton.metadata import routing_metadata
+from flashfusemoe.backends.triton.quack_gemm import NONE
 from flashfusemoe.spec import RouterConfig
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -35,20 +36,20 @@ def test_triton_expert_ops_pass_opcheck():
     other_rank = ids.clone()
     other_rank[:3, 0] = -1  # EP: slots whose expert lives elsewhere; buffers sized by the kept slots
     for activation in ("swiglu", "gelu"):  # the activation output has I or F columns
-        _check(ops.moe_up_fwd.default, (x, ids, up, activation, T * K, False))
-        _check(ops.moe_up_fwd.default, (x, other_rank, up, activation, T * K - 3, False))
+        _check(ops.moe_up_fwd.default, (x, ids, up, activation, T * K, NONE))
+        _check(ops.moe_up_fwd.default, (x, other_rank, up, activation, T * K - 3, NONE))
     meta = routing_metadata(ids, E)
     routing = (meta.pos_TK, meta.row_slot_M, meta.row_token_M, meta.bounds_E1)
     h = torch.randn(T * K, F, device=DEV)
     # weight gradient returned, added into a buffer, or not computed (a frozen weight)
     for acc, need in ((None, True), (torch.randn_like(up), True), (None, False)):
-        _check(ops.moe_up_bwd.default, (h, x, up, *routing, acc, need, False))
+        _check(ops.moe_up_bwd.default, (h, x, up, *routing, acc, need, NONE))
     a = torch.randn(T * K, F // 2, device=DEV)
-    _check(ops.moe_down_fwd.default, (a, w, down, meta.pos_TK, meta.bounds_E1, False))
+    _check(ops.moe_down_fwd.default, (a, w, down, meta.pos_TK, meta.bounds_E1, NONE))
     grad_out = torch.randn(T, D, device=DEV)
     for h_saved in (h, h.new_empty(0)):  # kept activations, and recompute
         for acc, need in ((None, True), (torch.randn_like(down), True), (None, False)):
-            args = (grad_out, h_saved, x, up, w, down, *routing, "swiglu", False, acc, need, False)
+            args = (grad_out, h_saved, x, up, w, down, *routing, "swiglu", False, acc, need, NONE)
             _check(ops.moe_down_bwd.default, args)
 
 
