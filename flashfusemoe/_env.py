@@ -5,8 +5,9 @@ Read at call time (never at import time), so a test or a launcher can set them l
 - ``FLASHFUSEMOE_BACKEND``: expert compute backend name (``torch``, ``triton``) when no argument names one.
 - ``FLASHFUSEMOE_COMM``: communicator name, or ``module:Class`` / ``module:factory``, when no argument
   names one.
-- ``FLASHFUSEMOE_GEMM``: the triton backend's expert GEMMs: ``auto``, ``quack`` (QuACK's kernels,
-  required) or ``triton`` (ours and ``torch._grouped_mm``); read on each call of the experts (default:
+- ``FLASHFUSEMOE_GEMM``: the triton backend's expert GEMMs: ``auto``, ``quack`` (all six on QuACK's
+  kernels, required), ``quack-wgrad`` (its two weight gradients on them, required) or ``triton`` (ours
+  and ``torch._grouped_mm``); read on each call of the experts (default: ``auto``; see
   ``backends/triton/quack_gemm.py``).
 - ``TRITON_INTERPRET`` (Triton's own): when "1", Triton kernels run on the CPU interpreter, so the
   ``triton`` backend is usable on CPU tensors (fp32, small shapes: how CI tests the kernels). Triton
