@@ -93,6 +93,26 @@ def test_quack_recompute_is_bit_identical():
         assert torch.equal(a, b)
 
 
+@pytest.mark.gpu
+@needs_quack
+@pytest.mark.parametrize("gemms", ["quack", "quack-wgrad"])
+def test_quack_experts_compile_fullgraph_bit_identical_to_eager(monkeypatch, gemms):
+    """torch.compile (inductor, fullgraph) of the experts on QuACK's GEMMs: the ops are opaque, so the
+    output and every gradient equal eager mode's bit for bit (what the fake implementations declare
+    matches what the kernels write); new routing each step, no recompile."""
+    import torch._dynamo
+
+    monkeypatch.setenv("FLASHFUSEMOE_GEMM", gemms)
+    compiled = torch.compile(experts, fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for seed in range(3):
+            ids, leaves, cot = _inputs(333, 200, 88, 16, 4, "dropped", seed=seed)
+            got = _run(compiled, ids, leaves, cot, torch.bfloat16, num_slots=333 * 4)
+            ref = _run(experts, ids, leaves, cot, torch.bfloat16, num_slots=333 * 4)
+            for name, g, r in zip(["out", "x", "weights", "w_up", "w_down"], got, ref, strict=True):
+                assert torch.equal(g, r), f"step {seed} {name}: compiled differs from eager"
+
+
 def test_quack_requested_where_it_cannot_run_is_refused(monkeypatch):
     """An explicit FLASHFUSEMOE_GEMM=quack or quack-wgrad that cannot run says why (here: CPU/fp32
     tensors, or fp16 on a GPU); the full path refuses an activation other than swiglu; an unknown value
