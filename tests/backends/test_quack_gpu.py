@@ -103,6 +103,7 @@ def test_quack_experts_compile_fullgraph_bit_identical_to_eager(monkeypatch, gem
     import torch._dynamo
 
     monkeypatch.setenv("FLASHFUSEMOE_GEMM", gemms)
+    torch._dynamo.reset()  # the other parametrization's graph of the same function (traced in its mode)
     compiled = torch.compile(experts, fullgraph=True)
     with torch._dynamo.config.patch(error_on_recompile=True):
         for seed in range(3):
