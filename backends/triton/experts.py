@@ -112,7 +112,7 @@ def _up_bwd(
     grad_w_up = grad_h_NF.new_empty(0)
     if need_grad_w_up and gemms == quack_gemm.WGRAD:  # x's token rows read through the index
         grad_w_up = quack_gemm.weight_grad(
-            x_TD, grad_h_NF, w_up, bounds_E1, row_token_N, grad_w_up_acc, "wgrad_up_rows", True
+            x_TD, grad_h_NF, w_up, bounds_E1, row_token_N, grad_w_up_acc, "wgrad_rows", True
         )
     elif need_grad_w_up:
         x_ND = gather_rows(x_TD, row_slot_N, offs_E[-1:], pos_TK.shape[1])
@@ -228,7 +228,7 @@ def _down_bwd(
     grad_w_down = wa_NI.new_empty(0)
     if need_grad_w_down and gemms == quack_gemm.WGRAD:
         grad_w_down = quack_gemm.weight_grad(
-            grad_y, wa_NI, w_down, bounds_E1, None, grad_w_down_acc, "wgrad_down_rows"
+            grad_y, wa_NI, w_down, bounds_E1, None, grad_w_down_acc, "wgrad_rows"
         )
     elif need_grad_w_down:
         grad_w_down = _wgrad(grad_y, wa_NI, offs_E, grad_w_down_acc)

@@ -112,8 +112,10 @@ def _load() -> str:
         # OLMoE dx 1.51 vs 1.62 ms, SonicMoE-default down 3.11 vs 3.76; H100).
         up=config(128, 256, False), dgated_cfg=config(128, 256, False), wgrad_down=config(128, 256, False),
         wgrad_up=config(256, 128, False), plain=config(256, 128, False, (1, 2)),
-        # The triton path's weight gradients (WGRAD): the fastest of 8 at Mixtral-like I = 14336 (H100)
-        wgrad_up_rows=config(128, 192, True), wgrad_down_rows=config(256, 192, False),
+        # The triton path's two weight gradients (WGRAD, Mixtral-like I = 14336): cooperative 256 x 128,
+        # SonicMoE's autotuned choice for both there (H100, same run: dW_up 5.56 vs 6.04 ms for the
+        # ping-pong 128 x 192 first taken, dW_down 2.70 vs 2.80 for cooperative 256 x 192)
+        wgrad_rows=config(256, 128, False),
     )  # fmt: skip
     return ""
 
