@@ -63,7 +63,7 @@ __all__ = [
 # 32.8 vs 34.0 ms, activation backward 4.2 vs 5.2). At Mixtral-like I = 14336 all six are slower with
 # every configuration tried (op by op, 27.4 vs 26.8 at best), but the two weight gradients are faster
 # (dW_up 5.53 vs 6.13 with the gather of x, dW_down 2.56 vs 2.73; the layer with them on QuACK 28.78 /
-# 27.55 vs 30.13 / 28.26). Small layers are host-bound in eager
+# 27.55 vs 30.13 / 28.26, on the configurations before ``wgrad_rows``). Small layers are host-bound in eager
 # mode, and QuACK's host path is the longer one: seed-like (2.1e11 forward FLOPs) 2.97 vs 2.54 eager,
 # 1.29 vs 1.34 graphed.
 MAX_D = 4096
