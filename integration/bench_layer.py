@@ -30,7 +30,9 @@ SHAPES = {  # T, D, I, E, K
     "olmoe": (16384, 2048, 1024, 64, 8),
 }
 SONIC = "SonicMoE"
-TRITON_GEMMS = "ours-triton-gemm"  # ours with FLASHFUSEMOE_GEMM=triton (where QuACK runs: ours is on it)
+# ours with FLASHFUSEMOE_GEMM set, where QuACK runs: every GEMM on ours and torch._grouped_mm, and all six
+# on QuACK whatever auto would choose (the A/B of auto's rule)
+GEMM_VARIANTS = {"ours-triton-gemm": "triton", "ours-quack-gemm": "quack"}
 
 
 def timed(fn, iters: int = 20, warmup: int = 3) -> float:
@@ -105,7 +107,9 @@ def variants(shape):
 
     out = {"ours": ours("triton")}
     if quack_gemm.runs_here():
-        out[TRITON_GEMMS] = _with_env("FLASHFUSEMOE_GEMM", "triton", ours("triton"))
+        out |= {
+            name: _with_env("FLASHFUSEMOE_GEMM", mode, ours("triton")) for name, mode in GEMM_VARIANTS.items()
+        }
     out |= {
         "ours+recompute": ours("triton", True),
         "grouped_mm baseline": lambda x, gate, up, down, bias: titan_moe(x, gate, up, down, bias, K),
@@ -418,7 +422,7 @@ def main(argv: list[str] | None = None) -> None:
         "kernels: SonicMoE's first call takes minutes) and exit",
     )
     args = p.parse_args(argv)
-    known = [*variants(SHAPES["seed"]), SONIC, TRITON_GEMMS]
+    known = [*variants(SHAPES["seed"]), SONIC, *GEMM_VARIANTS]
     unknown = [v for v in (args.variants or "").split(",") if v and v not in known]
     if unknown:
         p.error(f"--variants: unknown {unknown}; choose from {known}")
