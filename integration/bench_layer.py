@@ -1,6 +1,7 @@
 """Benchmark the MoE layer on one GPU: ours (triton backend), the torch reference and a torchtitan-style
 ``torch._grouped_mm`` MoE, forward and forward+backward, with the grouped-GEMM floor and a dense bf16
-GEMM ceiling measured in the same run.
+GEMM ceiling measured in the same run. Where QuACK runs, ours also with its expert GEMMs forced
+(``ours-triton-gemm``: none on QuACK; ``ours-quack-gemm``: all six); where SonicMoE imports, it too.
 
 ``python integration/bench_layer.py [--shapes seed,fine,mixtral] [--write docs/benchmarks.md]``
 
