@@ -24,9 +24,9 @@ order there.
 
 Chosen by ``FLASHFUSEMOE_GEMM`` (``plan``): ``auto`` (the default: where QuACK loads and runs and
 measured faster: all six GEMMs for model dims up to ``MAX_D``, intermediate sizes up to ``MAX_I`` and
-layers of at least ``MIN_FLOPS``; the two weight gradients for larger intermediate sizes), ``quack``
-(all six, required: an error says why they cannot run), ``quack-wgrad`` (the weight gradients only,
-required) or ``triton`` (never).
+layers of at least ``MIN_FLOPS`` (``MIN_FLOPS_TRACED`` under torch.compile); the two weight gradients for
+larger intermediate sizes), ``quack`` (all six, required: an error says why they cannot run),
+``quack-wgrad`` (the weight gradients only, required) or ``triton`` (never).
 
 Legend: T tokens (or received rows), K top-k, N rows in expert order, E experts, D model dim, I
 intermediate dim, S = T*K slots, E1 = E + 1 group bounds (``[0, offs...]``); in the generic GEMMs R the
@@ -65,10 +65,14 @@ __all__ = [
 # (dW_up 5.53 vs 6.13 with the gather of x, dW_down 2.56 vs 2.73; the layer with them on QuACK 28.78 /
 # 27.55 vs 30.13 / 28.26, on the configurations before ``wgrad_rows``). Small layers are host-bound in eager
 # mode, and QuACK's host path is the longer one: seed-like (2.1e11 forward FLOPs) 2.97 vs 2.54 eager,
-# 1.29 vs 1.34 graphed.
+# 1.29 vs 1.34 graphed. Traced by torch.compile (run from CUDA graphs, or with the host ahead of the GPU
+# in a whole model) the host path costs little: the seed-1b LM step (18 seed-like layers, compiled, one
+# CUDA graph) took 58.73 / 58.94 ms with all six on QuACK against 60.52 / 60.53 (H100, two calls, each
+# comparison in one call; the six GEMMs' kernels 25.2 vs 27.1 ms a step).
 MAX_D = 4096
 MAX_I = 4096
-MIN_FLOPS = 5e11  # the experts' forward GEMMs: 6 N D I
+MIN_FLOPS = 5e11  # the experts' forward GEMMs: 6 N D I (eager)
+MIN_FLOPS_TRACED = 2e11  # the same under torch.compile: the smallest layer measured there (seed-like)
 # What a layer runs (``plan``): all six GEMMs on QuACK, its weight gradients only, or none
 ALL, WGRAD, NONE = "quack", "quack-wgrad", "triton"
 MODES = ("auto", ALL, WGRAD, NONE)
@@ -158,15 +162,16 @@ def plan(x_TD, w_up, w_down, activation: str, num_rows: int) -> str:
                 f"FLASHFUSEMOE_GEMM={mode}, but QuACK's GEMMs cannot run these experts: {reason}"
             )
         return mode
-    choice = measured_choice(num_rows, w_up.shape[2], w_down.shape[2])
+    choice = measured_choice(num_rows, w_up.shape[2], w_down.shape[2], torch.compiler.is_compiling())
     if choice == NONE or _why_not(x_TD, w_up, w_down, activation, num_rows, choice) is not None:
         return NONE
     return choice
 
 
-def measured_choice(num_rows: int, D: int, I: int) -> str:
-    """What ``auto`` runs on QuACK for ``num_rows`` expert rows of model dim D, intermediate dim I."""
-    if 6 * num_rows * D * I < MIN_FLOPS:
+def measured_choice(num_rows: int, D: int, I: int, traced: bool = False) -> str:
+    """What ``auto`` runs on QuACK for ``num_rows`` expert rows of model dim D, intermediate dim I, in
+    eager mode or ``traced`` by torch.compile."""
+    if 6 * num_rows * D * I < (MIN_FLOPS_TRACED if traced else MIN_FLOPS):
         return NONE
     if I > MAX_I:
         return WGRAD

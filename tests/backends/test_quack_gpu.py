@@ -140,19 +140,34 @@ def test_quack_requested_where_it_cannot_run_is_refused(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "shape, gemms",
+    "shape, gemms, traced",
     [
-        ((16384, 2048, 768, 128, 8), "quack"),  # fine-grained: 8.50 vs 9.00 ms (H100)
-        ((16384, 2048, 1024, 64, 8), "quack"),  # OLMoE-like: 9.81 vs 10.55
-        ((8192, 1024, 2048, 8, 2), "triton"),  # seed-like: host-bound eager, 2.97 vs 2.54
-        ((32768, 4096, 1024, 128, 8), "quack"),  # SonicMoE's default: faster op by op
-        ((8192, 4096, 14336, 8, 2), "quack-wgrad"),  # Mixtral-like: only the weight gradients faster
-        ((512, 8192, 8192, 8, 2), "triton"),  # too small to pay QuACK's host path
+        ((16384, 2048, 768, 128, 8), "quack", False),  # fine-grained: 8.50 vs 9.00 ms (H100)
+        ((16384, 2048, 1024, 64, 8), "quack", False),  # OLMoE-like: 9.81 vs 10.55
+        ((8192, 1024, 2048, 8, 2), "triton", False),  # seed-like: host-bound eager, 2.97 vs 2.54
+        ((8192, 1024, 2048, 8, 2), "quack", True),  # compiled in the seed-1b LM: 58.7 vs 60.5 a step
+        ((2048, 1024, 2048, 8, 2), "triton", True),  # below the smallest layer measured compiled
+        ((32768, 4096, 1024, 128, 8), "quack", False),  # SonicMoE's default: faster op by op
+        ((8192, 4096, 14336, 8, 2), "quack-wgrad", False),  # Mixtral-like: only the weight gradients faster
+        ((512, 8192, 8192, 8, 2), "triton", False),  # too small to pay QuACK's host path
     ],
 )
-def test_quack_auto_takes_the_shapes_where_it_measured_faster(shape, gemms):
+def test_quack_auto_takes_the_shapes_where_it_measured_faster(shape, gemms, traced):
     T, D, I, E, K = shape
-    assert quack_gemm.measured_choice(T * K, D, I) == gemms
+    assert quack_gemm.measured_choice(T * K, D, I, traced) == gemms
+
+
+def test_auto_takes_the_traced_floor_while_torch_compile_traces(monkeypatch):
+    """``plan`` asks ``measured_choice`` with ``traced`` = whether torch.compile is tracing (QuACK's
+    availability stubbed: the rule alone; meta tensors: shapes only)."""
+    monkeypatch.setenv("FLASHFUSEMOE_GEMM", "auto")
+    monkeypatch.setattr(quack_gemm, "_why_not", lambda *args: None)
+    x, up, down = (
+        torch.empty(shape, device="meta") for shape in ((8192, 1024), (8, 4096, 1024), (8, 1024, 2048))
+    )
+    assert quack_gemm.plan(x, up, down, "swiglu", 8192 * 2) == "triton"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert quack_gemm.plan(x, up, down, "swiglu", 8192 * 2) == "quack"
 
 
 def test_routing_weights_move_between_slots_and_rows():
