@@ -18,7 +18,7 @@ tokens-per-expert heatmap (layer x expert), with matplotlib if installed; ``--pr
 kernel time of 3 more steps by category and the longest GPU idle stretches. ``--compile`` compiles block
 by block (CUDA graphs on one GPU) under an activation memory budget (``--memory-budget``, 0.95);
 ``--recompute [N]`` keeps no expert activations for backward in every block (or in the first N: less
-memory, a few more GEMMs), ``--recompute-shared`` none of the shared experts' in every block; the loss
+memory, a few more GEMMs), ``--recompute-shared [N]`` none of the shared experts' (in the first N); the loss
 never holds all ``[tokens, vocab]`` logits (``integration/lm_loss.py``); AdamW is one Triton kernel per
 parameter tensor on a GPU (``integration/adamw.py``; ``--optimizer torch``: torch's fused one;
 ``--step-in-backward``: each tensor's update overlaps the rest of the backward); attention tries cuDNN's
@@ -111,21 +111,30 @@ class Block(nn.Module):
         return x_BSD + y_BSD, losses
 
 
+def _recompute(block: int, recompute_blocks: int, recompute_shared_blocks: int) -> bool | str:
+    """The ``recompute_activations`` of block ``block``'s MoE layer."""
+    if block < recompute_blocks:
+        return True
+    return "shared" if block < recompute_shared_blocks else False
+
+
 class MoELM(nn.Module):
     """A decoder LM whose FFNs are MoELayers. ``forward(ids [B, S])`` returns the next-token CE loss
     (mean over this call's tokens), the aux + z losses summed over layers, and each layer's counts.
-    The MoE layers of the first ``recompute_blocks`` blocks recompute their expert activations, the
-    others their shared experts' with ``recompute_shared``."""
+    The MoE layers of the first ``recompute_blocks`` blocks recompute their expert activations, those of
+    the first ``recompute_shared_blocks`` their shared experts' (blocks beyond both keep everything)."""
 
     def __init__(
-        self, cfg: dict, recompute_blocks: int = 0, recompute_shared: bool = False, **moe_kw
+        self, cfg: dict, recompute_blocks: int = 0, recompute_shared_blocks: int = 0, **moe_kw
     ) -> None:
         super().__init__()
         D = cfg["d_model"]
         self.embed = nn.Embedding(cfg["vocab"], D)
-        rest = "shared" if recompute_shared else False
         self.blocks = nn.ModuleList(
-            Block(cfg, dict(moe_kw, recompute_activations=True if i < recompute_blocks else rest))
+            Block(
+                cfg,
+                dict(moe_kw, recompute_activations=_recompute(i, recompute_blocks, recompute_shared_blocks)),
+            )
             for i in range(cfg["layers"])
         )
         self.norm = nn.RMSNorm(D)
@@ -346,9 +355,12 @@ def train(args) -> dict:
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     cfg["sdpa"], cfg["loss_chunk"] = args.sdpa, args.loss_chunk
-    recompute = cfg["layers"] if args.recompute == _ALL else args.recompute
-    if not 0 <= recompute <= cfg["layers"]:
-        raise SystemExit(f"--recompute {args.recompute}: a number of blocks in [0, {cfg['layers']}]")
+    recompute, recompute_shared = (
+        cfg["layers"] if n == _ALL else n for n in (args.recompute, args.recompute_shared)
+    )
+    for flag, n in (("--recompute", args.recompute), ("--recompute-shared", args.recompute_shared)):
+        if n != _ALL and not 0 <= n <= cfg["layers"]:
+            raise SystemExit(f"{flag} {n}: a number of blocks in [0, {cfg['layers']}]")
     if cfg["batch"] % W:
         raise SystemExit(f"the global batch {cfg['batch']} must divide by the EP size {W}")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[
@@ -358,7 +370,7 @@ def train(args) -> dict:
     model = MoELM(
         cfg, aux_loss_coeff=args.aux_loss_coeff, z_loss_coeff=args.z_loss_coeff,
         use_expert_bias=args.expert_bias, backend=args.backend, recompute_blocks=recompute,
-        recompute_shared=args.recompute_shared,
+        recompute_shared_blocks=recompute_shared,
     )  # fmt: skip
     ckpt = load_checkpoint(Path(args.resume), model) if args.resume else None
     model = model.to(device=device, dtype=dtype)
@@ -620,9 +632,9 @@ def parse_args(argv: list[str] | None = None):
         "activations in backward: less memory, a few more GEMMs",
     )  # fmt: skip
     p.add_argument(
-        "--recompute-shared", action="store_true",
-        help="the shared experts of every block recompute their activations in backward (with "
-        "--recompute N: those of the other blocks too)",
+        "--recompute-shared", nargs="?", type=int, const=_ALL, default=0, metavar="N",
+        help="the shared experts of every block (of the first N blocks with N) recompute their "
+        "activations in backward (the blocks --recompute covers recompute theirs already)",
     )  # fmt: skip
     p.add_argument(
         "--memory-budget", type=float, default=None,

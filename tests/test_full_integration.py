@@ -41,29 +41,33 @@ def test_tiny_preset_trains_in_one_process(tmp_path):
 
 
 def test_recompute_lowers_saved_bytes_and_keeps_the_losses(tmp_path):
-    """--recompute (every block), --recompute 1 (the first of the tiny preset's 2) and --recompute-shared
-    beside it (the shared experts of the other block too): the losses of a run that keeps everything,
-    fewer saved bytes, the partial runs in between."""
+    """--recompute (every block), --recompute 1 (the first of the tiny preset's 2), --recompute-shared
+    beside it (the shared experts of the other block too) and --recompute-shared 1 alone (the first
+    block's shared experts only): the losses of a run that keeps everything, fewer saved bytes, the
+    partial runs in between."""
     plain = _run(tmp_path, "plain")
     _close(_run(tmp_path, "recompute", "--recompute"), plain)
     _close(_run(tmp_path, "half", "--recompute", "1"), plain)
     _close(_run(tmp_path, "shared", "--recompute", "1", "--recompute-shared"), plain)
-    names = ("plain", "half", "shared", "recompute")
+    _close(_run(tmp_path, "shared1", "--recompute-shared", "1"), plain)
+    names = ("plain", "shared1", "half", "shared", "recompute")
     summaries = {n: json.loads((tmp_path / f"{n}.json").read_text())["summary"] for n in names}
     saved = {n: s["saved_bytes_per_moe_layer"] for n, s in summaries.items()}
     assert saved["recompute"] < saved["plain"] / 2, saved
     assert saved["half"] == (saved["plain"] + saved["recompute"]) // 2, saved
     assert saved["recompute"] < saved["shared"] < saved["half"], saved
-    assert [summaries[n]["recompute_blocks"] for n in names] == [0, 1, 1, 2]
-    assert [summaries[n]["recompute_shared_blocks"] for n in names] == [0, 1, 2, 2]
+    assert saved["half"] < saved["shared1"] < saved["plain"], saved
+    assert [summaries[n]["recompute_blocks"] for n in names] == [0, 0, 1, 1, 2]
+    assert [summaries[n]["recompute_shared_blocks"] for n in names] == [0, 1, 1, 2, 2]
 
 
 def test_recompute_refuses_more_blocks_than_the_model_has():
     from integration.full_integration import parse_args, train
 
-    for n in ("3", "-2"):
-        with pytest.raises(SystemExit, match=rf"--recompute {n}: a number of blocks in \[0, 2\]"):
-            train(parse_args(["--device", "cpu", "--recompute", n]))
+    for flag in ("--recompute", "--recompute-shared"):
+        for n in ("3", "-2"):
+            with pytest.raises(SystemExit, match=rf"{flag} {n}: a number of blocks in \[0, 2\]"):
+                train(parse_args(["--device", "cpu", flag, n]))
 
 
 def test_triton_adamw_another_attention_kernel_and_loss_chunk_train_alike(tmp_path):
