@@ -265,3 +265,88 @@ def test_triton_adamw_step_in_backward_refuses_a_second_backward_before_step():
     opt.step()
     opt.zero_grad()
     m(x).sum().backward()  # after step() the next backward steps again
+
+
+def _offload_run(offload: bool, in_backward: bool, graphed: bool, steps: int = 4):
+    """``steps`` steps of a small bf16 model with AdamW (capturable), the first layer's state offloaded
+    or not, updated in backward or by step(); with ``graphed`` the steps after the first replay one
+    CUDA graph of forward, backward and step. Returns the model and the optimizer."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Tanh(), torch.nn.Linear(96, 8))
+    m = m.to("cuda", torch.bfloat16)
+    opt = AdamW(
+        m.parameters(), lr=1e-2, capturable=True, step_in_backward=in_backward,
+        offload=list(m[0].parameters()) if offload else (),
+    )  # fmt: skip
+    xs = torch.randn(steps, 16, 64, generator=torch.Generator().manual_seed(1)).to("cuda", torch.bfloat16)
+    static_x = xs[0].clone()
+
+    def step():
+        m(static_x).float().square().sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph = None
+    with torch.cuda.stream(side):
+        for i in range(steps):
+            static_x.copy_(xs[i])
+            if graphed and i == 1:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=side):
+                    step()
+            if graph is not None:
+                graph.replay()
+            else:
+                step()
+    torch.cuda.synchronize()
+    return m, opt
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("in_backward", [False, True])
+@pytest.mark.parametrize("graphed", [False, True])
+def test_triton_adamw_offload_is_the_same_step(in_backward, graphed):
+    """offload: the first layer's moments live in pinned host memory and the steps are those of the
+    optimizer without offload, bit for bit: in step() or in backward, eager or replayed in a CUDA graph."""
+    ref_m, ref_opt = _offload_run(False, False, False)
+    m, opt = _offload_run(True, in_backward, graphed)
+    for p, q in zip(m.parameters(), ref_m.parameters(), strict=True):
+        assert torch.equal(p, q)
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            ours, ref = opt.state[p][key], ref_opt.state[q][key]
+            assert torch.equal(ours.to(ref.device), ref)
+    for p in m.parameters():
+        host = any(p is q for q in m[0].parameters())
+        for key in ("exp_avg", "exp_avg_sq"):
+            s = opt.state[p][key]
+            assert (s.device.type == "cpu" and s.is_pinned()) if host else s.is_cuda
+    assert not opt._staged  # the GPU copies are freed by step()
+
+
+@pytest.mark.gpu
+def test_triton_adamw_offload_state_dict_loads_onto_the_host():
+    """A state dict loaded into an optimizer that offloads moves the moments back to pinned host memory
+    (torch's load_state_dict puts them on the parameter's device), and the next step is the same."""
+    a_m, a = _offload_run(False, False, False, steps=2)
+    b_m, b = _offload_run(True, False, False, steps=2)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    for opt, m in ((a, a_m), (b, b_m)):
+        m(torch.ones(4, 64, device="cuda", dtype=torch.bfloat16)).float().sum().backward()
+        opt.step()
+    for p, q in zip(a_m.parameters(), b_m.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert all(b.state[p]["exp_avg"].is_pinned() for p in b_m[0].parameters())
+
+
+def test_triton_adamw_offload_refuses_what_it_cannot_offload():
+    p = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(
+        ValueError, match=r"a tensor of shape \(2,\) that is none of the optimizer"
+    ):
+        AdamW([p], offload=[torch.nn.Parameter(torch.randn(2))])
+    with pytest.raises(
+        ValueError, match=r"offload holds a parameter of shape \(3,\) on cpu"
+    ):
+        AdamW([p], offload=[p])
