@@ -19,14 +19,6 @@ addresses measured 2.1 TB/s (dependent loads before each block's data).
 on a side stream, so that the optimizer's memory-bound kernels run beside the rest of the backward's
 GEMMs; ``step()`` then updates what backward did not reach and makes the current stream wait for the
 side stream. The result is the same step, bit for bit.
-
-``offload=params``: those parameters' ``exp_avg`` / ``exp_avg_sq`` live in pinned host memory. Each
-update copies them into GPU buffers allocated then, updates, and copies them back (one stream per
-direction, beside the compute); the buffers are freed when ``step()`` returns. So that state takes GPU
-memory only from its update to the end of the step: not at a training step's peak, which falls at the
-end of the forward, before any update. Each step moves the state over the host link twice (~40-50 GB/s
-each way on a PCIe 5 host): with ``step_in_backward`` the copies run beside the backward. Same step, bit
-for bit.
 """
 
 from __future__ import annotations
@@ -143,7 +135,6 @@ class AdamW(torch.optim.AdamW):
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         step_in_backward: bool = False,
-        offload=(),
         **kw,
     ):
         for name in _UNSUPPORTED:
@@ -158,9 +149,6 @@ class AdamW(torch.optim.AdamW):
         self._device_hp: dict[tuple[int, torch.device], tuple[tuple, torch.Tensor]] = {}
         self._side: dict[torch.device, torch.cuda.Stream] = {}  # step_in_backward's stream per device
         self._updated: set[int] = set()  # ids of the parameters a hook updated since the last step()
-        self._offload = self._offloaded(offload)  # ids of the parameters whose state is on the host
-        self._copies: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}  # in, out
-        self._staged: list[torch.Tensor] = []  # offloaded state's GPU copies, freed by step()
         if check_bool("step_in_backward", step_in_backward):
             for i, group in enumerate(self.param_groups):
                 for p in group["params"]:
@@ -185,12 +173,9 @@ class AdamW(torch.optim.AdamW):
         for p, state, group, i in todo:
             if group["capturable"] and (i, p.device) not in hps:
                 hps[i, p.device] = self._hyperparameters_on(i, group, p.device)
-            self._launch(p, state, group, hps.get((i, p.device)), self._stage_in(p, state))
+            self._launch(p, state, group, hps.get((i, p.device)))
         for device, side in self._side.items():  # the updates started in backward
             torch.cuda.current_stream(device).wait_stream(side)
-        for device, (_, out) in self._copies.items():  # offloaded state written back
-            torch.cuda.current_stream(device).wait_stream(out)
-        self._staged.clear()  # freed on the current stream, after the copies back
         self._updated.clear()
         return loss
 
@@ -205,11 +190,10 @@ class AdamW(torch.optim.AdamW):
         group = self.param_groups[i]
         state = self._state_of(p, group)
         hp = self._hyperparameters_on(i, group, p.device) if group["capturable"] else None
-        staged = self._stage_in(p, state)  # on the backward's stream, which then frees the buffers
         with torch.cuda.stream(self._side_after_current(p.device)) if p.is_cuda else contextlib.nullcontext():
             if group["capturable"]:
                 state["step"].add_(1)
-            self._launch(p, state, group, hp, staged)
+            self._launch(p, state, group, hp)
         self._updated.add(id(p))
 
     def _side_after_current(self, device: torch.device) -> torch.cuda.Stream:
@@ -221,98 +205,38 @@ class AdamW(torch.optim.AdamW):
         side.wait_stream(torch.cuda.current_stream(device))
         return side
 
-    def _offloaded(self, offload) -> set[int]:
-        """The ids of ``offload``'s parameters, each one of this optimizer's on a GPU (else a clear error)."""
-        mine = {id(p) for group in self.param_groups for p in group["params"]}
-        ids = set()
-        for p in offload:
-            if id(p) not in mine:
-                raise ValueError(
-                    f"AdamW: offload holds a tensor of shape {tuple(p.shape)} that is none of the "
-                    "optimizer's parameters"
-                )
-            if not p.is_cuda:
-                raise ValueError(
-                    f"AdamW: offload holds a parameter of shape {tuple(p.shape)} on {p.device}; its state "
-                    "goes to pinned host memory only from a GPU parameter"
-                )
-            ids.add(id(p))
-        return ids
-
     def _state_of(self, p: torch.Tensor, group: dict) -> dict:
-        """``p``'s state, created at its first step, checked, its step count where ``group`` keeps it and
-        its moments in pinned host memory where ``offload`` put them (a state loaded from a state dict
-        moves)."""
+        """``p``'s state, created at its first step, checked, its step count where ``group`` keeps it (a
+        state loaded from another AdamW's state dict moves)."""
         state = self.state[p]
         on = p.device if group["capturable"] else torch.device("cpu")
-        host = id(p) in self._offload
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=on)
-            for key in ("exp_avg", "exp_avg_sq"):
-                zeros = torch.zeros(p.shape, dtype=p.dtype, pin_memory=True) if host else torch.zeros_like(p)
-                state[key] = zeros
-        if host:  # load_state_dict puts the moments on the parameter's device
-            for key in ("exp_avg", "exp_avg_sq"):
-                if not (state[key].device.type == "cpu" and state[key].is_pinned()):
-                    state[key] = state[key].cpu().pin_memory()
-        _check(p, state, host)
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        _check(p, state)
         if state["step"].device != on:
             state["step"] = state["step"].to(on, torch.float32)
         return state
 
-    def _stage_in(self, p: torch.Tensor, state: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """An offloaded ``p``'s moments copied into new GPU buffers (allocated on the current stream, which
-        frees them in ``step()``), on the copy-in stream; None for a parameter not offloaded."""
-        if id(p) not in self._offload:
-            return None
-        copy_in, _ = self._copy_streams(p.device)
-        staged = (torch.empty_like(p), torch.empty_like(p))
-        copy_in.wait_stream(torch.cuda.current_stream(p.device))  # the buffers' earlier users are done
-        with torch.cuda.stream(copy_in):
-            for dst, key in zip(staged, ("exp_avg", "exp_avg_sq"), strict=True):
-                dst.copy_(state[key], non_blocking=True)
-        self._staged.extend(staged)
-        return staged
-
-    def _copy_streams(self, device: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.Stream]:
-        """``device``'s streams for offloaded state: host to GPU, GPU to host (both directions at once)."""
-        if device not in self._copies:
-            self._copies[device] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
-        return self._copies[device]
-
-    def _launch(
-        self,
-        p: torch.Tensor,
-        state: dict,
-        group: dict,
-        hp: torch.Tensor | None,
-        staged: tuple[torch.Tensor, torch.Tensor] | None,
-    ) -> None:
-        """Update ``p`` on the current stream (its state's step already counted on the device when
-        ``group`` is capturable, with ``hp`` its hyperparameters there; counted here otherwise), with
-        ``staged`` as its moments when offloaded (``_stage_in``), which are then copied back."""
+    @staticmethod
+    def _launch(p: torch.Tensor, state: dict, group: dict, hp: torch.Tensor | None) -> None:
+        """Update ``p`` (its state's step already counted on the device when ``group`` is capturable,
+        with ``hp`` its hyperparameters there; counted here otherwise)."""
         n = p.numel()
-        m, v = staged if staged is not None else (state["exp_avg"], state["exp_avg_sq"])
-        current = torch.cuda.current_stream(p.device) if p.is_cuda else None
-        if staged is not None:
-            current.wait_stream(self._copy_streams(p.device)[0])
         if group["capturable"]:
             if n:
                 _adamw_device_kernel[(cdiv(n, _BLOCK),)](
-                    p, p.grad, m, v, n, state["step"], hp, BLOCK=_BLOCK, num_warps=8
+                    p, p.grad, state["exp_avg"], state["exp_avg_sq"], n, state["step"], hp,
+                    BLOCK=_BLOCK, num_warps=8,
                 )  # fmt: skip
-        else:
-            state["step"] += 1
-            if n:
-                _adamw_kernel[(cdiv(n, _BLOCK),)](
-                    p, p.grad, m, v, n, *_coefficients(group, state["step"].item()), BLOCK=_BLOCK, num_warps=8
-                )  # fmt: skip
-        if staged is not None:
-            copy_out = self._copy_streams(p.device)[1]
-            copy_out.wait_stream(current)
-            with torch.cuda.stream(copy_out):
-                state["exp_avg"].copy_(m, non_blocking=True)
-                state["exp_avg_sq"].copy_(v, non_blocking=True)
+            return
+        state["step"] += 1
+        if n:
+            _adamw_kernel[(cdiv(n, _BLOCK),)](
+                p, p.grad, state["exp_avg"], state["exp_avg_sq"], n,
+                *_coefficients(group, state["step"].item()), BLOCK=_BLOCK, num_warps=8,
+            )  # fmt: skip
 
     def _hyperparameters_on(self, i: int, group: dict, device: torch.device) -> torch.Tensor:
         """Group ``i``'s ``_hyperparameters`` as an fp64 tensor on ``device``: one tensor for the
@@ -332,9 +256,9 @@ class AdamW(torch.optim.AdamW):
         return tensor
 
 
-def _check(p: torch.Tensor, state: dict, host: bool) -> None:
-    """Refuse what the kernel cannot update (it reads the four tensors as flat arrays of p's dtype; the
-    moments on p's device, or on the host with ``host``), naming the parameter's shape."""
+def _check(p: torch.Tensor, state: dict) -> None:
+    """Refuse what the kernel cannot update (it reads the four tensors as flat arrays of p's dtype),
+    naming the parameter's shape."""
     g = p.grad
     if p.dtype not in _DTYPES:
         raise ValueError(
@@ -350,13 +274,12 @@ def _check(p: torch.Tensor, state: dict, host: bool) -> None:
         raise ValueError(
             f"AdamW: the parameter of shape {tuple(p.shape)} and its gradient must be contiguous"
         )
-    on = torch.device("cpu") if host else p.device
     for key in ("exp_avg", "exp_avg_sq"):
         s = state[key]
-        if s.shape != p.shape or s.dtype != p.dtype or s.device != on or not s.is_contiguous():
+        if s.shape != p.shape or s.dtype != p.dtype or s.device != p.device or not s.is_contiguous():
             raise ValueError(
                 f"AdamW: state {key!r} of the parameter of shape {tuple(p.shape)} must be a contiguous "
-                f"{p.dtype} tensor of that shape on {on}; got {s.dtype} {tuple(s.shape)} on {s.device}"
+                f"{p.dtype} tensor of that shape on {p.device}; got {s.dtype} {tuple(s.shape)} on {s.device}"
             )
     if not (p.is_cuda or _INTERPRET):
         raise ValueError(

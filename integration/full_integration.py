@@ -387,15 +387,8 @@ def train(args) -> dict:
             "--step-in-backward updates each parameter as backward finishes its gradient: it needs "
             "--optimizer triton and no EP (the dense gradients are all-reduced after backward)"
         )
-    if args.offload_state and (optimizer != "triton" or device.type != "cuda"):
-        raise SystemExit("--offload-state moves AdamW's state to pinned host memory: it needs a GPU and "
-                         "--optimizer triton")  # fmt: skip
-    if not 0 <= args.offload_state <= cfg["layers"]:
-        raise SystemExit(f"--offload-state {args.offload_state}: a number of blocks in [0, {cfg['layers']}]")
     if optimizer == "triton":  # a Triton kernel per parameter tensor: 3.7 TB/s, torch's fused 2.8 (H200)
-        # the last blocks: backward reaches them first, so their state's copies finish earliest
-        offload = [p for b in model.blocks[len(model.blocks) - args.offload_state :] for p in b.parameters()]
-        opt = AdamW(model.parameters(), step_in_backward=args.step_in_backward, offload=offload, **opt_kw)
+        opt = AdamW(model.parameters(), step_in_backward=args.step_in_backward, **opt_kw)
     else:  # fused: one kernel over all parameters, no foreach temporaries the size of the model
         opt = torch.optim.AdamW(model.parameters(), fused=device.type == "cuda", **opt_kw)
     start = 0
@@ -586,7 +579,6 @@ def summarize(
     out["saved_bytes_per_moe_layer"] = sum(saved[m.recompute_activations] for m in layers) // len(layers)
     out["recompute_blocks"] = sum(m.recompute_activations is True for m in layers)
     out["recompute_shared_blocks"] = sum(m.recompute_activations in (True, "shared") for m in layers)
-    out["offload_state_blocks"] = args.offload_state
     if device.type == "cuda":
         from integration.bench_layer import dense_ceiling_tflops
 
@@ -658,12 +650,6 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument(
         "--optimizer", choices=["triton", "torch"], default=None,
         help="AdamW: triton (integration/adamw.py; the default on a GPU) or torch's (fused on a GPU)",
-    )  # fmt: skip
-    p.add_argument(
-        "--offload-state", type=int, default=0, metavar="N",
-        help="AdamW's moments of the last N blocks live in pinned host memory, copied to the GPU for each "
-        "update: GPU memory at the step's peak (the end of the forward) without recompute, for host-link "
-        "traffic beside the backward (--optimizer triton)",
     )  # fmt: skip
     p.add_argument(
         "--step-in-backward", action="store_true",

@@ -115,27 +115,14 @@ def test_step_in_backward_refuses_torch_adamw_and_block_graphs():
 @pytest.mark.gpu
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("in_backward", [False, True])
-@pytest.mark.parametrize("offload", [False, True])
-def test_cuda_graph_of_the_whole_step_trains_like_eager_steps(tmp_path, compiled, in_backward, offload):
+def test_cuda_graph_of_the_whole_step_trains_like_eager_steps(tmp_path, compiled, in_backward):
     """--cuda-graph: 2 eager steps, then the captured step replayed (our capturable AdamW, with
-    --step-in-backward on its side stream inside the graph, with --offload-state the last block's
-    moments copied in and out of host memory inside it; the expert bias updated in place between
+    --step-in-backward on its side stream inside the graph; the expert bias updated in place between
     replays): the losses of the run that launches every step (after backward)."""
     gpu = ["--device", "cuda", "--backend", "triton", "--dtype", "fp32", "--steps", "6"]
     gpu += ["--compile", "--compile-mode", "default"] if compiled else []
     graph = [*gpu, "--cuda-graph", *(["--step-in-backward"] if in_backward else [])]
-    graph += ["--offload-state", "1"] if offload else []
     _close(_run(tmp_path, "graph", *graph), _run(tmp_path, "launched", *gpu))
-
-
-def test_offload_state_needs_our_adamw_on_a_gpu_and_a_block_count():
-    from integration.full_integration import parse_args, train
-
-    with pytest.raises(SystemExit, match="--offload-state moves AdamW's state to pinned host memory"):
-        train(parse_args(["--device", "cpu", "--offload-state", "1"]))
-    if torch.cuda.is_available():
-        with pytest.raises(SystemExit, match=r"--offload-state 3: a number of blocks in \[0, 2\]"):
-            train(parse_args(["--device", "cuda", "--offload-state", "3"]))
 
 
 def test_cuda_graph_refuses_what_it_cannot_capture():
