@@ -56,7 +56,7 @@ from integration.lm_loss import lm_head_cross_entropy  # noqa: E402
 from integration.rope import rope_qkv, rope_table  # noqa: E402
 
 _MEMORY_BUDGET = 0.95  # --compile's default activation memory budget
-_ALL = -1  # --recompute without a number: every block
+_ALL = object()  # --recompute without a number: every block (no int: a typed -1 is refused)
 # --sdpa: the attention kernel tried first, then the others in torch's order. cuDNN's is the default:
 # seed-1b's attention forward+backward (B 4, S 2048, 16 heads of 64), H200: 0.47 ms a layer vs flash's
 # 0.65 (docs/benchmarks.md). Where a backend cannot take the inputs (CPU: math only) the next one runs.
@@ -356,10 +356,10 @@ def train(args) -> dict:
             cfg[key] = getattr(args, key)
     cfg["sdpa"], cfg["loss_chunk"] = args.sdpa, args.loss_chunk
     recompute, recompute_shared = (
-        cfg["layers"] if n == _ALL else n for n in (args.recompute, args.recompute_shared)
+        cfg["layers"] if n is _ALL else n for n in (args.recompute, args.recompute_shared)
     )
     for flag, n in (("--recompute", args.recompute), ("--recompute-shared", args.recompute_shared)):
-        if n != _ALL and not 0 <= n <= cfg["layers"]:
+        if n is not _ALL and not 0 <= n <= cfg["layers"]:
             raise SystemExit(f"{flag} {n}: a number of blocks in [0, {cfg['layers']}]")
     if cfg["batch"] % W:
         raise SystemExit(f"the global batch {cfg['batch']} must divide by the EP size {W}")

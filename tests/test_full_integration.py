@@ -65,7 +65,7 @@ def test_recompute_refuses_more_blocks_than_the_model_has():
     from integration.full_integration import parse_args, train
 
     for flag in ("--recompute", "--recompute-shared"):
-        for n in ("3", "-2"):
+        for n in ("3", "-1", "-2"):
             with pytest.raises(SystemExit, match=rf"{flag} {n}: a number of blocks in \[0, 2\]"):
                 train(parse_args(["--device", "cpu", flag, n]))
 
