@@ -3,8 +3,9 @@
 The six expert ops of a SwiGLU layer (up + gather + SwiGLU; down; the activation backward with its GEMM
 and gather; both weight gradients; the x-gradient rows), each timed on our path (the triton backend's
 kernels and ``torch._grouped_mm``, the gathers included where QuACK folds them) and on QuACK's with each
-of ``CFGS``, beside a dense cuBLAS GEMM of the same FLOPs; QuACK's outputs checked against ours. What
-chose ``backends/triton/quack_gemm.py``'s configurations (docs/kernels.md).
+configuration named by ``--cfgs`` (``_CFG_NAME``), beside a dense cuBLAS GEMM of the same FLOPs;
+QuACK's outputs checked against ours. What chose ``backends/triton/quack_gemm.py``'s configurations
+(docs/kernels.md).
 
     python integration/quack_sweep.py [--shapes fine,sonic] [--cfgs pp128x192c21,...]
                                                        # compile (parallel workers), then time and check
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -40,33 +42,34 @@ PLAIN = ["down", "dx"]  # no rows read through an index: the only ops a cluster 
 OUTPUTS = dict(  # what each op writes, checked against ours
     up=["h", "a"], down=["y"], dact=["dh", "wa", "ds"], dw_down=["dw_down"], dx=["dx"], dw_up=["dw_up"]
 )
-CFGS = {
-    "pp128x192c21": dict(tile_m=128, tile_n=192, pingpong=True, cluster_m=2, cluster_n=1),
-    "pp128x128c21": dict(tile_m=128, tile_n=128, pingpong=True, cluster_m=2, cluster_n=1),
-    "co256x128c21": dict(tile_m=256, tile_n=128, pingpong=False, cluster_m=2, cluster_n=1),
-    "co256x192c21": dict(tile_m=256, tile_n=192, pingpong=False, cluster_m=2, cluster_n=1),
-    "pp128x160c21": dict(tile_m=128, tile_n=160, pingpong=True, cluster_m=2, cluster_n=1),
-    "pp128x192c12": dict(tile_m=128, tile_n=192, pingpong=True, cluster_m=1, cluster_n=2),
-    "co128x256c21": dict(tile_m=128, tile_n=256, pingpong=False, cluster_m=2, cluster_n=1),
-    "co256x160c21": dict(tile_m=256, tile_n=160, pingpong=False, cluster_m=2, cluster_n=1),
-    "co128x224c21": dict(tile_m=128, tile_n=224, pingpong=False, cluster_m=2, cluster_n=1),
-    "co256x128c12": dict(tile_m=256, tile_n=128, pingpong=False, cluster_m=1, cluster_n=2),
-    "co128x256c12": dict(tile_m=128, tile_n=256, pingpong=False, cluster_m=1, cluster_n=2),
-    "pp128x208c12": dict(tile_m=128, tile_n=208, pingpong=True, cluster_m=1, cluster_n=2),
-}
+# A configuration by name: (pp ping-pong | co cooperative) <tile_m> x <tile_n> c <cluster_m><cluster_n>,
+# then optionally s<k> (QuACK's max_swizzle_size, default 8) and d (its dynamic persistent scheduler)
+_CFG_NAME = re.compile(r"(pp|co)(\d+)x(\d+)c([12])([12])(?:s(\d+))?(d?)")
 DEFAULT_SHAPES = ["seed", "fine", "olmoe", "mixtral"]
 DEFAULT_CFGS = ["pp128x192c21", "pp128x128c21", "co256x128c21", "co256x192c21"]
 
 
+def parse_cfg(name: str) -> dict | None:
+    """The ``GemmConfig`` fields of configuration ``name`` (see ``_CFG_NAME``), or None if malformed."""
+    m = _CFG_NAME.fullmatch(name)
+    if m is None:
+        return None
+    kind, tm, tn, cm, cn, swizzle, dynamic = m.groups()
+    return dict(
+        tile_m=int(tm), tile_n=int(tn), pingpong=kind == "pp", cluster_m=int(cm), cluster_n=int(cn),
+        max_swizzle_size=int(swizzle or 8), is_dynamic_persistent=bool(dynamic),
+    )  # fmt: skip
+
+
 def kinds_for(name: str) -> list[str]:
     """The ops config ``name`` can run: QuACK reads rows through an index only with cluster_n = 1."""
-    return KINDS if CFGS[name]["cluster_n"] == 1 else PLAIN
+    return KINDS if parse_cfg(name)["cluster_n"] == 1 else PLAIN
 
 
 def cfg(name):
     from quack.gemm_config import GemmConfig
 
-    return GemmConfig(**CFGS[name], is_dynamic_persistent=False, device_capacity=9)
+    return GemmConfig(**parse_cfg(name), device_capacity=9)
 
 
 def inputs(shape, seed=0):
@@ -251,13 +254,15 @@ def worker(kind, name):
 def main(argv: list[str] | None = None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default=",".join(DEFAULT_SHAPES), help=f"of {list(SHAPES)}")
-    p.add_argument("--cfgs", default=",".join(DEFAULT_CFGS), help=f"of {list(CFGS)}")
+    p.add_argument("--cfgs", default=",".join(DEFAULT_CFGS), help="names as pp128x192c21[s4][d]")
     args = p.parse_args(argv)
     shapes, cfgs = args.shapes.split(","), args.cfgs.split(",")
-    for flag, names, known in (("--shapes", shapes, SHAPES), ("--cfgs", cfgs, CFGS)):
-        unknown = [n for n in names if n not in known]
-        if unknown:
-            p.error(f"{flag}: unknown {unknown}; known: {list(known)}")
+    unknown = [n for n in shapes if n not in SHAPES]
+    if unknown:
+        p.error(f"--shapes: unknown {unknown}; known: {list(SHAPES)}")
+    unknown = [n for n in cfgs if parse_cfg(n) is None]
+    if unknown:
+        p.error(f"--cfgs: unknown {unknown}; names as pp128x192c21, co256x128c12s4 or pp128x192c21d")
     out = os.environ.get("OUT", "/tmp")
     t0 = time.time()
     jobs = [(k, n) for n in cfgs for k in kinds_for(n)]

@@ -105,3 +105,21 @@ def test_bench_numerics_column_helpers_on_cpu():
     assert all(0 < e < 0.05 for e in bf16), bf16
     no_gate = lambda x, gate, up, down, bias: ref_fn(x, gate.detach(), up, down, bias)  # noqa: E731
     assert rel_errors(no_gate, inputs, grad_out, reference)[2] == float("inf")
+
+
+def test_quack_sweep_configuration_names():
+    """``--cfgs`` names spell QuACK's GemmConfig fields: schedule, tile, cluster, then optionally the
+    swizzle and the dynamic scheduler; a malformed name is None (refused by ``--cfgs``)."""
+    from integration.quack_sweep import kinds_for, parse_cfg
+
+    assert parse_cfg("pp128x192c21") == dict(
+        tile_m=128, tile_n=192, pingpong=True, cluster_m=2, cluster_n=1, max_swizzle_size=8,
+        is_dynamic_persistent=False,
+    )  # fmt: skip
+    got = parse_cfg("co256x128c12s4d")
+    assert (got["pingpong"], got["cluster_n"], got["max_swizzle_size"], got["is_dynamic_persistent"]) == (
+        False, 2, 4, True,
+    )  # fmt: skip
+    for bad in ("pp999", "co128x256c21s", "xx128x128c21", "pp128x128c31", "pp128x128c21dd"):
+        assert parse_cfg(bad) is None, bad
+    assert kinds_for("co256x128c12") == ["down", "dx"] and len(kinds_for("co256x128c21")) == 6
