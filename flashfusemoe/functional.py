@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from flashfusemoe import overlap as _overlap
+from flashfusemoe.amp import autocast_operands
 from flashfusemoe.backends import get_backend
 from flashfusemoe.backends.torch import router_logits
 from flashfusemoe.comm import Communicator
@@ -122,7 +123,9 @@ def fused_moe(
     """Mixture-of-Experts forward for T tokens; differentiable in every tensor argument but the bias.
 
     Args:
-        hidden_states_TD: ``[T, D]`` fp32/bf16/fp16 (T may be 0).
+        hidden_states_TD: ``[T, D]`` fp32/bf16/fp16 (T may be 0). Inside ``torch.autocast`` of its
+            device type, it and every weight but the bias are cast to the autocast dtype, as
+            ``nn.Linear``'s operands are (``flashfusemoe/amp.py``).
         gate_weight_ED: router weight ``[E, D]`` (any float dtype; the router runs in fp32).
         w_up: ``[e, F, D]`` in hidden_states' dtype; GLU activations: ``F = 2I``, gate rows first.
         w_down: ``[e, D, I]``. ``e = E / W``: this rank's contiguous block of experts (all E at W = 1).
@@ -148,59 +151,66 @@ def fused_moe(
         load-balance loss) and ``z_loss`` (``z_loss_coeff`` times the z-loss), fp32 scalars that
         backprop, plus detached telemetry ``tokens_per_expert`` ``[E]`` and ``dropped_slots``.
     """
-    check_hidden(hidden_states_TD)
-    x_TD = hidden_states_TD
-    E = _check_router_args(x_TD, gate_weight_ED, expert_bias)
-    router = RouterConfig() if router is None else router
-    if not isinstance(router, RouterConfig):
-        raise TypeError(f"router must be a RouterConfig, got {type(router).__name__}")
-    router.check(E)
-    _check_latent(latent_down, latent_up, x_TD)
-    L = x_TD.shape[1] if latent_down is None else latent_down.shape[0]  # the experts' width
-    e, _ = check_expert_weights(w_up, w_down, L, x_TD, activation)
-    comm = LOOPBACK if communicator is None else communicator
-    if not isinstance(comm, Communicator):
-        raise TypeError(f"communicator must be a Communicator or None, got {type(comm).__name__}")
-    W = comm.world_size
-    if e * W != E:
-        raise ValueError(
-            f"w_up holds {e} experts; expected num_experts / EP world size = {E} / {W} = {E / W:g}"
-        )
-    _check_shared(shared_w_up, shared_w_down, x_TD, activation)
-    check_float("aux_loss_coeff", aux_loss_coeff)
-    check_float("z_loss_coeff", z_loss_coeff)
-    recompute_routed, recompute_shared = check_recompute(recompute_activations)
-    check_bool("overlap", overlap)
-    be = get_backend(backend, x_TD.device)
-
-    def shared_mlp() -> torch.Tensor:
-        return be.expert_mlp(x_TD, shared_w_up, shared_w_down, activation, recompute_shared)
-
-    routing = be.route(be.router_logits(x_TD, gate_weight_ED), router, expert_bias)
-    h_TL = x_TD if latent_down is None else x_TD @ latent_down.t()
-    overlapped = _overlap.applies(comm, shared_w_up is not None, overlap)
-    after = _overlap.begin(h_TL) if overlapped else None
-    shared_TD = shared_mlp() if overlapped else None  # launched before the dispatch it overlaps
-    recv = _overlap.dispatch(comm, after, h_TL, routing.topk_ids_TK, routing.topk_weights_TK, num_experts=E)
-    y_RD = be.experts(
-        recv.recv_x_RD,
-        recv.recv_topk_ids_RK,
-        recv.recv_topk_weights_RK,
-        w_up,
-        w_down,
-        activation,
-        recompute_routed,
-        recv.num_recv_slots,
+    # torch.autocast: the GEMMs in its dtype, as nn.Linear's (flashfusemoe/amp.py)
+    operands, amp = autocast_operands(
+        hidden_states_TD, gate_weight_ED, w_up, w_down, shared_w_up, shared_w_down, latent_down, latent_up
     )
-    out_TD = comm.combine(y_RD, recv.handle)
-    if latent_up is not None:
-        out_TD = out_TD @ latent_up.t()
-    if shared_w_up is not None:
-        out_TD = out_TD + (shared_TD if overlapped else shared_mlp())
-    losses = {
-        "aux_loss": aux_loss_coeff * routing.load_balance_loss,
-        "z_loss": z_loss_coeff * routing.z_loss,
-        "tokens_per_expert": routing.tokens_per_expert_E.detach(),
-        "dropped_slots": routing.dropped_slots.detach(),
-    }
-    return out_TD, losses
+    x_TD, gate_weight_ED, w_up, w_down, shared_w_up, shared_w_down, latent_down, latent_up = operands
+    with amp:
+        check_hidden(x_TD)
+        E = _check_router_args(x_TD, gate_weight_ED, expert_bias)
+        router = RouterConfig() if router is None else router
+        if not isinstance(router, RouterConfig):
+            raise TypeError(f"router must be a RouterConfig, got {type(router).__name__}")
+        router.check(E)
+        _check_latent(latent_down, latent_up, x_TD)
+        L = x_TD.shape[1] if latent_down is None else latent_down.shape[0]  # the experts' width
+        e, _ = check_expert_weights(w_up, w_down, L, x_TD, activation)
+        comm = LOOPBACK if communicator is None else communicator
+        if not isinstance(comm, Communicator):
+            raise TypeError(f"communicator must be a Communicator or None, got {type(comm).__name__}")
+        W = comm.world_size
+        if e * W != E:
+            raise ValueError(
+                f"w_up holds {e} experts; expected num_experts / EP world size = {E} / {W} = {E / W:g}"
+            )
+        _check_shared(shared_w_up, shared_w_down, x_TD, activation)
+        check_float("aux_loss_coeff", aux_loss_coeff)
+        check_float("z_loss_coeff", z_loss_coeff)
+        recompute_routed, recompute_shared = check_recompute(recompute_activations)
+        check_bool("overlap", overlap)
+        be = get_backend(backend, x_TD.device)
+
+        def shared_mlp() -> torch.Tensor:
+            return be.expert_mlp(x_TD, shared_w_up, shared_w_down, activation, recompute_shared)
+
+        routing = be.route(be.router_logits(x_TD, gate_weight_ED), router, expert_bias)
+        h_TL = x_TD if latent_down is None else x_TD @ latent_down.t()
+        overlapped = _overlap.applies(comm, shared_w_up is not None, overlap)
+        after = _overlap.begin(h_TL) if overlapped else None
+        shared_TD = shared_mlp() if overlapped else None  # launched before the dispatch it overlaps
+        recv = _overlap.dispatch(
+            comm, after, h_TL, routing.topk_ids_TK, routing.topk_weights_TK, num_experts=E
+        )
+        y_RD = be.experts(
+            recv.recv_x_RD,
+            recv.recv_topk_ids_RK,
+            recv.recv_topk_weights_RK,
+            w_up,
+            w_down,
+            activation,
+            recompute_routed,
+            recv.num_recv_slots,
+        )
+        out_TD = comm.combine(y_RD, recv.handle)
+        if latent_up is not None:
+            out_TD = out_TD @ latent_up.t()
+        if shared_w_up is not None:
+            out_TD = out_TD + (shared_TD if overlapped else shared_mlp())
+        losses = {
+            "aux_loss": aux_loss_coeff * routing.load_balance_loss,
+            "z_loss": z_loss_coeff * routing.z_loss,
+            "tokens_per_expert": routing.tokens_per_expert_E.detach(),
+            "dropped_slots": routing.dropped_slots.detach(),
+        }
+        return out_TD, losses

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from flashfusemoe.amp import autocast_operands
 from flashfusemoe.backends import get_backend, preload, resolve_name
 
 __all__ = ["NAME", "activation_of", "experts_forward", "register"]
@@ -85,16 +86,18 @@ def experts_forward(
     """The HF experts interface: ``hidden_states [S, H]``, ``top_k_index [S, K]`` (ids >= E: experts on
     other ranks under HF's expert parallelism, skipped), ``top_k_weights [S, K]`` -> ``[S, H]``:
     ``sum_k w[s, k] * expert_{ids[s, k]}(x[s])``, in hidden_states' dtype (fp32 accumulation of the
-    K rows). Differentiable in hidden_states, the weights and the expert parameters."""
+    K rows; inside ``torch.autocast`` in its dtype, from operands cast to it). Differentiable in
+    hidden_states, the weights and the expert parameters."""
     activation = activation_of(self)
     w_up = self.gate_up_proj if getattr(self, "has_gate", True) else self.up_proj
     E = w_up.shape[0]
     ids_SK = torch.where(top_k_index < E, top_k_index, -1)
     be = get_backend(_BACKEND.get(NAME, "auto"), hidden_states.device)
     S, K = ids_SK.shape
-    return be.experts(
-        hidden_states, ids_SK, top_k_weights.float(), w_up, self.down_proj, activation, False, S * K
-    )
+    # torch.autocast: the GEMMs in its dtype, as HF's grouped_mm experts (flashfusemoe/amp.py)
+    (x_SH, w_up, w_down), amp = autocast_operands(hidden_states, w_up, self.down_proj)
+    with amp:
+        return be.experts(x_SH, ids_SK, top_k_weights.float(), w_up, w_down, activation, False, S * K)
 
 
 def register(backend: str | None = None) -> None:

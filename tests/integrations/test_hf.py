@@ -184,3 +184,28 @@ def test_hf_model_compiles_whole_with_our_experts():
     torch.testing.assert_close(got, want)
     got.backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if "experts" in n)
+
+
+def test_experts_under_autocast_equal_the_call_on_cast_operands():
+    """fp32 experts inside torch.autocast (bf16): what HF's grouped_mm experts do under autocast, from
+    the cast operands, bit for bit; fp32 gradients for the fp32 weights (backward outside autocast)."""
+    hf.register(backend="torch")
+    experts = _experts("qwen3_moe")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(7, 32, generator=g, requires_grad=True)
+    ids = torch.rand(7, 6, generator=g).topk(3, -1).indices
+    w = torch.rand(7, 3, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = hf.experts_forward(experts, x, ids, w)
+    got.float().square().sum().backward()
+    cast = copy.deepcopy(experts).to(torch.bfloat16)
+    xb = x.detach().bfloat16().requires_grad_()
+    want = hf.experts_forward(cast, xb, ids, w)
+    want.float().square().sum().backward()
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, xb.grad.float(), rtol=0, atol=0)
+    for name in ("gate_up_proj", "down_proj"):
+        mine, theirs = getattr(experts, name).grad, getattr(cast, name).grad
+        assert mine.dtype == torch.float32
+        torch.testing.assert_close(mine, theirs.float(), rtol=0, atol=0, msg=name)
