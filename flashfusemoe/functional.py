@@ -18,6 +18,7 @@ from flashfusemoe import overlap as _overlap
 from flashfusemoe.amp import autocast_operands
 from flashfusemoe.backends import get_backend
 from flashfusemoe.backends.torch import router_logits
+from flashfusemoe.backends.torch.routing import sequence_balance_loss
 from flashfusemoe.comm import Communicator
 from flashfusemoe.comm.loopback import LOOPBACK
 from flashfusemoe.spec import (
@@ -27,6 +28,7 @@ from flashfusemoe.spec import (
     check_expert_weights,
     check_float,
     check_hidden,
+    check_int,
     check_recompute,
 )
 
@@ -100,6 +102,17 @@ def _check_latent(latent_down_LD, latent_up_DL, x_TD) -> None:
         )
 
 
+def _check_sequences(T: int, coeff: float, seq_len: int | None, router: RouterConfig) -> None:
+    check_float("seq_aux_loss_coeff", coeff)
+    if seq_len is not None and check_int("seq_len", seq_len, 1) and T % seq_len:
+        raise ValueError(f"seq_len={seq_len} must divide the number of tokens T={T} (T / seq_len sequences)")
+    if coeff and router.capacity_factor is not None:
+        raise ValueError(
+            f"seq_aux_loss_coeff={coeff} needs dropless routing: the sequence-wise balance loss counts the "
+            f"selection, which capacity_factor={router.capacity_factor} would drop from; use aux_loss_coeff"
+        )
+
+
 def fused_moe(
     hidden_states_TD: torch.Tensor,
     gate_weight_ED: torch.Tensor,
@@ -111,6 +124,8 @@ def fused_moe(
     expert_bias: torch.Tensor | None = None,
     aux_loss_coeff: float = 0.0,
     z_loss_coeff: float = 0.0,
+    seq_aux_loss_coeff: float = 0.0,
+    seq_len: int | None = None,
     shared_w_up: torch.Tensor | None = None,
     shared_w_down: torch.Tensor | None = None,
     latent_down: torch.Tensor | None = None,
@@ -132,6 +147,9 @@ def fused_moe(
         router: the top-k routing settings (:class:`flashfusemoe.RouterConfig`), passed whole; None:
             ``RouterConfig()`` (softmax top-2).
         expert_bias: fp32 ``[E]`` added to the scores for selection only (aux-loss-free balancing).
+        seq_aux_loss_coeff, seq_len: DeepSeek-V3's sequence-wise balance loss, over the ``T / seq_len``
+            sequences of ``seq_len`` consecutive tokens (None: the T tokens are one sequence); needs
+            dropless routing (``router.capacity_factor`` None).
         shared_w_up, shared_w_down: ``[F_s, D]`` / ``[D, I_s]`` always-active expert, same activation.
         latent_down, latent_up: ``[L, D]`` / ``[D, L]``: the routed experts work in a latent space of
             width L (Megatron's ``moe_latent_size``): tokens are projected down after routing (the
@@ -148,8 +166,9 @@ def fused_moe(
 
     Returns:
         ``out_TD`` in hidden_states' dtype, and a dict with ``aux_loss`` (``aux_loss_coeff`` times the
-        load-balance loss) and ``z_loss`` (``z_loss_coeff`` times the z-loss), fp32 scalars that
-        backprop, plus detached telemetry ``tokens_per_expert`` ``[E]`` and ``dropped_slots``.
+        load-balance loss), ``z_loss`` (``z_loss_coeff`` times the z-loss) and ``seq_aux_loss``
+        (``seq_aux_loss_coeff`` times the sequence-wise balance loss), fp32 scalars that backprop,
+        plus detached telemetry ``tokens_per_expert`` ``[E]`` and ``dropped_slots``.
     """
     # torch.autocast: the GEMMs in its dtype, as nn.Linear's (flashfusemoe/amp.py)
     operands, amp = autocast_operands(
@@ -177,6 +196,7 @@ def fused_moe(
         _check_shared(shared_w_up, shared_w_down, x_TD, activation)
         check_float("aux_loss_coeff", aux_loss_coeff)
         check_float("z_loss_coeff", z_loss_coeff)
+        _check_sequences(x_TD.shape[0], seq_aux_loss_coeff, seq_len, router)
         recompute_routed, recompute_shared = check_recompute(recompute_activations)
         check_bool("overlap", overlap)
         be = get_backend(backend, x_TD.device)
@@ -184,7 +204,14 @@ def fused_moe(
         def shared_mlp() -> torch.Tensor:
             return be.expert_mlp(x_TD, shared_w_up, shared_w_down, activation, recompute_shared)
 
-        routing = be.route(be.router_logits(x_TD, gate_weight_ED), router, expert_bias)
+        logits_TE = be.router_logits(x_TD, gate_weight_ED)
+        routing = be.route(logits_TE, router, expert_bias)
+        if seq_aux_loss_coeff:  # the same torch ops on every backend (a pass over [T, E])
+            seq_loss = sequence_balance_loss(
+                logits_TE, routing.topk_ids_TK, seq_len or x_TD.shape[0], router.score_func
+            )
+        else:  # zero, still connected to the graph as the other coefficients' zeros are
+            seq_loss = routing.load_balance_loss
         h_TL = x_TD if latent_down is None else x_TD @ latent_down.t()
         overlapped = _overlap.applies(comm, shared_w_up is not None, overlap)
         after = _overlap.begin(h_TL) if overlapped else None
@@ -210,6 +237,7 @@ def fused_moe(
         losses = {
             "aux_loss": aux_loss_coeff * routing.load_balance_loss,
             "z_loss": z_loss_coeff * routing.z_loss,
+            "seq_aux_loss": seq_aux_loss_coeff * seq_loss,
             "tokens_per_expert": routing.tokens_per_expert_E.detach(),
             "dropped_slots": routing.dropped_slots.detach(),
         }

@@ -86,7 +86,10 @@ class MoELayer(nn.Module):
             back up (``latent_up [D, L]``) after combine, both replicated; dispatch moves L values a
             row instead of D. None: the experts work on the full D.
         use_expert_bias: keep a DeepSeek-V3 selection bias buffer, updated by :meth:`update_expert_bias`.
-        Other keywords: the loss coefficients, ``recompute_activations``, ``overlap`` and ``backend`` of
+        seq_aux_loss_coeff: DeepSeek-V3's sequence-wise balance loss (``losses["seq_aux_loss"]``): over
+            each sequence of ``x [..., S, D]`` (batch first: the rows of its second-to-last dim; a
+            ``[T, D]`` input is one sequence).
+        Other keywords: the other loss coefficients, ``recompute_activations``, ``overlap`` and ``backend`` of
         :func:`fused_moe`. ``backend`` is resolved here, once: the argument, else
         ``FLASHFUSEMOE_BACKEND``, else ``"auto"``; an unknown or unloadable name raises here.
 
@@ -111,6 +114,7 @@ class MoELayer(nn.Module):
         use_expert_bias: bool = False,
         aux_loss_coeff: float = 0.0,
         z_loss_coeff: float = 0.0,
+        seq_aux_loss_coeff: float = 0.0,
         recompute_activations: bool | str = False,
         overlap: bool = True,
         backend: str | None = None,
@@ -130,6 +134,7 @@ class MoELayer(nn.Module):
         self.intermediate = ffn_dim // 2 if is_glu(activation) else ffn_dim
         self.aux_loss_coeff = check_float("aux_loss_coeff", aux_loss_coeff)
         self.z_loss_coeff = check_float("z_loss_coeff", z_loss_coeff)
+        self.seq_aux_loss_coeff = check_float("seq_aux_loss_coeff", seq_aux_loss_coeff)
         check_recompute(recompute_activations)
         self.recompute_activations = recompute_activations
         self.overlap = check_bool("overlap", overlap)
@@ -251,6 +256,8 @@ class MoELayer(nn.Module):
             expert_bias=self.expert_bias,
             aux_loss_coeff=self.aux_loss_coeff,
             z_loss_coeff=self.z_loss_coeff,
+            seq_aux_loss_coeff=self.seq_aux_loss_coeff,
+            seq_len=x.shape[-2] if x.dim() >= 3 else None,
             shared_w_up=self.shared_w_up,
             shared_w_down=self.shared_w_down,
             latent_down=self.latent_down,

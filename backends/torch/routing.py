@@ -14,11 +14,13 @@ import torch
 from flashfusemoe.spec import RouterConfig, Routing
 
 __all__ = [
+    "balance_probs",
     "drop_over_capacity",
     "load_balance_loss",
     "route",
     "router_logits",
     "scores_from_logits",
+    "sequence_balance_loss",
 ]
 
 
@@ -80,6 +82,12 @@ def drop_over_capacity(
     return topk_ids_TK, weights_TK, tokens_per_expert_E, (~keep_TK).sum()
 
 
+def balance_probs(scores_TE: torch.Tensor, score_func: str) -> torch.Tensor:
+    """The per-token expert probabilities of the balance losses: the softmax scores, or the sigmoid
+    scores normalized to sum to 1 over the experts."""
+    return scores_TE if score_func == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True)
+
+
 def load_balance_loss(
     routed_E: torch.Tensor, prob_sum_E: torch.Tensor, num_tokens: int, top_k: int
 ) -> torch.Tensor:
@@ -88,6 +96,28 @@ def load_balance_loss(
     after dividing by T). T must be > 0."""
     E = routed_E.shape[0]
     return E * (routed_E.float() / (num_tokens * top_k) * prob_sum_E / num_tokens).sum()
+
+
+def sequence_balance_loss(
+    logits_TE: torch.Tensor, topk_ids_TK: torch.Tensor, seq_len: int, score_func: str
+) -> torch.Tensor:
+    """DeepSeek-V3's sequence-wise balance loss, unweighted: the load-balance loss of each sequence of
+    ``seq_len`` consecutive tokens (``E * sum_e f_e * P_e``, ``f_e`` its slots routed to e over
+    ``seq_len * K``, ``P_e`` its mean normalized score, as ``load_balance_loss`` for one sequence),
+    averaged over the ``T / seq_len`` sequences. ``topk_ids_TK``: the selection, ids in ``[0, E)``
+    (no capacity dropping). fp32 scalar, differentiable in the logits; 0 when T = 0."""
+    T, E = logits_TE.shape
+    K = topk_ids_TK.shape[1]
+    if T == 0:
+        return logits_TE.float().sum() * 0.0  # keeps the graph connected
+    probs_TE = balance_probs(scores_from_logits(logits_TE, score_func), score_func)
+    B = T // seq_len
+    mean_prob_BE = probs_TE.view(B, seq_len, E).mean(1)
+    ids_BN = topk_ids_TK.reshape(B, seq_len * K).long()
+    # integer counts: exact in any summation order; scatter_add keeps the shapes static for compile
+    routed_BE = torch.zeros(B, E, dtype=torch.int64, device=logits_TE.device)
+    routed_BE = routed_BE.scatter_add_(1, ids_BN, torch.ones_like(ids_BN)).float()
+    return (E * (routed_BE / (seq_len * K) * mean_prob_BE).sum(-1)).mean()
 
 
 def route(logits_TE: torch.Tensor, cfg: RouterConfig, expert_bias_E: torch.Tensor | None = None) -> Routing:
@@ -115,8 +145,7 @@ def route(logits_TE: torch.Tensor, cfg: RouterConfig, expert_bias_E: torch.Tenso
     # Statistics of the routing before any capacity drop: they measure the router's preference.
     routed_E = torch.bincount(topk_ids_TK.reshape(-1), minlength=E)
     if T > 0:
-        probs_TE = scores_TE if cfg.score_func == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True)
-        lb_loss = load_balance_loss(routed_E, probs_TE.sum(0), T, K)
+        lb_loss = load_balance_loss(routed_E, balance_probs(scores_TE, cfg.score_func).sum(0), T, K)
         z_loss = torch.logsumexp(logits_TE, dim=-1).square().mean()
     else:
         lb_loss = z_loss = logits_TE.sum() * 0.0  # keeps the graph connected

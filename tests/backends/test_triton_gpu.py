@@ -32,6 +32,7 @@ def _layer(D, F, E, K, skew, dtype, **kw):
         use_expert_bias=True,
         aux_loss_coeff=1e-2,
         z_loss_coeff=1e-3,
+        seq_aux_loss_coeff=1e-2,
         backend="torch",
         **kw,
     ).cuda()
@@ -51,7 +52,7 @@ def _run(layer, x, cot, backend, existing_grads=None):
             p.grad = torch.randn(p.shape, device="cuda", generator=gen).to(existing_grads).to(p.dtype)
     x = x.detach().clone().requires_grad_()
     out, losses = layer(x)
-    ((out.float() * cot).sum() + losses["aux_loss"] + losses["z_loss"]).backward()
+    ((out.float() * cot).sum() + losses["aux_loss"] + losses["z_loss"] + losses["seq_aux_loss"]).backward()
     named = {"out": out, "x.grad": x.grad}
     named.update({n + ".grad": p.grad for n, p in layer.named_parameters()})
     return {k: v.float() for k, v in named.items()}, losses["tokens_per_expert"]
