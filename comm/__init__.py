@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
+import torch
 import torch.distributed as dist
 
 from flashfusemoe import _env
@@ -36,6 +37,7 @@ __all__ = [
     "LoopbackCommunicator",
     "LoopbackHandle",
     "NcclCommunicator",
+    "all_reduce_sum",
     "available_communicators",
     "get_communicator",
     "group_size",
@@ -65,9 +67,9 @@ def available_communicators() -> list[str]:
     return sorted(_FACTORIES)
 
 
-def group_size(group: object | None) -> int:
-    """Ranks of an EP group: a torch.distributed ProcessGroup, a FakeGroup, or None (the default
-    torch.distributed group when initialized, else a world of one)."""
+def group_size(group: object | None, name: str = "ep_group") -> int:
+    """Ranks of a group: a torch.distributed ProcessGroup, a FakeGroup, or None (the default
+    torch.distributed group when initialized, else a world of one); else a TypeError naming ``name``."""
     if isinstance(group, FakeGroup):
         return group.size()
     if group is None:
@@ -75,8 +77,26 @@ def group_size(group: object | None) -> int:
     if dist.is_available() and isinstance(group, dist.ProcessGroup):
         return dist.get_world_size(group)
     raise TypeError(
-        f"ep_group must be a torch.distributed ProcessGroup, a FakeGroup or None, got {type(group).__name__}"
+        f"{name} must be a torch.distributed ProcessGroup, a FakeGroup or None, got {type(group).__name__}"
     )
+
+
+class _Done:
+    """A finished collective (the fake transport reduces synchronously)."""
+
+    def wait(self) -> None:
+        pass
+
+
+def all_reduce_sum(buf: torch.Tensor, group: object | None, what: str, async_op: bool = False):
+    """Sum ``buf`` over the ranks of ``group`` (as ``group_size``), in place. ``async_op``: start it and
+    return something with ``wait()``; else return when torch.distributed has it in stream order (no
+    host sync on NCCL). ``what`` names the collective in a fake world's errors."""
+    if isinstance(group, FakeGroup):  # a copy travels: the peers read it after this rank sums in place
+        parts = group.world.exchange(group.rank, [buf.clone()] * group.size(), what)
+        buf.copy_(torch.stack(parts).sum(0))
+        return _Done() if async_op else None
+    return dist.all_reduce(buf, group=group, async_op=async_op)
 
 
 def _resolve(name: str) -> Factory:

@@ -15,10 +15,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from flashfusemoe.comm import FakeGroup, group_size
+from flashfusemoe.comm import all_reduce_sum, group_size
 from flashfusemoe.layer import MoELayer
 from flashfusemoe.spec import check_int
 
@@ -38,22 +37,6 @@ def get_dense_params(model: nn.Module, backward_order: bool = True) -> list[nn.P
     experts = {id(p) for p in get_expert_params(model)}
     dense = [p for p in model.parameters() if p.requires_grad and id(p) not in experts]
     return dense[::-1] if backward_order else dense
-
-
-class _Done:
-    """A finished collective (the fake transport reduces synchronously)."""
-
-    def wait(self) -> None:
-        pass
-
-
-def _all_reduce_sum(buf: torch.Tensor, group: object | None, what: str):
-    """Start a sum all-reduce of ``buf`` in place; returns something with ``wait()``."""
-    if isinstance(group, FakeGroup):  # a copy travels: the peers read it after this rank sums in place
-        parts = group.world.exchange(group.rank, [buf.clone()] * group.size(), what)
-        buf.copy_(torch.stack(parts).sum(0))
-        return _Done()
-    return dist.all_reduce(buf, group=group, async_op=True)
 
 
 class OverlappedGradSync:
@@ -144,7 +127,7 @@ class OverlappedGradSync:
         flat = torch.cat(
             [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket]
         )
-        self._pending.append((flat, _all_reduce_sum(flat, self.group, f"grad sync bucket {b}")))
+        self._pending.append((flat, all_reduce_sum(flat, self.group, f"grad sync bucket {b}", async_op=True)))
 
     def finish(self) -> None:
         """Wait for every bucket (launching those still open), write the means into ``.grad`` and

@@ -86,6 +86,8 @@ class MoELayer(nn.Module):
             back up (``latent_up [D, L]``) after combine, both replicated; dispatch moves L values a
             row instead of D. None: the experts work on the full D.
         use_expert_bias: keep a DeepSeek-V3 selection bias buffer, updated by :meth:`update_expert_bias`.
+        aux_loss_group: count the load-balance loss's routed slots over this group's ranks (Qwen's
+            global-batch balance; :func:`fused_moe`); an attribute, settable once the group exists.
         seq_aux_loss_coeff: DeepSeek-V3's sequence-wise balance loss (``losses["seq_aux_loss"]``): over
             each sequence of ``x [..., S, D]`` (batch first: the rows of its second-to-last dim; a
             ``[T, D]`` input is one sequence).
@@ -113,6 +115,7 @@ class MoELayer(nn.Module):
         latent_dim: int | None = None,
         use_expert_bias: bool = False,
         aux_loss_coeff: float = 0.0,
+        aux_loss_group: object | None = None,
         z_loss_coeff: float = 0.0,
         seq_aux_loss_coeff: float = 0.0,
         recompute_activations: bool | str = False,
@@ -133,6 +136,7 @@ class MoELayer(nn.Module):
         self.activation = activation
         self.intermediate = ffn_dim // 2 if is_glu(activation) else ffn_dim
         self.aux_loss_coeff = check_float("aux_loss_coeff", aux_loss_coeff)
+        self.aux_loss_group = aux_loss_group  # checked by fused_moe (a group may come after the layer)
         self.z_loss_coeff = check_float("z_loss_coeff", z_loss_coeff)
         self.seq_aux_loss_coeff = check_float("seq_aux_loss_coeff", seq_aux_loss_coeff)
         check_recompute(recompute_activations)
@@ -255,6 +259,7 @@ class MoELayer(nn.Module):
             activation=self.activation,
             expert_bias=self.expert_bias,
             aux_loss_coeff=self.aux_loss_coeff,
+            aux_loss_group=self.aux_loss_group,
             z_loss_coeff=self.z_loss_coeff,
             seq_aux_loss_coeff=self.seq_aux_loss_coeff,
             seq_len=x.shape[-2] if x.dim() >= 3 else None,
