@@ -21,20 +21,18 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: integration/ importable
 
 from flashfusemoe import MoELayer  # noqa: E402
 from flashfusemoe.comm import NcclCommunicator, get_communicator  # noqa: E402
 from flashfusemoe.comm.testing import expected_normal_form, normal_form  # noqa: E402
-from integration.ports import free_port  # noqa: E402
+from integration.ports import process_group, spawn_ranks  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -73,16 +71,13 @@ def _run(layer, x, cot, backend, compile_backend=None, overlap=True):
     return {k: v.float() for k, v in named.items()}
 
 
-def _worker(rank: int, args, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+def _worker(rank: int, args) -> None:
     if args.device == "cuda":  # nccl: a GPU per rank; gloo: every rank on GPU 0
         device = torch.device("cuda", rank if args.pg == "nccl" else 0)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    dist.init_process_group(args.pg, rank=rank, world_size=args.world)
-    try:
+    with process_group(args.pg, rank, args.world):
         comm = NcclCommunicator(sync_free=True) if args.sync_free else get_communicator(args.comm)
         xs, cotangents, ref32 = _inputs(args, device)
         dtype = DTYPES[args.dtype]
@@ -149,9 +144,6 @@ def _worker(rank: int, args, port: int) -> None:
             f"T={xs[rank].shape[0]}): OK " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()),
             flush=True,
         )
-        dist.barrier()  # nobody tears down while a peer still talks (gloo aborts a rank that sees that)
-    finally:
-        dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -180,8 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     args.same_tokens = args.same_tokens or args.sync_free
     if args.world < 1 or args.tokens < 0:
         p.error("--world must be >= 1 and --tokens >= 0")
-    mp.spawn(_worker, args=(args, free_port()), nprocs=args.world, join=True)
-    print(f"ep_check: all {args.world} ranks OK")
+    spawn_ranks(_worker, args, args.world, "ep_check")
 
 
 if __name__ == "__main__":

@@ -22,19 +22,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: integration/ importable
 
 from flashfusemoe import get_expert_params  # noqa: E402
 from integration.grad_sync_check import TinyMoEModel  # noqa: E402
-from integration.ports import free_port  # noqa: E402
+from integration.ports import process_group, spawn_ranks  # noqa: E402
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -124,16 +122,10 @@ def run_checks(rank: int, world: int, backend: str | None = None, seed: int = 0)
     _check_grads("EP=W + FSDP2", ep, ref, rows={"moe.w_up": own, "moe.w_down": own})
 
 
-def _worker(rank: int, args, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=args.world)
-    try:
+def _worker(rank: int, args) -> None:
+    with process_group("gloo", rank, args.world):
         run_checks(rank, args.world, args.backend, args.seed)
         print(f"rank {rank}/{args.world} (gloo, {args.backend}): OK", flush=True)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -142,8 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--backend", default="torch")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    mp.spawn(_worker, args=(args, free_port()), nprocs=args.world, join=True)
-    print(f"fsdp_check: all {args.world} ranks OK")
+    spawn_ranks(_worker, args, args.world, "fsdp_check")
 
 
 if __name__ == "__main__":

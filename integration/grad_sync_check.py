@@ -18,20 +18,18 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: integration/ importable
 
 from flashfusemoe import MoELayer, OverlappedGradSync, get_dense_params, get_expert_params  # noqa: E402
-from integration.ports import free_port  # noqa: E402
+from integration.ports import process_group, spawn_ranks  # noqa: E402
 
 
 class TinyMoEModel(nn.Module):
@@ -128,22 +126,16 @@ def run_checks(
         _close(f"EP=W {n}", p.grad, want)
 
 
-def _worker(rank: int, args, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=args.world)
-    try:
+def _reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    dist.all_reduce(t)
+    return t / dist.get_world_size()
 
-        def reduce_mean(t: torch.Tensor) -> torch.Tensor:
-            t = t.clone()
-            dist.all_reduce(t)
-            return t / args.world
 
-        run_checks(rank, args.world, None, reduce_mean, args.buckets, args.backend, args.seed, args.device)
+def _worker(rank: int, args) -> None:
+    with process_group("gloo", rank, args.world):
+        run_checks(rank, args.world, None, _reduce_mean, args.buckets, args.backend, args.seed, args.device)
         print(f"rank {rank}/{args.world} (gloo, {args.device}, {args.buckets} buckets): OK", flush=True)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -154,8 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: the ranks share one GPU")
     args = p.parse_args(argv)
-    mp.spawn(_worker, args=(args, free_port()), nprocs=args.world, join=True)
-    print(f"grad_sync_check: all {args.world} ranks OK")
+    spawn_ranks(_worker, args, args.world, "grad_sync_check")
 
 
 if __name__ == "__main__":
