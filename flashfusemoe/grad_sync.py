@@ -55,9 +55,15 @@ class OverlappedGradSync:
     (their gradients only accumulate locally), then the last one without it, then ``finish()``.
 
     ``expert_params`` (e.g. :func:`get_expert_params`): never all-reduced; ``finish()`` scales their
-    gradients by ``1 / W``. Pass them when each rank's loss is a mean over its own tokens: an expert
-    then sums W ranks' contributions, W times the gradient of the mean loss over the global batch.
+    gradients by ``1 / divide_by``. Pass them when each rank's loss is a mean over its own tokens: an
+    expert then sums W ranks' contributions, W times the gradient of the mean loss over the global batch.
     The triton backend's in-place ``.grad`` additions (gradient accumulation) run before these hooks.
+
+    ``divide_by``: what the summed gradients are divided by (default: the group's size W, the mean).
+    Expert parallelism inside data parallelism (EP groups of size W_ep, their D replicas) takes two
+    syncs: the dense parameters over every rank (the mean), and the expert parameters over the D ranks
+    that hold the same experts, divided by all D * W_ep ranks
+    (``OverlappedGradSync(get_expert_params(model), replica_group, divide_by=D * W_ep)``).
     """
 
     def __init__(
@@ -66,6 +72,7 @@ class OverlappedGradSync:
         ep_group: object | None = None,
         num_buckets: int = 4,
         expert_params: Sequence[nn.Parameter] | None = None,
+        divide_by: int | None = None,
     ) -> None:
         check_int("num_buckets", num_buckets, 1)
         params = list(dense_params)
@@ -77,6 +84,7 @@ class OverlappedGradSync:
         if {id(p) for p in experts} & {id(p) for p in params}:
             raise ValueError("a parameter is in both dense_params and expert_params")
         self.group, self.world_size = ep_group, group_size(ep_group)
+        self.divide_by = self.world_size if divide_by is None else check_int("divide_by", divide_by, 1)
         self.expert_params = experts
         self.buckets = self._cut(params, num_buckets)
         self._bucket_of = {id(p): b for b, bucket in enumerate(self.buckets) for p in bucket}
@@ -134,7 +142,7 @@ class OverlappedGradSync:
         scale the expert gradients; then ready for the next step."""
         while len(self._pending) < len(self.buckets):
             self._launch(len(self._pending))
-        inv_W = 1.0 / self.world_size
+        inv_W = 1.0 / self.divide_by
         for bucket, (flat, work) in zip(self.buckets, self._pending, strict=True):
             work.wait()
             flat.mul_(inv_W)

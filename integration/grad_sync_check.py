@@ -9,6 +9,10 @@ processes; each checks, on a small model (linear -> MoELayer with a shared exper
    manual all-reduce;
 3. EP = W: the sharded model with the sync (expert gradients scaled by 1/W) equals the unsharded
    model's step on the global batch, whose loss is the mean of the ranks' equal-sized mean losses.
+``--ep-size W_ep`` (dividing W) checks instead EP inside data parallelism (gloo only: it needs
+subgroups): EP groups of W_ep consecutive ranks, their W / W_ep replicas; a dense sync over every rank
+and an expert sync over the ranks holding the same experts, divided by W (``divide_by``), equal the
+unsharded model's step on the global batch.
 Exits non-zero on any mismatch.
 
 Legend: W world size, T tokens per rank, D model dim, E experts.
@@ -44,6 +48,9 @@ class TinyMoEModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y, losses = self.moe(self.inp(x))
         return self.out(y).square().mean() + losses["aux_loss"]
+
+
+_EXPERTS = ("moe.w_up", "moe.w_down")  # the parameters sharded by EP
 
 
 def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -121,9 +128,33 @@ def run_checks(
     e = ep.moe.w_up.shape[0]
     for n, p in ep.named_parameters():
         want = dict(ref.named_parameters())[n].grad
-        if n in ("moe.w_up", "moe.w_down"):
+        if n in _EXPERTS:
             want = want[rank * e : (rank + 1) * e]
         _close(f"EP=W {n}", p.grad, want)
+
+
+def run_ep_dp_check(rank: int, world: int, ep_size: int, buckets: int, backend: str, seed: int) -> None:
+    """EP groups of ``ep_size`` consecutive ranks inside data parallelism (gloo processes, CPU)."""
+    ep_groups = [dist.new_group(list(range(g, g + ep_size))) for g in range(0, world, ep_size)]
+    replica_groups = [dist.new_group(list(range(i, world, ep_size))) for i in range(ep_size)]
+    torch.manual_seed(seed)
+    base = TinyMoEModel(E=2 * ep_size, backend=backend)
+    base.moe.aux_loss_coeff = 0.0  # a batch's load-balance loss is not the mean of its parts'
+    g = torch.Generator().manual_seed(seed + 1)
+    xs = [torch.randn(6, 8, generator=g) for _ in range(world)]
+    ref, ep = copy.deepcopy(base), copy.deepcopy(base)
+    (sum(ref(x) for x in xs) / world).backward()
+    ep.moe.shard_experts(ep_groups[rank // ep_size])
+    dense = OverlappedGradSync(get_dense_params(ep), None, num_buckets=buckets)
+    experts = OverlappedGradSync(get_expert_params(ep), replica_groups[rank % ep_size], 1, divide_by=world)
+    ep(xs[rank]).backward()
+    dense.finish()
+    experts.finish()
+    e = ep.moe.w_up.shape[0]
+    own = slice(rank % ep_size * e, (rank % ep_size + 1) * e)
+    for n, p in ep.named_parameters():
+        want = dict(ref.named_parameters())[n].grad
+        _close(f"EP={ep_size} x DP={world // ep_size} {n}", p.grad, want[own] if n in _EXPERTS else want)
 
 
 def _reduce_mean(t: torch.Tensor) -> torch.Tensor:
@@ -134,7 +165,12 @@ def _reduce_mean(t: torch.Tensor) -> torch.Tensor:
 
 def _worker(rank: int, args) -> None:
     with process_group("gloo", rank, args.world):
-        run_checks(rank, args.world, None, _reduce_mean, args.buckets, args.backend, args.seed, args.device)
+        if args.ep_size:
+            run_ep_dp_check(rank, args.world, args.ep_size, args.buckets, args.backend, args.seed)
+        else:
+            run_checks(
+                rank, args.world, None, _reduce_mean, args.buckets, args.backend, args.seed, args.device
+            )
         print(f"rank {rank}/{args.world} (gloo, {args.device}, {args.buckets} buckets): OK", flush=True)
 
 
@@ -145,7 +181,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--backend", default="torch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: the ranks share one GPU")
+    p.add_argument(
+        "--ep-size", type=int, default=None, help="EP groups of this size inside data parallelism (CPU)"
+    )
     args = p.parse_args(argv)
+    if args.ep_size is not None and (args.ep_size < 1 or args.world % args.ep_size or args.device != "cpu"):
+        p.error(f"--ep-size {args.ep_size} must divide --world {args.world} (CPU)")
     spawn_ranks(_worker, args, args.world, "grad_sync_check")
 
 

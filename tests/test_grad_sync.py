@@ -50,6 +50,15 @@ def test_grad_sync_over_gloo(world, buckets):
     _run_gloo_check("--world", world, "--buckets", buckets)
 
 
+@pytest.mark.parametrize(
+    "world, ep_size, backend", [("4", "2", "torch"), ("6", "3", "triton"), ("4", "1", "torch")]
+)
+def test_ep_inside_data_parallel_over_gloo(world, ep_size, backend):
+    """EP groups of ep_size ranks, their replicas: dense sync over all, experts over the replicas
+    divided by all ranks (``divide_by``): the unsharded step on the global batch."""
+    _run_gloo_check("--world", world, "--ep-size", ep_size, "--backend", backend, "--buckets", "2")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("world", ["2", "4"])
@@ -112,6 +121,7 @@ def test_an_unused_parameter_counts_as_zeros_and_every_rank_gets_the_mean():
         (lambda m: dict(expert_params=[m.inp.weight]), ValueError, "in both dense_params and expert_params"),
         (lambda m: dict(dense_params=[torch.zeros(3)]), TypeError, "dense_params must be parameters that"),
         (lambda m: dict(ep_group="world"), TypeError, "ep_group must be a torch.distributed ProcessGroup"),
+        (lambda m: dict(divide_by=0), ValueError, r"divide_by=0 must be an int in \[1, inf\]"),
     ],
 )
 def test_grad_sync_argument_errors(make, exc, match):
