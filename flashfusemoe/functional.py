@@ -18,17 +18,15 @@ from flashfusemoe import overlap as _overlap
 from flashfusemoe.amp import autocast_operands
 from flashfusemoe.backends import get_backend
 from flashfusemoe.backends.torch import router_logits
-from flashfusemoe.backends.torch.routing import balance_probs, scores_from_logits, sequence_balance_loss
-from flashfusemoe.comm import Communicator, all_reduce_sum, group_size
+from flashfusemoe.comm import Communicator
 from flashfusemoe.comm.loopback import LOOPBACK
+from flashfusemoe.losses import RouterLosses
 from flashfusemoe.spec import (
     RouterConfig,
     check_bool,
     check_device,
     check_expert_weights,
-    check_float,
     check_hidden,
-    check_int,
     check_recompute,
 )
 
@@ -100,34 +98,6 @@ def _check_latent(latent_down_LD, latent_up_DL, x_TD) -> None:
             f"latent_down must be [L, D={D}] and latent_up [D={D}, L]: got {tuple(latent_down_LD.shape)} "
             f"and {tuple(latent_up_DL.shape)}"
         )
-
-
-def _check_sequences(T: int, coeff: float, seq_len: int | None, router: RouterConfig) -> None:
-    check_float("seq_aux_loss_coeff", coeff)
-    if seq_len is not None and check_int("seq_len", seq_len, 1) and T % seq_len:
-        raise ValueError(f"seq_len={seq_len} must divide the number of tokens T={T} (T / seq_len sequences)")
-    _check_dropless(f"seq_aux_loss_coeff={coeff}", coeff, router)
-
-
-def _check_dropless(what: str, coeff: float, router: RouterConfig) -> None:
-    if coeff and router.capacity_factor is not None:
-        raise ValueError(
-            f"{what} needs dropless routing: its balance loss counts the selection, which "
-            f"capacity_factor={router.capacity_factor} would drop from; use the batch aux_loss_coeff"
-        )
-
-
-def _group_balance_loss(logits_TE, topk_ids_TK, group, score_func: str) -> torch.Tensor:
-    """The load-balance loss with ``f_e`` from the routed slots of every rank of ``group`` (summed
-    there) and ``P_e`` from this rank's T tokens (0 when T = 0)."""
-    T, E = logits_TE.shape
-    ids_N = topk_ids_TK.reshape(-1).long()
-    routed_E = torch.zeros(E, dtype=torch.int64, device=logits_TE.device).scatter_add_(
-        0, ids_N, torch.ones_like(ids_N)
-    )
-    all_reduce_sum(routed_E, group, "the aux loss's routed slots")
-    prob_mean_E = balance_probs(scores_from_logits(logits_TE, score_func), score_func).sum(0) / max(T, 1)
-    return E * (routed_E / routed_E.sum().clamp(min=1) * prob_mean_E).sum()
 
 
 def fused_moe(
@@ -218,12 +188,10 @@ def fused_moe(
                 f"w_up holds {e} experts; expected num_experts / EP world size = {E} / {W} = {E / W:g}"
             )
         _check_shared(shared_w_up, shared_w_down, x_TD, activation)
-        check_float("aux_loss_coeff", aux_loss_coeff)
-        check_float("z_loss_coeff", z_loss_coeff)
-        _check_sequences(x_TD.shape[0], seq_aux_loss_coeff, seq_len, router)
-        if aux_loss_group is not None:
-            group_size(aux_loss_group, "aux_loss_group")  # a group, or a TypeError naming it
-            _check_dropless(f"aux_loss_group with aux_loss_coeff={aux_loss_coeff}", aux_loss_coeff, router)
+        loss_settings = RouterLosses(
+            aux_loss_coeff, aux_loss_group, z_loss_coeff, seq_aux_loss_coeff, seq_len
+        )
+        loss_settings.check(x_TD.shape[0], router)
         recompute_routed, recompute_shared = check_recompute(recompute_activations)
         check_bool("overlap", overlap)
         be = get_backend(backend, x_TD.device)
@@ -233,15 +201,7 @@ def fused_moe(
 
         logits_TE = be.router_logits(x_TD, gate_weight_ED)
         routing = be.route(logits_TE, router, expert_bias)
-        lb_loss = routing.load_balance_loss
-        if aux_loss_coeff and aux_loss_group is not None:
-            lb_loss = _group_balance_loss(logits_TE, routing.topk_ids_TK, aux_loss_group, router.score_func)
-        if seq_aux_loss_coeff:  # the same torch ops on every backend (a pass over [T, E])
-            seq_loss = sequence_balance_loss(
-                logits_TE, routing.topk_ids_TK, seq_len or x_TD.shape[0], router.score_func
-            )
-        else:  # zero, still connected to the graph as the other coefficients' zeros are
-            seq_loss = routing.load_balance_loss
+        losses = loss_settings(logits_TE, routing, router)
         h_TL = x_TD if latent_down is None else x_TD @ latent_down.t()
         overlapped = _overlap.applies(comm, shared_w_up is not None, overlap)
         after = _overlap.begin(h_TL) if overlapped else None
@@ -264,11 +224,4 @@ def fused_moe(
             out_TD = out_TD @ latent_up.t()
         if shared_w_up is not None:
             out_TD = out_TD + (shared_TD if overlapped else shared_mlp())
-        losses = {
-            "aux_loss": aux_loss_coeff * lb_loss,
-            "z_loss": z_loss_coeff * routing.z_loss,
-            "seq_aux_loss": seq_aux_loss_coeff * seq_loss,
-            "tokens_per_expert": routing.tokens_per_expert_E.detach(),
-            "dropped_slots": routing.dropped_slots.detach(),
-        }
         return out_TD, losses
