@@ -43,18 +43,14 @@ class RouterLosses:
             )
         if self.aux_loss_group is not None:
             group_size(self.aux_loss_group, "aux_loss_group")  # a group, or a TypeError naming it
-        for what, counts in (
-            (f"seq_aux_loss_coeff={self.seq_aux_loss_coeff}", self.seq_aux_loss_coeff),
-            (
-                f"aux_loss_group with aux_loss_coeff={self.aux_loss_coeff}",
-                self.aux_loss_coeff and self.aux_loss_group is not None,
-            ),
-        ):
-            if counts and router.capacity_factor is not None:
-                raise ValueError(
-                    f"{what} needs dropless routing: its balance loss counts the selection, which "
-                    f"capacity_factor={router.capacity_factor} would drop from; use the batch aux_loss_coeff"
-                )
+        counting = [f"seq_aux_loss_coeff={self.seq_aux_loss_coeff}"] if self.seq_aux_loss_coeff else []
+        if self.aux_loss_coeff and self.aux_loss_group is not None:
+            counting.append(f"aux_loss_group with aux_loss_coeff={self.aux_loss_coeff}")
+        if counting and router.capacity_factor is not None:
+            raise ValueError(
+                f"{counting[0]} needs dropless routing: its balance loss counts the selection, which "
+                f"capacity_factor={router.capacity_factor} would drop from; use the batch aux_loss_coeff"
+            )
 
     def __call__(self, logits_TE: torch.Tensor, routing: Routing, router: RouterConfig) -> dict:
         """``aux_loss``, ``z_loss``, ``seq_aux_loss`` (weighted, fp32 scalars that backprop into the

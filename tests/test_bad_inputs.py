@@ -318,6 +318,24 @@ CASES = [
         "aux_loss_coeff=None must be a finite number",
     ),
     (
+        "layer seq aux None",
+        lambda: layer(seq_aux_loss_coeff=None),
+        TypeError,
+        "seq_aux_loss_coeff=None must be a finite number",
+    ),
+    (
+        "layer aux group",
+        lambda: forward(_t(3, 8), aux_loss_coeff=0.1, aux_loss_group="dp"),
+        TypeError,
+        "aux_loss_group must be a torch.distributed ProcessGroup, a FakeGroup or None, got str",
+    ),
+    (
+        "layer seq loss with capacity",
+        lambda: forward(_t(2, 3, 8), seq_aux_loss_coeff=0.1, router=RouterConfig(capacity_factor=1.0)),
+        ValueError,
+        "seq_aux_loss_coeff=0.1 needs dropless routing",
+    ),
+    (
         "layer bias flag",
         lambda: layer(use_expert_bias="no"),
         TypeError,
