@@ -57,9 +57,7 @@ class RouterLosses:
         logits) and the detached telemetry ``tokens_per_expert`` and ``dropped_slots``."""
         lb_loss = routing.load_balance_loss
         if self.aux_loss_coeff and self.aux_loss_group is not None:
-            lb_loss = _group_balance_loss(
-                logits_TE, routing.topk_ids_TK, self.aux_loss_group, router.score_func
-            )
+            lb_loss = _group_balance_loss(logits_TE, routing, self.aux_loss_group, router.score_func)
         seq_loss = routing.load_balance_loss  # times 0: zero, connected to the graph as the others'
         if self.seq_aux_loss_coeff:
             T = logits_TE.shape[0]
@@ -75,14 +73,12 @@ class RouterLosses:
         }
 
 
-def _group_balance_loss(logits_TE, topk_ids_TK, group, score_func: str) -> torch.Tensor:
+def _group_balance_loss(logits_TE, routing: Routing, group, score_func: str) -> torch.Tensor:
     """The load-balance loss with ``f_e`` from the routed slots of every rank of ``group`` (a sum
-    all-reduce of the ``[E]`` counts) and ``P_e`` from this rank's T tokens (0 when T = 0)."""
-    T, E = logits_TE.shape
-    ids_N = topk_ids_TK.reshape(-1).long()
-    routed_E = torch.zeros(E, dtype=torch.int64, device=logits_TE.device).scatter_add_(
-        0, ids_N, torch.ones_like(ids_N)
-    )
+    all-reduce of this rank's ``[E]`` counts: dropless, so the routing's kept slots) and ``P_e`` from
+    this rank's T tokens (0 when T = 0)."""
+    T = logits_TE.shape[0]
+    routed_E = routing.tokens_per_expert_E.clone()  # the telemetry stays this rank's
     all_reduce_sum(routed_E, group, "the aux loss's routed slots")
     prob_mean_E = balance_probs(scores_from_logits(logits_TE, score_func), score_func).sum(0) / max(T, 1)
-    return E * (routed_E / routed_E.sum().clamp(min=1) * prob_mean_E).sum()
+    return routed_E.shape[0] * (routed_E / routed_E.sum().clamp(min=1) * prob_mean_E).sum()

@@ -82,3 +82,22 @@ def test_group_needs_dropless_routing_and_a_group():
         match="aux_loss_group must be a torch.distributed ProcessGroup, a FakeGroup or None, got str",
     ):
         fused_moe(x, gate, w_up, w_down, aux_loss_coeff=0.1, aux_loss_group="world", backend="torch")
+
+
+def test_triton_backend_gives_the_same_group_loss():
+    """The triton router's counts (its kept slots, int64) feed the same collective as the reference's."""
+    W, T, D, E, F = 3, 5, 4, 6, 8
+    gate, w_up, w_down = _weights(D, E, F, 2)
+    xs = torch.randn(W, T, D, generator=torch.Generator().manual_seed(3))
+    world = FakeWorld(W)
+
+    def rank_fn(rank):
+        return [
+            fused_moe(
+                xs[rank], gate, w_up, w_down, aux_loss_coeff=1.0, aux_loss_group=world.group(rank), backend=b
+            )[1]["aux_loss"]
+            for b in ("torch", "triton")
+        ]
+
+    for ref, tri in world.run(rank_fn):
+        torch.testing.assert_close(tri, ref, rtol=1e-5, atol=1e-6)
