@@ -8,8 +8,10 @@ The model: token embedding -> L x [RMSNorm -> causal SDPA attention (RoPE) -> RM
 (top-k experts + shared experts, aux and z losses)] -> RMSNorm -> LM head. Under EP (``--ep_size W`` =
 the torchrun world) every rank holds all dense weights and E/W experts, takes 1/W of the global batch,
 and averages the dense gradients with OverlappedGradSync (expert gradients scaled by 1/W, so EP = W
-trains exactly like one process on the global batch; tested). Checkpoints gather the experts on save
-(one file, any EP size can resume it).
+trains exactly like one process on the global batch; tested). The load-balance loss is each rank's own
+unless ``--aux-loss-global`` counts every rank's routed slots (then the aux loss too trains like one
+process); ``--seq-aux-loss-coeff`` adds DeepSeek-V3's sequence-wise loss. Checkpoints gather the
+experts on save (one file, any EP size can resume it).
 
 At the end: p50 step time (CUDA-event times on a GPU, the host a step ahead), tokens/s, peak memory,
 model TFLOP/s and MFU against a dense bf16 GEMM ceiling measured in the same run (GPU), and the bytes an
@@ -157,7 +159,7 @@ class MoELM(nn.Module):
         counts = []
         for block in self.blocks:
             x, losses = block(x, self.rope)
-            aux = aux + losses["aux_loss"] + losses["z_loss"]
+            aux = aux + losses["aux_loss"] + losses["z_loss"] + losses["seq_aux_loss"]
             counts.append(losses["tokens_per_expert"])
         # fp32 logits chunk by chunk, never all [B*S, vocab] of them (integration/lm_loss.py)
         ce = lm_head_cross_entropy(
@@ -369,6 +371,7 @@ def train(args) -> dict:
     torch.manual_seed(args.seed)
     model = MoELM(
         cfg, aux_loss_coeff=args.aux_loss_coeff, z_loss_coeff=args.z_loss_coeff,
+        seq_aux_loss_coeff=args.seq_aux_loss_coeff,
         use_expert_bias=args.expert_bias, backend=args.backend, recompute_blocks=recompute,
         recompute_shared_blocks=recompute_shared,
     )  # fmt: skip
@@ -379,6 +382,8 @@ def train(args) -> dict:
             layer.expert_bias.data = layer.expert_bias.data.float()  # the bias stays fp32
         if W > 1:
             layer.shard_experts(None, communicator=args.comm)
+            if args.aux_loss_global:  # the load-balance loss counts every rank's routed slots
+                layer.aux_loss_group = dist.group.WORLD
     optimizer = args.optimizer or ("triton" if device.type == "cuda" else "torch")
     # capturable: the step counts on the GPU, so that a graph of the step replays real steps
     opt_kw = dict(lr=cfg["lr"], weight_decay=0.0, capturable=args.cuda_graph)
@@ -658,6 +663,15 @@ def parse_args(argv: list[str] | None = None):
     )  # fmt: skip
     p.add_argument("--aux-loss-coeff", type=float, default=0.01)
     p.add_argument("--z-loss-coeff", type=float, default=0.001)
+    p.add_argument(
+        "--aux-loss-global", action="store_true",
+        help="under EP: the load-balance loss counts the routed slots of every rank (the global batch's "
+        "balance, as Qwen3 trains); the EP run then trains like one process on the same global batch",
+    )  # fmt: skip
+    p.add_argument(
+        "--seq-aux-loss-coeff", type=float, default=0.0,
+        help="DeepSeek-V3's sequence-wise balance loss over each of the batch's sequences",
+    )  # fmt: skip
     p.add_argument("--expert-bias", action="store_true", help="aux-loss-free balancing (all-reduced counts)")
     p.add_argument("--data", default=None, help="a file of bytes to train on (byte-level tokens)")
     p.add_argument("--seed", type=int, default=0)

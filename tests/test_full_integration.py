@@ -201,6 +201,13 @@ def test_ep2_under_torchrun_equals_one_process(tmp_path):
     _close(_run(tmp_path, "ep2", ep=2), _run(tmp_path, "ep1"))
 
 
+def test_ep2_with_the_global_and_sequence_losses_equals_one_process(tmp_path):
+    """--aux-loss-global (the load-balance loss over both ranks' routed slots) and the sequence-wise loss
+    (a mean over each rank's equal share of the sequences): EP = 2 trains like one process with both."""
+    flags = ("--aux-loss-coeff", "0.05", "--seq-aux-loss-coeff", "0.05", "--aux-loss-global")
+    _close(_run(tmp_path, "ep2g", *flags, ep=2), _run(tmp_path, "ep1g", *flags))
+
+
 def test_ep2_compiled_under_torchrun_equals_one_process(tmp_path):
     """--compile (block by block, triton on the CPU interpreter) under EP: compiled blocks around the
     communicator's eager dispatch and combine train like one eager process."""
