@@ -31,29 +31,8 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: integration/ importable
 
 from flashfusemoe import get_expert_params  # noqa: E402
-from integration.grad_sync_check import TinyMoEModel  # noqa: E402
+from integration.grad_sync_check import TinyMoEModel, check_close, check_grads  # noqa: E402
 from integration.ports import process_group, spawn_ranks  # noqa: E402
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor (FSDP2's sharded parameter or gradient) as the whole tensor; a plain tensor as is."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def _close(name: str, got: torch.Tensor | None, want: torch.Tensor) -> None:
-    if got is None:
-        raise AssertionError(f"{name}: no gradient")
-    got = _full(got)
-    if not torch.allclose(got, want, rtol=1e-5, atol=1e-6):
-        raise AssertionError(f"{name}: max error {(got - want).abs().max().item():.3e}")
-
-
-def _check_grads(what: str, model, ref, rows: dict[str, slice] | None = None) -> None:
-    """Every gradient of ``model`` against ``ref``'s (``rows``: the expert rows this rank holds)."""
-    want = dict(ref.named_parameters())
-    for n, p in model.named_parameters():
-        g = want[n].grad
-        _close(f"{what} {n}", p.grad, g if rows is None or n not in rows else g[rows[n]])
 
 
 def run_checks(rank: int, world: int, backend: str | None = None, seed: int = 0) -> None:
@@ -88,13 +67,13 @@ def run_checks(rank: int, world: int, backend: str | None = None, seed: int = 0)
     ref_loss.backward()
     mean_loss = loss.detach().clone()
     dist.all_reduce(mean_loss)
-    _close("data parallel loss", mean_loss / world, ref_loss.detach())
-    _check_grads("data parallel", dp, ref)
+    check_close("data parallel loss", mean_loss / world, ref_loss.detach())
+    check_grads("data parallel", dp, ref)
     for m in (dp, ref):
         torch.optim.AdamW(m.parameters(), lr=1e-2).step()
     next_loss = dp(xs[1][rank]).detach()
     dist.all_reduce(next_loss)
-    _close("loss after a step", next_loss / world, global_loss(ref, 1).detach())
+    check_close("loss after a step", next_loss / world, global_loss(ref, 1).detach())
 
     # 2. gradient accumulation: no reduce-scatter after the first micro-batch
     acc, ref = fsdp_model(), copy.deepcopy(base)
@@ -104,7 +83,7 @@ def run_checks(rank: int, world: int, backend: str | None = None, seed: int = 0)
     acc(xs[1][rank]).backward()
     for mb in range(2):
         global_loss(ref, mb).backward()
-    _check_grads("accumulate", acc, ref)
+    check_grads("accumulate", acc, ref)
 
     # 3. EP = W for the experts, FSDP2 for the dense parameters
     ref, ep = copy.deepcopy(base), copy.deepcopy(base)
@@ -119,7 +98,7 @@ def run_checks(rank: int, world: int, backend: str | None = None, seed: int = 0)
     global_loss(ref, 0).backward()
     e = ep.moe.w_up.shape[0]
     own = slice(rank * e, (rank + 1) * e)
-    _check_grads("EP=W + FSDP2", ep, ref, rows={"moe.w_up": own, "moe.w_down": own})
+    check_grads("EP=W + FSDP2", ep, ref, own)
 
 
 def _worker(rank: int, args) -> None:

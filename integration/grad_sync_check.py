@@ -57,9 +57,23 @@ def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _close(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
+def check_close(name: str, got: torch.Tensor | None, want: torch.Tensor) -> None:
+    """``got`` (a DTensor, as FSDP2's gradients are, as its whole tensor) equals ``want`` up to fp32
+    rounding; an AssertionError naming ``name`` otherwise (or when there is no gradient)."""
+    if got is None:
+        raise AssertionError(f"{name}: no gradient")
+    got = got.full_tensor() if hasattr(got, "full_tensor") else got
     if not torch.allclose(got, want, rtol=1e-5, atol=1e-6):
         raise AssertionError(f"{name}: max error {(got - want).abs().max().item():.3e}")
+
+
+def check_grads(what: str, model: nn.Module, ref: nn.Module, own: slice | None = None) -> None:
+    """Every gradient of ``model`` against ``ref``'s; of the EP-sharded experts, the rows ``own`` this
+    rank holds."""
+    want = dict(ref.named_parameters())
+    for n, p in model.named_parameters():
+        g = want[n].grad
+        check_close(f"{what} {n}", p.grad, g[own] if own is not None and n in _EXPERTS else g)
 
 
 def run_checks(
@@ -95,7 +109,7 @@ def run_checks(
     dense = {id(p) for p in get_dense_params(plain)}
     want = {n: reduce_mean(p.grad) if id(p) in dense else p.grad for n, p in plain.named_parameters()}
     for n, got in _grads(synced).items():
-        _close(f"sync {n}", got, want[n])
+        check_close(f"sync {n}", got, want[n])
 
     # 2. gradient accumulation: no_sync on the first micro-batch
     acc, plain_acc = sharded(), sharded()
@@ -108,7 +122,7 @@ def run_checks(
         plain_acc(xs[mb][rank]).backward()
     dense = {id(p) for p in get_dense_params(plain_acc)}
     for n, p in plain_acc.named_parameters():
-        _close(
+        check_close(
             f"accumulate {n}",
             dict(acc.named_parameters())[n].grad,
             reduce_mean(p.grad) if id(p) in dense else p.grad,
@@ -126,11 +140,7 @@ def run_checks(
     sync_ep.finish()
     (sum(ref(x) for x in xs[0]) / world).backward()
     e = ep.moe.w_up.shape[0]
-    for n, p in ep.named_parameters():
-        want = dict(ref.named_parameters())[n].grad
-        if n in _EXPERTS:
-            want = want[rank * e : (rank + 1) * e]
-        _close(f"EP=W {n}", p.grad, want)
+    check_grads("EP=W", ep, ref, slice(rank * e, (rank + 1) * e))
 
 
 def run_ep_dp_check(rank: int, world: int, ep_size: int, buckets: int, backend: str, seed: int) -> None:
@@ -152,9 +162,7 @@ def run_ep_dp_check(rank: int, world: int, ep_size: int, buckets: int, backend: 
     experts.finish()
     e = ep.moe.w_up.shape[0]
     own = slice(rank % ep_size * e, (rank % ep_size + 1) * e)
-    for n, p in ep.named_parameters():
-        want = dict(ref.named_parameters())[n].grad
-        _close(f"EP={ep_size} x DP={world // ep_size} {n}", p.grad, want[own] if n in _EXPERTS else want)
+    check_grads(f"EP={ep_size} x DP={world // ep_size}", ep, ref, own)
 
 
 def _reduce_mean(t: torch.Tensor) -> torch.Tensor:
